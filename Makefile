@@ -1,0 +1,37 @@
+# Setup, main job and tests. Every target installs what it needs into .venv/ first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= data
+
+.PHONY: setup demo test test-fast clean-data
+
+setup: $(VENV)/.installed
+
+# pip is pinned to 24.0 in the venv: czone 2022.9.20 (the czone release without the broken pymatgen import) declares
+# "pymatgen (>=2022.x.x)", a specifier that pip >= 24.1 refuses even with --no-deps. czone goes in with --no-deps;
+# its real dependencies (pymatgen, ase, wulffpack, numpy, scipy) are ours in pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'pip==24.0'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'czone==2022.9.20'
+	$(PY) -c "import czone, abtem, webdataset; print('environment ready: abTEM', abtem.__version__)"
+	touch $@
+
+# main job (until the training platform lands): generate a small dataset, verify it, draw a contact sheet
+demo: setup
+	$(PY) -m datagen generate --recipe tiny --n 32 --seed 1 --out $(OUT)/tiny-seed1
+	$(PY) -m datagen verify $(OUT)/tiny-seed1
+	$(PY) -m datagen info $(OUT)/tiny-seed1
+	$(PY) -m datagen show $(OUT)/tiny-seed1 --out $(OUT)/tiny-seed1.png
+	@echo "contact sheet: $(OUT)/tiny-seed1.png"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean-data:
+	rm -rf $(OUT)

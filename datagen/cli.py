@@ -1,0 +1,125 @@
+"""``python -m datagen``: recipes, generate, verify, show, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .recipe import RecipeError, available_recipes, load_recipe
+from .shards import DatasetError
+
+
+def _cmd_recipes(args) -> int:
+    import yaml
+
+    for name, path in available_recipes().items():
+        data = yaml.safe_load(path.read_text())
+        print(f"{name:10s} {data.get('description', '').strip().splitlines()[0] if data.get('description') else ''}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .pipeline import generate
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    manifest = generate(recipe, n=args.n, seed=args.seed, out=Path(args.out), workers=args.workers,
+                        keep_waves=args.keep_waves, dataset=args.name, progress=not args.quiet)
+    per = manifest["timing_s"]["per_sample_by_stage"]
+    print(f"dataset {manifest['name']}: {manifest['n_samples']} samples in {len(manifest['shards'])} shards at "
+          f"{args.out}")
+    print("per-sample seconds by stage: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+    print(f"content_hash {manifest['content_hash']}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .shards import verify_dataset
+
+    summary = verify_dataset(Path(args.dir))
+    print(f"OK {args.dir}: {summary['n_samples']} samples in {summary['n_shards']} shards, "
+          f"content_hash {summary['content_hash']}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from .inspect import contact_sheet
+
+    path = contact_sheet(Path(args.dir), Path(args.out), n=args.n)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .inspect import dataset_info
+
+    info = dataset_info(Path(args.dir))
+    print(json.dumps(info, indent=1) if args.json else info["text"])
+    return 0
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m datagen", description="Synthetic HRTEM datasets with exact masks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("recipes", help="list the preset recipes").set_defaults(func=_cmd_recipes)
+
+    g = sub.add_parser("generate", help="generate (or resume) a dataset")
+    g.add_argument("--recipe", required=True, help="preset name (see 'recipes') or path to a YAML recipe")
+    g.add_argument("--n", type=_pos_int, required=True, help="number of samples (images)")
+    g.add_argument("--seed", type=_nonneg_int, required=True)
+    g.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
+    g.add_argument("--workers", type=_pos_int, default=len(os.sched_getaffinity(0)),
+                   help="local processes (default: all cores)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
+    g.add_argument("--keep-waves", action="store_true", help="also write the exit waves as waves-*.tar shards")
+    g.add_argument("--name", help="dataset name, recorded in every sample (default: RECIPE-seedSEED)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_generate)
+
+    v = sub.add_parser("verify", help="recompute every hash of a dataset")
+    v.add_argument("dir")
+    v.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("show", help="contact sheet: images with mask outlines and key metadata")
+    s.add_argument("dir")
+    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--n", type=_pos_int, default=16)
+    s.set_defaults(func=_cmd_show)
+
+    i = sub.add_parser("info", help="counts and distributions of the main metadata fields")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,146 @@
+"""Parameter distributions of a recipe.
+
+Every numeric recipe parameter is either a plain number (fixed) or one of these distributions, written in YAML as
+a mapping with a ``dist`` key, e.g. ``{dist: truncnormal, mean: 40, std: 5, low: 30, high: 50}``. Sampling always
+takes an explicit :class:`numpy.random.Generator`, so every draw flows from the dataset seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import stats
+
+
+class _Dist(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def bounds(self) -> tuple[float, float]:
+        """Smallest interval that holds every value this distribution can draw."""
+        raise NotImplementedError
+
+
+class Uniform(_Dist):
+    dist: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.high > self.low:
+            raise ValueError(f"uniform needs high > low, got low={self.low}, high={self.high}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.uniform(self.low, self.high))
+
+    def bounds(self):
+        return (self.low, self.high)
+
+
+class Normal(_Dist):
+    dist: Literal["normal"]
+    mean: float
+    std: float = Field(gt=0)
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.normal(self.mean, self.std))
+
+    def bounds(self):
+        return (-math.inf, math.inf)
+
+
+class TruncNormal(_Dist):
+    dist: Literal["truncnormal"]
+    mean: float
+    std: float = Field(gt=0)
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.high > self.low:
+            raise ValueError(f"truncnormal needs high > low, got low={self.low}, high={self.high}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> float:
+        a, b = (self.low - self.mean) / self.std, (self.high - self.mean) / self.std
+        # inverse-CDF sampling: one uniform draw per value, so the stream position does not depend on rejections
+        return float(stats.truncnorm.ppf(rng.uniform(), a, b, loc=self.mean, scale=self.std))
+
+    def bounds(self):
+        return (self.low, self.high)
+
+
+class LogUniform(_Dist):
+    dist: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.high > self.low:
+            raise ValueError(f"loguniform needs high > low, got low={self.low}, high={self.high}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+
+    def bounds(self):
+        return (self.low, self.high)
+
+
+class Choice(_Dist):
+    """One of ``values`` (optionally weighted), plus optional Gaussian jitter of std ``jitter_std``.
+
+    ``{dist: choice, values: [-500, 0, 500], jitter_std: 20}`` is the "defocus centres with jitter" of the
+    reference study.
+    """
+
+    dist: Literal["choice"]
+    values: list[float] = Field(min_length=1)
+    weights: list[float] | None = None
+    jitter_std: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.weights is not None:
+            if len(self.weights) != len(self.values):
+                raise ValueError(
+                    f"choice needs one weight per value, got {len(self.weights)} weights for {len(self.values)} values"
+                )
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"choice weights must be >= 0 with a positive sum, got {self.weights}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> float:
+        p = None if self.weights is None else np.asarray(self.weights, float) / sum(self.weights)
+        value = float(self.values[int(rng.choice(len(self.values), p=p))])
+        if self.jitter_std > 0:
+            value += float(rng.normal(0.0, self.jitter_std))
+        return value
+
+    def bounds(self):
+        if self.jitter_std > 0:
+            return (-math.inf, math.inf)
+        return (min(self.values), max(self.values))
+
+
+Distribution = Annotated[Union[Uniform, Normal, TruncNormal, LogUniform, Choice], Field(discriminator="dist")]
+Param = Union[float, Distribution]
+
+
+def sample(param: Param, rng: np.random.Generator) -> float:
+    """Draw one value of ``param``. A fixed value still consumes no randomness."""
+    if isinstance(param, (int, float)):
+        return float(param)
+    return param.sample(rng)
+
+
+def bounds(param: Param) -> tuple[float, float]:
+    if isinstance(param, (int, float)):
+        return (float(param), float(param))
+    return param.bounds()

@@ -1,0 +1,296 @@
+"""Recipes: typed, validated descriptions of a synthetic dataset.
+
+A recipe is YAML. It is validated once, at load, against the models below; every error names the dotted key, the
+value and what is allowed. Inside the pipeline the resolved recipe is trusted. Units are in the key names (Å, eV,
+mrad, rad, e/Å²).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .distributions import Param, bounds
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Defects(_Section):
+    """Planar defects on one randomly chosen plane variant ({111} for FCC, (0001) for wurtzite)."""
+
+    n: Param = 0
+    twin_fraction: float = Field(default=0.5, ge=0, le=1)
+    min_separation_planes: int = Field(default=3, ge=1)
+
+
+class Orientation(_Section):
+    mode: Literal["random", "zone_axis"] = "random"
+    zone_axis: tuple[int, int, int] = (1, 1, 0)
+    tilt_mrad: Param = 0.0
+    """Tilt away from the zone axis (mode zone_axis): angle of the tilt, about a random in-plane axis."""
+
+
+class Particle(_Section):
+    kind: Literal["fcc_sphere", "wurtzite_sphere", "none"] = "fcc_sphere"
+    element: str = "Au"
+    """FCC element (fcc_sphere); for wurtzite_sphere: two elements, e.g. 'CdSe' -> cation Cd, anion Se."""
+    lattice_A: float = Field(default=4.07825, gt=0)
+    """FCC cubic lattice constant, or wurtzite a."""
+    lattice_c_A: float = Field(default=7.01, gt=0)
+    """Wurtzite c (ignored for FCC)."""
+    wurtzite_u: float = Field(default=0.375, gt=0, lt=1)
+    radius_A: Param = 10.0
+    defects: Defects = Defects()
+    orientation: Orientation = Orientation()
+    embed_A: Param = 0.0
+    """How far the particle sinks into the substrate (0 = resting on it)."""
+    margin_A: float = Field(default=2.0, ge=0)
+    """Minimum distance between the particle and the edges of the field of view."""
+
+
+class Substrate(_Section):
+    thickness_A: Param = 0.0
+    """Amorphous carbon thickness; 0 = particle in vacuum."""
+    density_per_A3: float = Field(default=0.1103075, gt=0)
+    min_distance_A: float = Field(default=1.4, gt=0)
+    element: str = "C"
+    bank_size: int = Field(default=4, ge=1)
+    """Number of distinct periodic substrate blocks generated once per dataset and reused with random shifts."""
+
+
+class Cell(_Section):
+    extent_A: float = Field(default=64.0, gt=0)
+    """Lateral size of the simulated (periodic) cell, square."""
+    vacuum_A: float = Field(default=2.0, ge=0)
+    """Vacuum above and below the scene along the beam."""
+
+
+class Structure(_Section):
+    particle: Particle = Particle()
+    substrate: Substrate = Substrate()
+    cell: Cell = Cell()
+
+
+class Simulation(_Section):
+    backend: Literal["abtem", "prismatic"] = "abtem"
+    energy_eV: float = Field(default=300e3, gt=0)
+    sampling_A: float = Field(default=0.1, gt=0)
+    slice_thickness_A: float = Field(default=2.0, gt=0)
+    n_phonons: int = Field(default=1, ge=1)
+    phonon_sigma_A: float = Field(default=0.1, ge=0)
+    """Standard deviation of the frozen-phonon displacement along each axis."""
+    parametrization: Literal["lobato", "kirkland", "peng"] = "lobato"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+
+
+class Imaging(_Section):
+    n_conditions: int = Field(default=1, ge=1)
+    """Imaging conditions (images) per simulated structure, each drawn independently."""
+    pixel_size_A: float = Field(default=0.2, gt=0)
+    crop_px: int | None = Field(default=None, ge=8)
+    """Side of the final square image; None keeps the whole field of view."""
+    defocus_A: Param = 0.0
+    """abTEM's defocus, i.e. -C10 (positive = underfocus)."""
+    focal_spread_A: Param = 0.0
+    """Standard deviation of the focal spread (partial temporal coherence)."""
+    semiangle_cutoff_mrad: Param = 1e9
+    """Objective aperture semi-angle; the default means no aperture."""
+    aberrations: dict[str, Param] = Field(default_factory=dict)
+    """Further polar aberration coefficients: C30_A (Cs), C50_A (C5), C12_A with phi12_rad, ... (abTEM symbols)."""
+    dose_e_per_A2: Param = 400.0
+    median_filter_px: int = Field(default=0, ge=0)
+    """Side of the median filter applied after noise (0 = off, e.g. 3 for 3 x 3)."""
+
+    @field_validator("aberrations")
+    @classmethod
+    def _check_aberrations(cls, value: dict[str, Any]):
+        from .image import ABERRATION_KEYS  # the allowed names live beside the code that uses them
+
+        for key in value:
+            if key not in ABERRATION_KEYS:
+                raise ValueError(
+                    f"unknown aberration {key!r}; allowed: {', '.join(sorted(ABERRATION_KEYS))} "
+                    "(defocus is set with imaging.defocus_A)"
+                )
+        return value
+
+    @field_validator("median_filter_px")
+    @classmethod
+    def _odd(cls, value: int):
+        if value not in (0, 1) and value % 2 == 0:
+            raise ValueError(f"median filter size must be 0 (off) or odd, got {value}")
+        return value
+
+
+class Mask(_Section):
+    phase_threshold_rad: float = Field(default=math.pi / 12, gt=0)
+    vote_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Fraction of phonon configurations whose phase must exceed the threshold for a pixel to count."""
+    smoothing_sigma_A: float = Field(default=1.0, ge=0)
+    smoothed_threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
+class Output(_Section):
+    structures_per_shard: int = Field(default=8, ge=1)
+    split: str = "train"
+
+
+class Recipe(_Section):
+    name: str
+    description: str = ""
+    structure: Structure = Structure()
+    simulation: Simulation = Simulation()
+    imaging: Imaging = Imaging()
+    mask: Mask = Mask()
+    output: Output = Output()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        s = self.structure
+        lo, hi = bounds(s.substrate.thickness_A)
+        if lo < 0 or not math.isfinite(hi):
+            raise ValueError(
+                "structure.substrate.thickness_A must be bounded and >= 0 (use uniform, truncnormal, choice or a "
+                f"fixed value); got bounds ({lo}, {hi})"
+            )
+        rlo, rhi = bounds(s.particle.radius_A)
+        if s.particle.kind != "none":
+            if rlo <= 0 or not math.isfinite(rhi):
+                raise ValueError(f"structure.particle.radius_A must be bounded and > 0; got bounds ({rlo}, {rhi})")
+            if 2 * (rhi + s.particle.margin_A) > s.cell.extent_A:
+                raise ValueError(
+                    f"structure.particle.radius_A up to {rhi} Å with margin {s.particle.margin_A} Å does not fit "
+                    f"in structure.cell.extent_A={s.cell.extent_A} Å"
+                )
+        fov = self.field_of_view_px * self.imaging.pixel_size_A
+        if s.particle.kind != "none" and 2 * (rhi + s.particle.margin_A) > fov:
+            raise ValueError(
+                f"imaging.crop_px={self.imaging.crop_px} gives a {fov:.1f} Å field of view, too small for particles "
+                f"of radius up to {rhi} Å with margin {s.particle.margin_A} Å"
+            )
+        if self.imaging.crop_px is not None and self.imaging.crop_px > self.image_grid_px:
+            raise ValueError(
+                f"imaging.crop_px={self.imaging.crop_px} exceeds the {self.image_grid_px} px image of the "
+                f"{s.cell.extent_A} Å cell at {self.imaging.pixel_size_A} Å/px"
+            )
+        if self.imaging.pixel_size_A < self.simulation.sampling_A:
+            raise ValueError(
+                f"imaging.pixel_size_A={self.imaging.pixel_size_A} is finer than simulation.sampling_A="
+                f"{self.simulation.sampling_A}; the image pixel must be >= the potential sampling"
+            )
+        return self
+
+    @property
+    def image_grid_px(self) -> int:
+        """Pixels per side of the uncropped image (the cell resampled to the detector pixel)."""
+        return int(round(self.structure.cell.extent_A / self.imaging.pixel_size_A))
+
+    @property
+    def field_of_view_px(self) -> int:
+        return self.imaging.crop_px or self.image_grid_px
+
+    def resolved(self) -> dict:
+        """The fully resolved recipe (defaults filled in) as plain JSON-able data."""
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.resolved()).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def available_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise RecipeError(
+                f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value ({child!r}), not a section with keys"
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``dotted.key=value`` with the value read as YAML (so numbers, lists and ``{dist: ...}`` mappings work)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected dotted.key=value, e.g. --set imaging.dose_e_per_A2=800")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text!r}: the key {key!r} is not a dotted key like imaging.dose_e_per_A2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    return key, value
+
+
+def _format_validation_error(source: str, exc: ValidationError, data: dict) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _DIST_TAGS))
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the recipe reference")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            # a whole-recipe check names its keys in the message; the input would be the entire recipe
+            lines.append(f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
+    return "\n".join(lines)
+
+
+_DIST_TAGS = {"uniform", "normal", "truncnormal", "loguniform", "choice", "float", "int"}
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a preset by name (see ``python -m datagen recipes``) or a YAML file, apply overrides, validate."""
+    presets = available_recipes()
+    path = Path(name_or_path)
+    if str(name_or_path) in presets:
+        path = presets[str(name_or_path)]
+    elif not path.is_file():
+        raise RecipeError(
+            f"recipe {str(name_or_path)!r} is neither a preset ({', '.join(presets)}) nor an existing YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return recipe_from_dict(data, overrides, source=str(path))
+
+
+def recipe_from_dict(data: dict, overrides=(), source: str = "<dict>") -> Recipe:
+    data = json.loads(json.dumps(data))  # deep copy, and YAML oddities (dates, sets) fail here, not later
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(source, exc, data)) from None

@@ -1,0 +1,228 @@
+"""Stage 5, write: WebDataset shards, per-sample content hashes, the manifest, and verification.
+
+A sample's hash covers its key, its arrays (dtype, shape, bytes) and its metadata as canonical JSON without the
+volatile fields (timestamps, timings, host). The dataset content hash is the hash of the ``key:sample-hash`` lines in
+key order, so it depends only on content: not on how the work was split, nor on interruptions and resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .recipe import canonical_json
+
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+WAVE_SHARD_PATTERN = "waves-{:06d}.tar"
+VOLATILE = (("provenance", "created_utc"), ("provenance", "timing_s"), ("provenance", "host"))
+ARRAY_FIELDS = ("image.npy", "mask.npy")
+
+
+class DatasetError(RuntimeError):
+    """A dataset on disk that is not what its manifest says, or an output folder that cannot be used."""
+
+
+def to_jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def stable_metadata(meta: dict) -> dict:
+    meta = copy.deepcopy(meta)
+    for section, key in VOLATILE:
+        if isinstance(meta.get(section), dict):
+            meta[section].pop(key, None)
+    return meta
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def sample_hash(key: str, arrays: dict[str, np.ndarray], meta: dict) -> str:
+    h = hashlib.sha256()
+    h.update(key.encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"|{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    h.update(canonical_json(stable_metadata(meta)).encode())
+    return h.hexdigest()
+
+
+def content_hash(sample_hashes: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for key, digest in sorted(sample_hashes):
+        h.update(f"{key}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    """Write samples ({'__key__', field -> bytes or str}) through webdataset's TarWriter, atomically.
+
+    The tar is built under ``<name>.partial`` and renamed when complete, so no reader ever sees a partial shard. A
+    fixed mtime makes the tar bytes a function of the content.
+    """
+    import webdataset as wds
+
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as fh:
+        with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
+            for s in samples:
+                writer.write(s)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    out = {"__key__": key, "json": json.dumps(meta, sort_keys=True, allow_nan=False).encode()}
+    for name, a in arrays.items():
+        out[name] = npy_bytes(a)
+    return out
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) in file order; a key's fields are consecutive in a WebDataset tar."""
+    current, fields = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name
+            base = os.path.basename(name)
+            key, _, field = base.partition(".")
+            key = os.path.join(os.path.dirname(name), key) if os.path.dirname(name) else key
+            if key != current:
+                if current is not None:
+                    yield current, fields
+                current, fields = key, {}
+            fields[field] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, fields
+
+
+def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[dict[str, np.ndarray], dict]:
+    missing = [f for f in (*ARRAY_FIELDS, "json") if f not in fields]
+    if missing:
+        raise DatasetError(f"sample {key}: missing {', '.join(missing)}")
+    arrays = {name: load_npy(fields[name]) for name in fields if name.endswith(".npy")}
+    meta = json.loads(fields["json"])
+    image, mask = arrays["image.npy"], arrays["mask.npy"]
+    if image.dtype != np.float32 or image.ndim != 2:
+        raise DatasetError(f"sample {key}: image must be float32 [H, W], got {image.dtype} {image.shape}")
+    if mask.dtype != np.uint8 or mask.shape != image.shape:
+        raise DatasetError(f"sample {key}: mask must be uint8 of the image's shape {image.shape}, got "
+                           f"{mask.dtype} {mask.shape}")
+    if mask.size and mask.max() > 1:
+        raise DatasetError(f"sample {key}: mask values must be 0 or 1, found {int(mask.max())}")
+    return arrays, meta
+
+
+def read_manifest(root: Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{root}: no {MANIFEST}; not a finished dataset (an interrupted 'generate' resumes "
+                           "when run again with the same arguments)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+
+
+def iter_dataset(root: Path) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
+    """Every sample of a finished dataset, in key order, decoded."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for shard in manifest["shards"]:
+        for key, fields in iter_tar_samples(root / shard["name"]):
+            arrays, meta = decode_sample(key, fields)
+            yield key, arrays, meta
+
+
+def verify_dataset(root: Path) -> dict:
+    """Recompute every hash. Raises DatasetError naming the first bad shard and sample; returns a summary."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    all_hashes: list[tuple[str, str]] = []
+    for shard in manifest.get("wave_shards", []):
+        path = root / shard["name"]
+        if not path.is_file():
+            raise DatasetError(f"wave shard {shard['name']}: missing")
+        if file_sha256(path) != shard["sha256"]:
+            raise DatasetError(f"wave shard {shard['name']}: sha256 does not match the manifest")
+    for shard in manifest["shards"]:
+        path = root / shard["name"]
+        if not path.is_file():
+            raise DatasetError(f"shard {shard['name']}: missing")
+        expected = dict(shard["samples"])
+        seen = []
+        try:
+            for key, fields in iter_tar_samples(path):
+                arrays, meta = decode_sample(key, fields)
+                digest = sample_hash(key, {k: v for k, v in arrays.items() if k in ARRAY_FIELDS}, meta)
+                if key not in expected:
+                    raise DatasetError(f"shard {shard['name']}, sample {key}: not listed in the manifest")
+                if digest != expected[key]:
+                    raise DatasetError(f"shard {shard['name']}, sample {key}: content hash {digest[:12]}… does not "
+                                       f"match the manifest's {expected[key][:12]}…")
+                seen.append((key, digest))
+        except (tarfile.TarError, ValueError, OSError) as exc:
+            raise DatasetError(f"shard {shard['name']}: unreadable ({exc})") from None
+        missing = sorted(set(expected) - {k for k, _ in seen})
+        if missing:
+            raise DatasetError(f"shard {shard['name']}, sample {missing[0]}: listed in the manifest but missing")
+        if len(seen) != shard["n_samples"]:
+            raise DatasetError(f"shard {shard['name']}: {len(seen)} samples, manifest says {shard['n_samples']}")
+        if file_sha256(path) != shard["sha256"]:
+            raise DatasetError(f"shard {shard['name']}: file sha256 does not match the manifest")
+        all_hashes.extend(seen)
+    digest = content_hash(all_hashes)
+    if digest != manifest["content_hash"]:
+        raise DatasetError(f"dataset content hash {digest} does not match the manifest's {manifest['content_hash']}")
+    if len(all_hashes) != manifest["n_samples"]:
+        raise DatasetError(f"{len(all_hashes)} samples on disk, manifest says {manifest['n_samples']}")
+    return {"n_samples": len(all_hashes), "n_shards": len(manifest["shards"]), "content_hash": digest}

@@ -1,0 +1,1 @@
+"""Experiment launcher (``python -m experiments``): sweeps, Optuna studies and reports over tracked runs."""
