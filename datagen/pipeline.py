@@ -14,6 +14,7 @@ import os
 import platform as _platform
 import shutil
 import socket
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -163,8 +164,19 @@ _FACTORY: SampleFactory | None = None
 _TICKS = None
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive a killed driver: an orphan would still be writing when the rerun resumes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _init_worker(recipe_json: str, seed: int, dataset: str, cache_dir: str, ticks) -> None:
     global _FACTORY, _TICKS
+    _die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _FACTORY = SampleFactory(recipe_from_dict(json.loads(recipe_json)), seed, dataset, Path(cache_dir))
     _TICKS = ticks
@@ -267,7 +279,7 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     progress_dir = out / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(progress_dir / "run.json", json.dumps(ident).encode())
-    for stale in out.glob("*.partial"):  # a shard that was being written when the last run died
+    for stale in out.rglob("*.partial"):  # shards that were being written when the last run died
         stale.unlink()
     records = _finished_records(out, plan)
     todo = [s for s in range(plan.n_shards) if s not in records]

@@ -25,6 +25,35 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the key, the value and what is allowed."""
 
 
+def _check_element(symbol: str, key: str) -> None:
+    from ase.data import atomic_numbers
+
+    if symbol not in atomic_numbers or symbol == "X":
+        raise ValueError(f"{key}={symbol!r} is not a chemical element symbol (e.g. Au, Pt, C)")
+
+
+def split_binary(formula: str) -> tuple[str, str]:
+    """'CdSe' -> ('Cd', 'Se'); raises ValueError for anything that is not two element symbols."""
+    import re
+
+    from ase.data import atomic_numbers
+
+    parts = re.findall(r"[A-Z][a-z]?", formula)
+    if len(parts) != 2 or "".join(parts) != formula or any(p not in atomic_numbers for p in parts):
+        raise ValueError(f"wurtzite element {formula!r} must name two elements, cation first, e.g. 'CdSe'")
+    return parts[0], parts[1]
+
+
+def _at_least(param, low: float, strict: bool = False):
+    """A parameter whose every possible draw must be >= low (> low when strict)."""
+    lo = bounds(param)[0]
+    if lo < low or (strict and lo == low):
+        rel = ">" if strict else ">="
+        raise ValueError(f"every value must be {rel} {low}, but this one can be {lo} (use a bounded distribution: "
+                         "uniform, truncnormal, loguniform or choice)")
+    return param
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +62,13 @@ class Defects(_Section):
     """Planar defects on one randomly chosen plane variant ({111} for FCC, (0001) for wurtzite)."""
 
     n: Param = 0
+    """Number of defects requested (rounded); fewer are placed where the particle has too few planes."""
+
+    @field_validator("n")
+    @classmethod
+    def _nonnegative(cls, value):
+        return _at_least(value, 0.0)
+
     twin_fraction: float = Field(default=0.5, ge=0, le=1)
     min_separation_planes: int = Field(default=3, ge=1)
 
@@ -61,6 +97,19 @@ class Particle(_Section):
     margin_A: float = Field(default=2.0, ge=0)
     """Minimum distance between the particle and the edges of the field of view."""
 
+    @field_validator("embed_A")
+    @classmethod
+    def _nonnegative(cls, value):
+        return _at_least(value, 0.0)
+
+    @model_validator(mode="after")
+    def _element(self):
+        if self.kind == "fcc_sphere":
+            _check_element(self.element, "structure.particle.element")
+        elif self.kind == "wurtzite_sphere":
+            split_binary(self.element)
+        return self
+
 
 class Substrate(_Section):
     thickness_A: Param = 0.0
@@ -70,6 +119,12 @@ class Substrate(_Section):
     element: str = "C"
     bank_size: int = Field(default=4, ge=1)
     """Number of distinct periodic substrate blocks generated once per dataset and reused with random shifts."""
+
+    @field_validator("element")
+    @classmethod
+    def _element(cls, value: str):
+        _check_element(value, "structure.substrate.element")
+        return value
 
 
 class Cell(_Section):
@@ -127,6 +182,16 @@ class Imaging(_Section):
                     "(defocus is set with imaging.defocus_A)"
                 )
         return value
+
+    @field_validator("dose_e_per_A2", "focal_spread_A")
+    @classmethod
+    def _nonnegative(cls, value):
+        return _at_least(value, 0.0)
+
+    @field_validator("semiangle_cutoff_mrad")
+    @classmethod
+    def _positive(cls, value):
+        return _at_least(value, 0.0, strict=True)
 
     @field_validator("median_filter_px")
     @classmethod
@@ -249,17 +314,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(source: str, exc: ValidationError, data: dict) -> str:
+def _format_validation_error(source: str, exc: ValidationError) -> str:
     lines = [f"invalid recipe {source}:"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _DIST_TAGS))
+        # pydantic names union branches in the location ("tagged-union[...]", "uniform"): not recipe keys
+        loc = ".".join(str(p) for p in err["loc"]
+                       if not (isinstance(p, str) and (p in _DIST_TAGS or "[" in p)))
         value = err.get("input")
+        if isinstance(value, dict) and "dist" in value and err["type"] in ("float_type", "float_parsing"):
+            continue  # a distribution that failed: its own error says why; "not a number" adds nothing
+        if err["type"] == "model_attributes_type" and not isinstance(value, dict):
+            continue  # a scalar where a number or a distribution goes: the number error says it
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the recipe reference")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = repr(value)
+        if "got" in msg or len(shown) > 120 or not loc:
+            lines.append(f"  {loc + ': ' if loc else ''}{msg}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
-            # a whole-recipe check names its keys in the message; the input would be the entire recipe
-            lines.append(f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
+            lines.append(f"  {loc}: {msg} (got {shown})")
     return "\n".join(lines)
 
 
@@ -293,4 +367,4 @@ def recipe_from_dict(data: dict, overrides=(), source: str = "<dict>") -> Recipe
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(source, exc, data)) from None
+        raise RecipeError(_format_validation_error(source, exc)) from None

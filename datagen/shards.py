@@ -92,7 +92,7 @@ def file_sha256(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -108,7 +108,7 @@ def write_shard(path: Path, samples: list[dict]) -> None:
     """
     import webdataset as wds
 
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as fh:
         with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
             for s in samples:

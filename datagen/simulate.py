@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,7 +116,10 @@ class AbtemBackend(Backend):
             projection="infinite", device=device,
         )
         wave = abtem.PlaneWave(energy=sim.energy_eV, normalize=False, device=device)
-        exit_wave = wave.multislice(potential).compute(scheduler="synchronous", progress_bar=False)
+        with warnings.catch_warnings():
+            # we want every configuration's wave (the mask votes over them); abTEM warns that this is unusual
+            warnings.filterwarnings("ignore", message="ensemble_mean=False")
+            exit_wave = wave.multislice(potential).compute(scheduler="synchronous", progress_bar=False)
         array = exit_wave.to_cpu().array if device == "gpu" else exit_wave.array
         array = np.asarray(array, np.complex64).reshape(n_phonons, gpts, gpts)
         return np.ascontiguousarray(np.swapaxes(array, -1, -2))  # abTEM is (x, y); we are [row=y, col=x]

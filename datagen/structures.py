@@ -30,11 +30,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from .distributions import bounds, sample
-from .recipe import Particle, Recipe, Substrate
+from .recipe import Particle, Recipe, Substrate, split_binary
 from .seeding import Streams
-
-ATOMIC_NUMBERS = {"C": 6, "Si": 14, "Ni": 28, "Cu": 29, "Pd": 46, "Ag": 47, "Cd": 48, "Se": 34, "S": 16,
-                  "Te": 52, "Zn": 30, "Pt": 78, "Au": 79, "Al": 13, "Ir": 77, "Rh": 45}
 
 FCC_111_VARIANTS = ((1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1))
 
@@ -55,20 +52,9 @@ class Scene:
 
 
 def _atomic_number(symbol: str) -> int:
-    try:
-        return ATOMIC_NUMBERS[symbol]
-    except KeyError:
-        raise ValueError(f"element {symbol!r} is not supported; allowed: {', '.join(sorted(ATOMIC_NUMBERS))}") from None
+    from ase.data import atomic_numbers
 
-
-def _split_binary(formula: str) -> tuple[str, str]:
-    """'CdSe' -> ('Cd', 'Se')."""
-    import re
-
-    parts = re.findall(r"[A-Z][a-z]?", formula)
-    if len(parts) != 2 or "".join(parts) != formula:
-        raise ValueError(f"wurtzite element {formula!r} must name two elements, cation first, e.g. 'CdSe'")
-    return parts[0], parts[1]
+    return atomic_numbers[symbol]  # validated in the recipe
 
 
 @contextlib.contextmanager
@@ -156,7 +142,7 @@ def build_particle(p: Particle, streams: Streams) -> tuple[np.ndarray, np.ndarra
         material = {"material": p.element, "lattice": "fcc", "lattice_A": a, "defect_plane_hkl": hkl.tolist()}
         lattice_matrix = np.eye(3) * a
     elif p.kind == "wurtzite_sphere":
-        cation, anion = _split_binary(p.element)
+        cation, anion = split_binary(p.element)
         a, c, u = p.lattice_A, p.lattice_c_A, p.wurtzite_u
         gen = Generator.from_spacegroup(
             Z=[_atomic_number(cation), _atomic_number(anion)],
@@ -256,11 +242,10 @@ class SubstrateBank:
             block = make_substrate_block(self.s, self.extent, self.max_thickness,
                                          Streams(self.bank_seed, index).int_seed("substrate.block"))
             if path is not None:
+                from .shards import npy_bytes, write_atomic
+
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.partial")
-                with open(tmp, "wb") as fh:
-                    np.save(fh, block)
-                os.replace(tmp, path)
+                write_atomic(path, npy_bytes(block))
         self._blocks[index] = block
         return block
 
