@@ -6,15 +6,15 @@ panels, and ``dataset_info`` keeps scalars only, never images.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections import Counter
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from .shards import iter_dataset, read_manifest
+from .shards import iter_dataset, read_manifest, write_atomic
 
 MAX_PANELS = 64
 COLUMNS = 4
@@ -75,7 +75,7 @@ def _panel(ax, key: str, image: np.ndarray, mask: np.ndarray, meta: dict) -> Non
     h, w = image.shape
     # per panel: dose differs between samples, and a few hot pixels must not wash the lattice out
     lo, hi = np.percentile(image, [1, 99])
-    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
     if 0 < mask.sum() < mask.size:
         # sample [i, j] sits at (x=j, y=i), as imshow draws it: the 0.5 level runs on the pixel edges
         ax.contour(np.arange(w), np.arange(h), mask, levels=[0.5], colors=MASK_COLOUR, linewidths=0.9)
@@ -90,7 +90,7 @@ def _panel(ax, key: str, image: np.ndarray, mask: np.ndarray, meta: dict) -> Non
     ax.plot([x0, x1], [y, y], color="white", lw=2.5, solid_capstyle="butt", path_effects=outline)
     ax.text((x0 + x1) / 2, y - 0.03 * h, f"{nm:g} nm", color="white", fontsize=8, ha="center", va="bottom",
             path_effects=[withStroke(linewidth=2, foreground="black")])
-    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_xlim(-0.5, w - 0.5)  # the marker and the bar must not widen the view
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -116,27 +116,25 @@ def contact_sheet(root: Path, out: Path, n: int = 16) -> Path:
 
     cols = min(COLUMNS, len(samples))
     rows = math.ceil(len(samples) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.9 * rows + 0.7), dpi=150, layout="constrained")
+    # at least two panels wide, so that the title and the legend fit above and below a single panel
+    fig = Figure(figsize=(3.2 * max(cols, 2), 3.9 * rows + 0.9), dpi=150, layout="compressed")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (key, arrays, meta) in zip(axes, samples):
         _panel(ax, key, arrays["image.npy"], arrays["mask.npy"], meta)
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     recipe = manifest.get("generation", {}).get("recipe_name", "?")
-    fig.suptitle(f"{manifest.get('name', root.name)}  ·  recipe {recipe}  ·  content {manifest['content_hash'][:12]}"
-                 f"  ·  {len(samples)} of {manifest['n_samples']} samples", fontsize=11)
-    fig.text(0.5, 0, "outline: particle mask    +: structure.center_px    contrast: 1st–99th percentile per image    "
-             "Δf: defocus (positive = underfocus)", ha="center", va="bottom", fontsize=7.5,
-             color="0.3")
-    fig.get_layout_engine().set(h_pad=0.08, rect=(0, 0.015, 1, 0.985))
+    fig.suptitle(f"{manifest.get('name', root.name)}\nrecipe {recipe}  ·  content {manifest['content_hash'][:12]}"
+                 f"  ·  first {len(samples)} of {manifest['n_samples']} samples", fontsize=11)
+    fig.supxlabel("outline: particle mask    +: structure.center_px\n"
+                  "contrast: 1st–99th percentile per image    Δf: defocus (positive = underfocus)",
+                  fontsize=7.5, color="0.3")
+    fig.get_layout_engine().set(h_pad=0.08)
 
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=150, facecolor="white")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # same folder: os.replace is then atomic
-    try:
-        fig.savefig(tmp, format="png", dpi=150, facecolor="white")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, png.getvalue())
     return out
 
 
@@ -232,7 +230,8 @@ def dataset_info(root: Path) -> dict:
         "counts": {"samples": n, "structures": len(structures), "shards": len(manifest["shards"]),
                    "splits": dict(categorical["split"].most_common())},
         "numeric": {name: _numeric_summary(numeric[name], unit) for name, unit, _ in NUMERIC},
-        "categorical": {name: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for name, c in categorical.items()},
+        "categorical": {name: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+                        for name, c in categorical.items()},
     }
     info["text"] = _text(info)
     return info

@@ -151,6 +151,13 @@ class Simulation(_Section):
     parametrization: Literal["lobato", "kirkland", "peng"] = "lobato"
     device: Literal["auto", "cpu", "gpu"] = "auto"
 
+    @model_validator(mode="after")
+    def _prismatic_potentials(self):
+        if self.backend == "prismatic" and self.parametrization != "kirkland":
+            raise ValueError(f"simulation.parametrization={self.parametrization!r} is not available with "
+                             "simulation.backend=prismatic, which only has Kirkland potentials: set kirkland")
+        return self
+
 
 class Imaging(_Section):
     n_conditions: int = Field(default=1, ge=1)
@@ -205,6 +212,8 @@ class Mask(_Section):
     phase_threshold_rad: float = Field(default=math.pi / 12, gt=0)
     vote_fraction: float = Field(default=0.5, gt=0, le=1)
     """Fraction of phonon configurations whose phase must exceed the threshold for a pixel to count."""
+    closing_radius_A: float = Field(default=1.5, ge=0)
+    """Morphological closing of the vote map that fills the gaps between atomic columns (0 = off)."""
     smoothing_sigma_A: float = Field(default=1.0, ge=0)
     smoothed_threshold: float = Field(default=0.5, gt=0, lt=1)
 

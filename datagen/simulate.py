@@ -5,7 +5,7 @@ displaced identically in both (the displacements are drawn here, from the sample
 so the mask is made from exactly the particle that is imaged.
 
 Exit waves are returned as complex64 arrays ``[phonon, row, col]`` (rows along y), i.e. already in the image
-convention of DESIGN.md; backends that index ``(x, y)`` are transposed here, in one place.
+convention of DESIGN.md; each backend (abTEM and Prismatic both index ``(x, y)``) transposes its own output.
 """
 
 from __future__ import annotations
