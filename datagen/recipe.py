@@ -293,7 +293,7 @@ def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for i, key in enumerate(keys[:-1]):
@@ -323,8 +323,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"invalid recipe {source}:"]
+def format_validation_error(what: str, exc: ValidationError) -> str:
+    """One line per problem: dotted key, what is wrong, the value; ``what`` names the file ("recipe x.yaml")."""
+    lines = [f"invalid {what}:"]
     for err in exc.errors():
         # pydantic names union branches in the location ("tagged-union[...]", "uniform"): not recipe keys
         loc = ".".join(str(p) for p in err["loc"]
@@ -372,8 +373,8 @@ def recipe_from_dict(data: dict, overrides=(), source: str = "<dict>") -> Recipe
     data = json.loads(json.dumps(data))  # deep copy, and YAML oddities (dates, sets) fail here, not later
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(source, exc)) from None
+        raise RecipeError(format_validation_error(f"recipe {source}", exc)) from None

@@ -1,0 +1,205 @@
+"""Training configuration: typed, validated once at load, with ``--set dotted.key=value`` overrides.
+
+A config is YAML. ``load_config(path, overrides)`` returns a :class:`TrainConfig`; every error names the dotted key,
+the value and what is allowed. Inside the platform the config is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# the override grammar and error formatting are shared with datagen's recipes: one implementation
+from datagen.recipe import format_validation_error, parse_override, set_dotted
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetRef(_Section):
+    """A shard dataset (a folder with manifest.json) and the subset of it to use."""
+
+    name: str | None = None
+    """Name in metrics and tags (default: the dataset's manifest name)."""
+    path: str
+    filter: str | None = None
+    """Expression over sample metadata, e.g. ``imaging.defocus_A >= -200 and structure.n_defects >= 1``."""
+    max_samples: int | None = Field(default=None, ge=1)
+    max_images_per_structure: int | None = Field(default=None, ge=1)
+    weight: float = Field(default=1.0, gt=0)
+    """Mixing weight of this dataset in the training stream (relative to the other train datasets)."""
+
+
+class Augmentation(_Section):
+    dihedral: bool = True
+    """The 8 symmetries of the square (flips and 90 degree rotations): physics does not prefer an orientation."""
+    brightness_contrast: float = Field(default=0.0, ge=0, le=1)
+    """Limit of random brightness/contrast changes (0 = off), applied after normalisation."""
+    gaussian_noise_std: float = Field(default=0.0, ge=0)
+    """Std of additive Gaussian noise in normalised units (0 = off)."""
+    gaussian_blur_sigma_px: float = Field(default=0.0, ge=0)
+    """Largest sigma of a random Gaussian blur in pixels (0 = off)."""
+
+
+class Normalization(_Section):
+    kind: Literal["per_image_zscore", "per_image_minmax"] = "per_image_zscore"
+    clip_sigma: float | None = Field(default=None, gt=0)
+    """Clip normalised values to +/- this many standard deviations (zscore only)."""
+
+
+class DataConfig(_Section):
+    train: list[DatasetRef] = Field(min_length=1)
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Fraction of the training structures (not images) held out for validation."""
+    crop_px: int = Field(default=128, ge=16)
+    batch_size: int = Field(default=8, ge=1)
+    steps_per_epoch: int = Field(default=50, ge=1)
+    """An epoch is a fixed number of training batches drawn from the stream (nnU-Net style)."""
+    eval_batch_size: int = Field(default=8, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    shuffle_buffer: int = Field(default=256, ge=1)
+    normalization: Normalization = Normalization()
+    augmentation: Augmentation = Augmentation()
+    max_val_samples: int | None = Field(default=None, ge=1)
+
+
+class BenchmarkRef(DatasetRef):
+    """An out-of-distribution benchmark; ``max_samples`` keeps the per-epoch evaluation affordable."""
+
+    name: str  # required: it names the metrics ood/<name>/...
+    max_samples: int | None = Field(default=64, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _metric_safe(cls, value: str):
+        if not value or any(c in value for c in " /\\:"):
+            raise ValueError(f"benchmark name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
+        return value
+
+
+class ModelConfig(_Section):
+    preset: Literal["compact", "resnet18-unet"] = "compact"
+
+
+class LossConfig(_Section):
+    dice_weight: float = Field(default=1.0, ge=0)
+    ce_weight: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError("loss.dice_weight and loss.ce_weight cannot both be 0")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    """SGD only."""
+    scheduler: Literal["exponential", "cosine", "none"] = "exponential"
+    gamma: float = Field(default=0.95, gt=0, le=1)
+    """Per-epoch decay factor of the exponential schedule (the reference study's)."""
+
+
+class FinetuneConfig(_Section):
+    freeze_encoder: bool = False
+
+
+class TrainerConfig(_Section):
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = "32-true"
+    deterministic: bool = True
+    log_every_n_steps: int = Field(default=10, ge=1)
+
+
+class TrackingConfig(_Section):
+    experiment: str = "hrtem-segmentation"
+    run_name: str | None = None
+    subset: str | None = None
+    """Name of the curated training subset (default: derived from the train datasets and filters)."""
+    n_prediction_images: int = Field(default=4, ge=0)
+    system_metrics: bool = True
+
+
+class TrainConfig(_Section):
+    seed: int = Field(default=0, ge=0)
+    epochs: int = Field(default=3, ge=1)
+    ood_interval: int = Field(default=1, ge=1)
+    """Evaluate the benchmarks every this many epochs (and always after the last)."""
+    data: DataConfig
+    benchmarks: list[BenchmarkRef] = Field(default_factory=list)
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _unique_benchmarks(self):
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"benchmarks: names must be unique, repeated: {', '.join(dup)}")
+        return self
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON text (MLflow params are flat strings)."""
+    out: dict[str, object] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            out[name] = json.dumps(value, sort_keys=True)
+        else:
+            out[name] = value
+    return out
+
+
+def config_from_dict(data: dict, overrides=(), source: str = "<dict>") -> TrainConfig:
+    data = json.loads(json.dumps(data))
+    try:
+        for text in overrides:
+            key, value = parse_override(text)
+            set_dotted(data, key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(f"config {source}", exc)) from None
+
+
+def load_config(path: str | Path, overrides=()) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+    # relative dataset paths are relative to the working directory, as on the command line
+    return config_from_dict(data, overrides, source=str(path))
