@@ -1,0 +1,52 @@
+"""Input transforms: normalisation (explicit and recorded with every model) and training augmentation.
+
+Normalisation is part of the model's contract: training, evaluation and ``predict`` all call :func:`normalize` with
+the spec stored in the model's metadata, so a model sees real micrographs exactly as it saw its training data.
+Augmentation (training only) uses albumentations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks PyPI on import
+
+
+def normalize(image: np.ndarray, spec: dict) -> np.ndarray:
+    """float32 image normalised per ``spec`` ({'kind': 'per_image_zscore' | 'per_image_minmax', 'clip_sigma'})."""
+    x = np.asarray(image, np.float32)
+    kind = spec["kind"]
+    if kind == "per_image_zscore":
+        std = float(x.std())
+        x = (x - float(x.mean())) / (std if std > 0 else 1.0)
+        if spec.get("clip_sigma"):
+            x = np.clip(x, -spec["clip_sigma"], spec["clip_sigma"])
+    elif kind == "per_image_minmax":
+        lo, hi = float(x.min()), float(x.max())
+        x = (x - lo) / (hi - lo if hi > lo else 1.0)
+    else:
+        raise ValueError(f"normalization kind {kind!r}; allowed: per_image_zscore, per_image_minmax")
+    return x.astype(np.float32, copy=False)
+
+
+def build_augmentation(aug: dict, crop_px: int | None):
+    """albumentations pipeline for training: random crop, then the configured symmetry/intensity/noise options."""
+    import albumentations as A
+
+    steps = []
+    if crop_px:
+        steps.append(A.RandomCrop(crop_px, crop_px, pad_if_needed=True, border_mode=0, fill=0, fill_mask=0))
+    if aug.get("dihedral", True):
+        steps.append(A.D4(p=1.0))
+    if aug.get("gaussian_blur_sigma_px", 0) > 0:
+        steps.append(A.GaussianBlur(sigma_limit=(0.1, aug["gaussian_blur_sigma_px"]), blur_limit=0, p=0.5))
+    if aug.get("brightness_contrast", 0) > 0:
+        lim = aug["brightness_contrast"]
+        steps.append(A.RandomBrightnessContrast(brightness_limit=lim, contrast_limit=lim, ensure_safe_range=False,
+                                                p=0.5))
+    if aug.get("gaussian_noise_std", 0) > 0:
+        std = aug["gaussian_noise_std"]
+        steps.append(A.GaussNoise(std_range=(0.0, std), mean_range=(0.0, 0.0), p=0.5))
+    return A.Compose(steps, seed=None)
