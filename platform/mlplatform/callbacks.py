@@ -1,0 +1,78 @@
+"""Callbacks: out-of-distribution evaluation every epoch, and per-epoch tracking with step = epoch.
+
+``OODEvaluation`` scores the model on every configured benchmark at the end of every ``interval``-th epoch (and the
+last): dataset-level Dice and IoU from summed TP/FP/FN counts, and the mean per-image Dice. It runs after validation
+(Lightning validates inside the training epoch) and before ``EpochTracking``, which sends everything the epoch
+produced to the tracked run in one call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from .metrics import SegmentationScores, confusion
+from .module import THRESHOLD, gather_counts
+
+
+@torch.no_grad()
+def score_loader(module: L.LightningModule, loader) -> dict[str, float]:
+    """Dice/IoU of the module's thresholded predictions over one finite loader (gathered across ranks)."""
+    counts = []
+    for batch in loader:
+        probs = torch.sigmoid(module(batch["image"].to(module.device)))
+        counts.append(confusion(probs > THRESHOLD, batch["mask"].to(module.device) > 0.5).cpu())
+    rows = torch.cat(counts) if counts else torch.zeros((0, 3), dtype=torch.int64)
+    return SegmentationScores([gather_counts(module, rows)]).compute()
+
+
+class OODEvaluation(L.Callback):
+    def __init__(self, datamodule, names: list[str], interval: int = 1):
+        self.datamodule = datamodule
+        self.names = list(names)
+        self.interval = interval
+        self.history: list[dict] = []
+
+    def due(self, trainer: L.Trainer) -> bool:
+        done = trainer.current_epoch + 1
+        return done % self.interval == 0 or done == trainer.max_epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.names or not self.due(trainer):
+            return
+        started = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        metrics = {}
+        try:
+            for name in self.names:
+                scores = score_loader(pl_module, self.datamodule.benchmark_dataloader(name))
+                for key in ("dice", "dice_mean_image", "iou"):
+                    metrics[f"ood/{name}/{key}"] = scores[key]
+                # visible to other callbacks (checkpointing, Optuna pruning) through trainer.callback_metrics
+                pl_module.log(f"ood/{name}/dice", scores["dice"], logger=False)
+        finally:
+            pl_module.train(was_training)
+        metrics["time/ood_s"] = time.perf_counter() - started
+        pl_module.epoch_metrics.update(metrics)
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+
+
+class EpochTracking(L.Callback):
+    """Logs the epoch's metrics to the tracked run with step = epoch (0-based), once per epoch, from rank 0."""
+
+    def __init__(self, run):
+        self.run = run
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        metrics = dict(pl_module.epoch_metrics)
+        metrics["time/epoch_s"] = time.perf_counter() - self._started
+        if trainer.is_global_zero:
+            self.run.log_metrics(metrics, step=trainer.current_epoch)
+        pl_module.epoch_metrics = {}

@@ -1,0 +1,255 @@
+"""Data: shard datasets -> curated subsets -> batches, read through webdataset.
+
+* Curation (:mod:`mlplatform.curation`) indexes the samples' metadata, applies the filter and caps, and splits
+  train/validation by structure. The result is a list of (shard, key) records per role.
+* Training streams: shards are drawn with replacement, weighted by how many selected samples they hold (and by each
+  train dataset's mixing weight); their samples pass a shuffle buffer. An epoch is a fixed number of batches (the
+  trainer's ``limit_train_batches``); every epoch's stream is seeded by (seed, epoch, rank, worker), so a run is
+  reproducible for a given number of loader workers.
+* Validation and benchmark passes are finite: each shard goes to exactly one (rank, worker), and only selected keys
+  pass, so every selected sample is seen exactly once whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import DataConfig, DatasetRef, TrainConfig
+from .curation import SampleRecord, scan_dataset, select, split_by_structure, subset_name
+from .transforms import build_augmentation, normalize
+
+# the benchmark subsets must not depend on the training seed: every run is scored on the same images
+BENCHMARK_SEED = 0
+
+
+class DataError(ValueError):
+    """Data that cannot be used as configured; the message names the dataset and the problem."""
+
+
+def pixel_size_of(meta: dict) -> float | None:
+    """Detector pixel size of a sample in Å: simulated data record it under imaging, imported data under source."""
+    for section in ("imaging", "source"):
+        value = (meta.get(section) or {}).get("pixel_size_A")
+        if value is not None:
+            return float(value)
+    return None
+
+
+@dataclass
+class DatasetUse:
+    """One dataset as read by a run: what MLflow records as an input."""
+
+    role: str  # train | validation | benchmark
+    name: str
+    path: str
+    content_hash: str
+    filter: str | None
+    n_samples: int
+
+
+@dataclass
+class CuratedData:
+    train: list[SampleRecord]
+    val: list[SampleRecord]
+    benchmarks: dict[str, list[SampleRecord]]
+    train_weights: dict[str, float]  # dataset path -> mixing weight
+    uses: list[DatasetUse] = field(default_factory=list)
+    subset: str = ""
+    subset_filter: str = ""
+    pixel_size_A: float = 0.0
+
+
+def _records_for(ref: DatasetRef, seed: int) -> tuple[list[SampleRecord], object]:
+    index = scan_dataset(ref.path)
+    records = select(index, ref.filter, ref.max_samples, ref.max_images_per_structure, seed)
+    return records, index
+
+
+def _common_pixel_size(records: list[SampleRecord], what: str) -> float:
+    sizes = Counter(round(p, 6) for p in (pixel_size_of(r.meta) for r in records) if p is not None)
+    if not sizes:
+        raise DataError(f"{what}: the samples record no pixel size (imaging.pixel_size_A or source.pixel_size_A)")
+    if len(sizes) > 1:
+        raise DataError(f"{what}: samples have different pixel sizes {sorted(sizes)} Å; a model is trained at one "
+                        "pixel size: filter to one, or resample the data")
+    return next(iter(sizes))
+
+
+def curate(config: TrainConfig) -> CuratedData:
+    """Resolve every configured dataset to its selected records. Fails before any training or tracking starts."""
+    d = config.data
+    train_all, weights, uses = [], {}, []
+    for ref in d.train:
+        records, index = _records_for(ref, config.seed)
+        train_all.extend(records)
+        weights[str(index.path)] = ref.weight
+        uses.append((ref, index, records))
+    train, val = split_by_structure(train_all, d.val_fraction, config.seed)
+    if d.max_val_samples and len(val) > d.max_val_samples:
+        val = sorted(random.Random(config.seed).sample(val, d.max_val_samples), key=lambda r: (r.dataset_path, r.key))
+    pixel = _common_pixel_size(train_all, "train data")
+
+    out = CuratedData(train=train, val=val, benchmarks={}, train_weights=weights, pixel_size_A=pixel,
+                      subset=config.tracking.subset or subset_name(d.train),
+                      subset_filter=" ; ".join(f"{ref.name or index.name}: {ref.filter or 'all'}"
+                                               for ref, index, _ in uses))
+    for ref, index, records in uses:
+        name = ref.name or index.name
+        n_train = sum(str(r.dataset_path) == str(index.path) for r in train)
+        out.uses.append(DatasetUse("train", name, str(index.path), index.content_hash, ref.filter, n_train))
+        out.uses.append(DatasetUse("validation", name, str(index.path), index.content_hash, ref.filter,
+                                   len(records) - n_train))
+    for ref in config.benchmarks:
+        records, index = _records_for(ref, BENCHMARK_SEED)
+        bench_pixel = _common_pixel_size(records, f"benchmark {ref.name}")
+        if abs(bench_pixel - pixel) > 1e-6:
+            raise DataError(f"benchmark {ref.name}: pixel size {bench_pixel} Å differs from the training data's "
+                            f"{pixel} Å; resample it (predict rescales, evaluation does not)")
+        out.benchmarks[ref.name] = records
+        out.uses.append(DatasetUse("benchmark", ref.name, str(index.path), index.content_hash, ref.filter,
+                                   len(records)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+
+
+def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    image = np.load(io.BytesIO(sample["image.npy"]), allow_pickle=False)
+    mask = np.load(io.BytesIO(sample["mask.npy"]), allow_pickle=False)
+    return image, mask
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def stream_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+class _Selected:
+    """Picklable predicate: is this (shard, key) one of the selected samples?"""
+
+    def __init__(self, records: list[SampleRecord]):
+        self.wanted = {(r.shard, r.key) for r in records}
+
+    def __call__(self, sample: dict) -> bool:
+        return (sample["__url__"], sample["__key__"]) in self.wanted
+
+
+class TrainStream(IterableDataset):
+    """Infinite, seeded stream of augmented (image, mask) crops from the selected training samples."""
+
+    def __init__(self, records: list[SampleRecord], dataset_weights: dict[str, float], d: DataConfig, seed: int,
+                 epoch: int):
+        self.selected = _Selected(records)
+        per_shard = Counter(r.shard for r in records)
+        per_dataset = Counter(str(r.dataset_path) for r in records)
+        dataset_of = {r.shard: str(r.dataset_path) for r in records}
+        total_w = sum(dataset_weights[p] for p in per_dataset)
+        # a shard's share: its dataset's mixing weight, spread over the dataset's selected samples
+        self.shards = sorted(per_shard)
+        self.weights = [dataset_weights[dataset_of[s]] / total_w * per_shard[s] / per_dataset[dataset_of[s]]
+                        for s in self.shards]
+        self.norm = d.normalization.model_dump()
+        self.aug = d.augmentation.model_dump()
+        self.crop = d.crop_px
+        self.buffer = d.shuffle_buffer
+        self.seed, self.epoch = seed, epoch
+
+    def _shards(self, rng: random.Random):
+        while True:
+            yield {"url": rng.choices(self.shards, weights=self.weights)[0]}
+
+    def __iter__(self):
+        rank, _ = _rank_world()
+        wid, _ = _worker()
+        s = stream_seed(self.seed, self.epoch, rank, wid)
+        rng = random.Random(s)
+        augment = build_augmentation(self.aug, self.crop)
+        augment.set_random_seed(s % 2**32)
+        pipeline = wds.DataPipeline(
+            self._shards(rng),
+            wds.tarfile_to_samples(),
+            wds.select(self.selected),
+            wds.shuffle(self.buffer, initial=min(self.buffer, 64), rng=random.Random(s + 1)),
+        )
+        for sample in pipeline:
+            image, mask = _decode(sample)
+            out = augment(image=normalize(image, self.norm), mask=mask)
+            yield {"image": torch.from_numpy(np.ascontiguousarray(out["image"]))[None],
+                   "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))[None].float()}
+
+
+class EvalStream(IterableDataset):
+    """Finite pass over selected samples: each exactly once across ranks and workers; batches of one image size."""
+
+    def __init__(self, records: list[SampleRecord], d: DataConfig, batch_size: int | None = None):
+        self.selected = _Selected(records)
+        self.shards = sorted({r.shard for r in records})
+        self.norm = d.normalization.model_dump()
+        self.batch_size = batch_size or d.eval_batch_size
+        self.n = len(records)
+
+    def __iter__(self):
+        rank, world = _rank_world()
+        wid, workers = _worker()
+        mine = self.shards[rank::world][wid::workers]
+        pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(), wds.select(self.selected))
+        batch: list = []
+        for sample in pipeline:
+            image, mask = _decode(sample)
+            item = (sample["__key__"], normalize(image, self.norm), mask)
+            if batch and (item[1].shape != batch[-1][1].shape or len(batch) == self.batch_size):
+                yield _collate(batch)
+                batch = []
+            batch.append(item)
+        if batch:
+            yield _collate(batch)
+
+
+def _collate(items) -> dict:
+    return {"key": [k for k, _, _ in items],
+            "image": torch.from_numpy(np.stack([i for _, i, _ in items]))[:, None],
+            "mask": torch.from_numpy(np.stack([m for _, _, m in items]))[:, None].float()}
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    def __init__(self, config: TrainConfig, curated: CuratedData):
+        super().__init__()
+        self.config = config
+        self.curated = curated
+        self.d = config.data
+
+    def _loader(self, dataset, batch_size=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.d.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        stream = TrainStream(self.curated.train, self.curated.train_weights, self.d, self.config.seed, epoch)
+        return self._loader(stream, batch_size=self.d.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(EvalStream(self.curated.val, self.d))
+
+    def benchmark_dataloader(self, name: str) -> DataLoader:
+        return self._loader(EvalStream(self.curated.benchmarks[name], self.d))

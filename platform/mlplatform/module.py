@@ -1,0 +1,99 @@
+"""The Lightning module: a segmentation network, Dice + cross-entropy loss, optimiser and schedule from config.
+
+Validation Dice is computed from TP/FP/FN counts summed over the whole validation set (gathered across ranks), not
+as a mean of per-batch scores. The module keeps the epoch's scalar results in ``epoch_metrics`` for the tracking
+callback, which logs them with step = epoch.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from monai.losses import DiceCELoss
+
+from .config import TrainConfig
+from .metrics import SegmentationScores, confusion
+from .models import build_model, encoder_parameters
+
+THRESHOLD = 0.5  # probability above which a pixel is particle: training, evaluation and predict alike
+
+
+def gather_counts(module: L.LightningModule, counts: torch.Tensor) -> torch.Tensor:
+    """Per-image [tp, fp, fn] rows from every rank (ranks may hold different numbers of images)."""
+    if module.trainer is None or module.trainer.world_size == 1:
+        return counts
+    n = torch.tensor([counts.shape[0]], device=module.device)
+    sizes = module.all_gather(n).flatten()
+    padded = torch.full((int(sizes.max()), 3), -1, dtype=counts.dtype, device=module.device)
+    padded[: counts.shape[0]] = counts.to(module.device)
+    rows = module.all_gather(padded).reshape(-1, 3)
+    return rows[rows[:, 0] >= 0].cpu()
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, config: TrainConfig, network: torch.nn.Module | None = None, freeze_encoder: bool = False):
+        super().__init__()
+        self.config = config
+        self.preset = config.model.preset
+        self.model = network if network is not None else build_model(self.preset)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            for p in encoder_parameters(self.model, self.preset):
+                p.requires_grad_(False)
+        self.loss = DiceCELoss(sigmoid=True, batch=True, lambda_dice=config.loss.dice_weight,
+                               lambda_ce=config.loss.ce_weight)
+        self.epoch_metrics: dict[str, float] = {}
+        self._train_loss = torch.zeros(2, dtype=torch.float64)
+        self._val_counts: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(self(batch["image"]), batch["mask"])
+        self._train_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+        self.log("train/loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_epoch_start(self):
+        self._train_loss.zero_()
+        self.epoch_metrics["train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])  # this epoch's
+
+    def on_train_epoch_end(self):
+        total = self.trainer.strategy.reduce(self._train_loss.to(self.device), reduce_op="sum").cpu()
+        self.epoch_metrics["train/loss"] = float(total[0] / max(total[1], 1))
+
+    def on_validation_epoch_start(self):
+        self._val_counts = []
+
+    def validation_step(self, batch, batch_idx):
+        probs = torch.sigmoid(self(batch["image"]))
+        self._val_counts.append(confusion(probs > THRESHOLD, batch["mask"] > 0.5).cpu())
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        counts = torch.cat(self._val_counts) if self._val_counts else torch.zeros((0, 3), dtype=torch.int64)
+        scores = SegmentationScores([gather_counts(self, counts)]).compute()
+        self.epoch_metrics["val/dice"] = scores["dice"]
+        self.epoch_metrics["val/dice_mean_image"] = scores["dice_mean_image"]
+        self.epoch_metrics["val/iou"] = scores["iou"]
+        # for checkpointing and early stopping; MLflow gets it from the tracking callback
+        self.log("val/dice", scores["dice"], logger=False, sync_dist=False)
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.name == "adam":
+            opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        elif o.name == "adamw":
+            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.scheduler == "none":
+            return opt
+        if o.scheduler == "exponential":
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
