@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from functools import partial
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -187,7 +188,7 @@ class TrainStream(IterableDataset):
         augment = build_augmentation(self.aug, self.crop)
         augment.set_random_seed(s % 2**32)
         pipeline = wds.DataPipeline(
-            self._shards(rng),
+            partial(self._shards, rng),  # a source stage is a callable returning the iterator
             wds.tarfile_to_samples(),
             wds.select(self.selected),
             wds.shuffle(self.buffer, initial=min(self.buffer, 64), rng=random.Random(s + 1)),
@@ -213,6 +214,8 @@ class EvalStream(IterableDataset):
         rank, world = _rank_world()
         wid, workers = _worker()
         mine = self.shards[rank::world][wid::workers]
+        if not mine:  # more workers than shards: this one has nothing to read
+            return
         pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(), wds.select(self.selected))
         batch: list = []
         for sample in pipeline:
