@@ -14,9 +14,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check 'pip==24.0'
+	# torch first and pinned: unpinned, a dependency would pull a multi-GB CUDA build onto CPU-only machines
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0'
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'czone==2022.9.20'
-	$(PY) -c "import czone, abtem, webdataset; print('environment ready: abTEM', abtem.__version__)"
+	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -c "import czone, abtem, webdataset, torch, lightning, mlflow, monai, albumentations; print('environment ready: abTEM', abtem.__version__, 'torch', torch.__version__)"
 	touch $@
 
 # main job (until the training platform lands): generate a small dataset, verify it, draw a contact sheet

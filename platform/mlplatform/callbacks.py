@@ -72,6 +72,7 @@ class EpochTracking(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         metrics = dict(pl_module.epoch_metrics)
+        metrics["train/loss"] = pl_module.train_loss_of_epoch()
         metrics["time/epoch_s"] = time.perf_counter() - self._started
         if trainer.is_global_zero:
             self.run.log_metrics(metrics, step=trainer.current_epoch)

@@ -59,9 +59,11 @@ class SegmentationModule(L.LightningModule):
         self._train_loss.zero_()
         self.epoch_metrics["train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])  # this epoch's
 
-    def on_train_epoch_end(self):
+    def train_loss_of_epoch(self) -> float:
+        """Mean training loss of the epoch so far over all ranks (called by the tracking callback, which Lightning
+        runs before the module's own on_train_epoch_end)."""
         total = self.trainer.strategy.reduce(self._train_loss.to(self.device), reduce_op="sum").cpu()
-        self.epoch_metrics["train/loss"] = float(total[0] / max(total[1], 1))
+        return float(total[0] / max(total[1], 1))
 
     def on_validation_epoch_start(self):
         self._val_counts = []

@@ -53,7 +53,8 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     if phase == "finetune":
         network, parent_meta = load_model(init_from, tracking_uri=uri)
         config = _adopt_parent(config, parent_meta)
-        parent = parent_run_id(init_from)
+        # the model's metadata names the run that made it, whatever form the reference took (models:/ included)
+        parent = parent_meta.get("run_id") or parent_run_id(init_from)
     curated = curate(config)
     if parent_meta is not None and abs(parent_meta["pixel_size_A"] - curated.pixel_size_A) > 1e-6:
         raise DataError(f"the fine-tuning data have {curated.pixel_size_A} Å pixels, the model was trained at "

@@ -1,0 +1,331 @@
+"""One tracked run in MLflow: created and ended here (not by Lightning's logger), never left RUNNING.
+
+Local default: a SQLite store ``mlruns/mlflow.db`` with artifacts in ``mlruns/artifacts`` (MLflow >= 3 refuses the
+plain file store). At scale, point ``tracking_uri`` / ``MLFLOW_TRACKING_URI`` at a tracking server; nothing else
+changes. Inside a :class:`TrackedRun` the process's MLflow tracking URI is the run's (MLflow's model logging reads it
+from there); it is put back when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+import mlplatform
+from mlplatform import serving
+from mlplatform.serving import REQUIRED_METADATA, load_model  # noqa: F401  (load_model re-exported)
+
+# MLflow's limits (mlflow.utils.validation): longer values are refused, and a refused param would crash the run
+MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_INPUT_TAG_VALUE, MAX_DIGEST = 6000, 8000, 500, 36
+_TRUNCATED = " ...[truncated; full value in params.json]"
+
+
+def _clip(text: str, limit: int, note: str = " ...[truncated]") -> str:
+    return text if len(text) <= limit else text[: limit - len(note)] + note
+
+
+def _has_scheme(uri: str) -> bool:
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", uri)) or uri.startswith("databricks")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The argument, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db (created).
+
+    A plain path is taken as a local store: ``x.db`` is the database itself, anything else a folder for mlflow.db.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and _has_scheme(uri):
+        return uri
+    db = Path(uri or "mlruns").expanduser().absolute()
+    if db.suffix != ".db":
+        db = db / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """<folder of the SQLite file>/artifacts for a local store; a server or database chooses its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+    return (db.absolute().parent / "artifacts").as_uri()
+
+
+def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """Experiment id by name, created (with local artifacts next to a SQLite store) when missing."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    for attempt in range(2):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise MlflowException(f"experiment {name!r} ({exp.experiment_id}) is deleted in {uri}: restore it "
+                                      "(MlflowClient().restore_experiment) or remove it for good (mlflow gc)")
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        except MlflowException as exc:  # another worker created it between our two calls: read it back
+            if attempt or "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+    raise AssertionError("unreachable")
+
+
+@lru_cache(maxsize=1)
+def _git_tags() -> dict[str, str]:
+    """git.commit / git.dirty of the checkout holding mlplatform (absent outside a git checkout)."""
+    where = Path(mlplatform.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        # tracked changes only: scratch files in the tree do not change what the platform computes
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def find_runs(tracking_uri: str | None, experiment: str, filter_string: str = "") -> list:
+    """All runs (mlflow.entities.Run) of an experiment matching an MLflow filter, newest first; [] if none."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string, max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal turned into KeyboardInterrupt, so that `finally` blocks and our __exit__ run."""
+
+
+class TrackedRun:
+    """Context manager around one MLflow run; see the module docstring and DESIGN.md "A tracked run"."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, params: dict, tags: dict,
+                 parent_run_id: str | None = None, system_metrics: bool = True):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment, self.run_name = experiment, run_name
+        self.params, self.tags = dict(params), dict(tags)
+        self.parent_run_id, self.system_metrics = parent_run_id, system_metrics
+        self.client = MlflowClient(self.tracking_uri)
+        self._run_id: str | None = None
+        self._signal: str | None = None  # which interruption we saw, for failure_reason
+        self._old_handlers: dict = {}
+        self._datasets: set = set()
+        self._uri_scope = None
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            raise RuntimeError("TrackedRun has no run yet: use it as a context manager")
+        return self._run_id
+
+    # lifecycle
+    def __enter__(self) -> TrackedRun:
+        self._signal, self._datasets = None, set()
+        self._uri_scope = serving.process_tracking_uri(self.tracking_uri)  # MLflow's model logging reads it there
+        self._uri_scope.__enter__()
+        try:
+            return self._start()
+        except BaseException:
+            self._leave_uri_scope()
+            raise
+
+    def _leave_uri_scope(self) -> None:
+        if self._uri_scope is not None:
+            self._uri_scope, scope = None, self._uri_scope
+            scope.__exit__(None, None, None)
+
+    def _start(self) -> TrackedRun:
+        experiment_id = get_or_create_experiment(self.experiment, self.tracking_uri)
+        tags = {str(k): _clip(str(v), MAX_TAG_VALUE) for k, v in self.tags.items()}
+        tags.update(_git_tags())
+        tags["platform.version"] = mlplatform.__version__
+        if self.parent_run_id:
+            tags.update({"mlflow.parentRunId": self.parent_run_id, "parent_run": self.parent_run_id})
+        # nested only when another run is active in this thread (fluent MLflow refuses a second top-level run)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags,
+                               nested=mlflow.active_run() is not None, log_system_metrics=self.system_metrics)
+        self._run_id = run.info.run_id
+        try:
+            if self.parent_run_id:  # a nested start_run points mlflow.parentRunId at the active run: ours wins
+                self.client.set_tag(self._run_id, "mlflow.parentRunId", self.parent_run_id)
+            self._log_params(self.params)
+            self._install_handlers()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore_handlers()
+        if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None) and not self._signal):
+            status, reason = "FINISHED", None
+        elif issubclass(exc_type, KeyboardInterrupt) or (issubclass(exc_type, SystemExit) and self._signal):
+            # Lightning catches KeyboardInterrupt and calls sys.exit(1): the signal we recorded names the cause
+            status, reason = "KILLED", f"interrupted ({self._signal or 'KeyboardInterrupt'})"
+        else:
+            status, reason = "FAILED", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000)
+        self._end(status, reason, "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else None)
+        return False  # always propagate
+
+    def _end(self, status: str, reason: str | None, trace: str | None) -> None:
+        try:
+            if reason:
+                self.client.set_tag(self.run_id, "failure_reason", reason)
+            if trace:
+                self.client.log_text(self.run_id, trace, "failure/traceback.txt")
+        except Exception as exc:  # recording the cause must not stop us from ending the run
+            print(f"warning: could not record why run {self.run_id} ended: {exc}", file=sys.stderr)
+        finally:
+            active = mlflow.active_run()
+            try:
+                if active is not None and active.info.run_id == self.run_id:
+                    mlflow.end_run(status)  # also stops the system-metrics thread
+                else:
+                    self.client.set_terminated(self.run_id, status)
+            finally:
+                self._leave_uri_scope()
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread handle signals
+        self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # respect an ignored Ctrl+C
+            self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        while self._old_handlers:
+            sig, old = self._old_handlers.popitem()
+            signal.signal(sig, old)
+
+    def _on_signal(self, signum, frame):
+        self._signal = "KeyboardInterrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        raise Interrupted(self._signal)
+
+    # logging
+    def _log_params(self, params: dict) -> None:
+        values = {str(k): json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v) for k, v in params.items()}
+        if any(len(v) > MAX_PARAM_VALUE for v in values.values()):
+            self.log_dict(params, "params.json")  # the full values, which the truncated params point to
+        self.client.log_batch(self.run_id, params=[Param(k, _clip(v, MAX_PARAM_VALUE, _TRUNCATED))
+                                                   for k, v in values.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), _clip(str(v), MAX_TAG_VALUE))
+                                                 for k, v in tags.items()])
+
+    def log_dataset(self, role: str, name: str, path: str, content_hash: str, n_samples: int,
+                    filter: str | None) -> None:
+        """A dataset input (context = role) with our full content hash in its tags, plus run tags to query by."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        path = str(path)
+        local = str(Path(path).absolute()) if not _has_scheme(path) else path
+        try:
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": all candidates are local
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(local)
+        except MlflowException:  # e.g. WebDataset pipe: URLs, which no MLflow source understands
+            source = CodeDatasetSource(tags={"uri": path})
+        digest = content_hash[:MAX_DIGEST]
+        # MLflow keeps one input per (dataset name, digest) and run: a second role of the same data (e.g. the
+        # validation split of a training set) would silently vanish, so it gets its own name
+        ds_name = name if (name, digest) not in self._datasets else f"{name}/{role}"
+        self._datasets.add((ds_name, digest))
+        dataset = MetaDataset(source=source, name=ds_name, digest=digest)
+        input_tags = {"mlflow.data.context": role, "content_hash": content_hash, "filter": filter or "",
+                      "n_samples": str(int(n_samples)), "path": path}
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag(k, _clip(v, MAX_INPUT_TAG_VALUE)) for k, v in
+                                               input_tags.items()])])
+        key = f"dataset.{role}." + re.sub(r"[^\w. /:-]", "_", name)  # tag keys allow only these characters
+        self.set_tags({f"{key}.content_hash": content_hash, f"{key}.filter": filter or "",
+                       f"{key}.n_samples": int(n_samples)})
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, json.loads(json.dumps(d, default=str)), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def log_model(self, model, metadata: dict, artifact_path: str = "model") -> str:
+        """Log the network as a models-from-code pyfunc (serving.py + weights.pt + metadata.json); its models:/ URI.
+
+        ``metadata`` needs at least preset, pixel_size_A and normalization; threshold defaults to 0.5 and package
+        versions are added. The weights are checked against build_model(preset) here, not at first load.
+        """
+        import monai
+        import numpy
+        import torch
+
+        from mlplatform.models import build_model
+
+        missing = [k for k in REQUIRED_METADATA if k not in metadata]
+        if missing:
+            raise ValueError(f"log_model: metadata lacks {', '.join(missing)} (required: {REQUIRED_METADATA})")
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise RuntimeError("log_model must be called in the thread that entered the TrackedRun, with no other "
+                               "run started inside it: MLflow attaches models to the thread's active run")
+        versions = {"mlplatform": mlplatform.__version__, "torch": torch.__version__, "mlflow": mlflow.__version__,
+                    "monai": monai.__version__, "numpy": numpy.__version__, **_git_tags()}
+        meta = {"threshold": serving.DEFAULT_THRESHOLD, **metadata,
+                "versions": {**versions, **metadata.get("versions", {})}}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        build_model(meta["preset"]).load_state_dict(state)  # fails now, with torch's key list, if they differ
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, meta_file = Path(tmp) / serving.WEIGHTS, Path(tmp) / serving.METADATA
+            torch.save(state, weights)
+            meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            # explicit requirements: inferring them would load the model in a subprocess (slow); mlplatform itself
+            # is not on PyPI and must be installed from this repository (git.commit in the metadata)
+            reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"monai=={monai.__version__}", f"numpy=={numpy.__version__}", "scipy"]
+            with serving.quiet_mlflow():
+                info = mlflow.pyfunc.log_model(name=artifact_path, python_model=serving.__file__,
+                                               artifacts={"weights": str(weights), "metadata": str(meta_file)},
+                                               pip_requirements=reqs)
+        self.set_tags({f"{artifact_path}.uri": info.model_uri})
+        return info.model_uri
+
+
+__all__ = ["TrackedRun", "Interrupted", "resolve_tracking_uri", "get_or_create_experiment", "find_runs",
+           "load_model"]

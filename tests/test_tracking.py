@@ -1,0 +1,197 @@
+"""Tracked runs against a real MLflow SQLite store: lifecycle, params/tags/metrics, dataset inputs, model round trip."""
+
+import os
+import signal
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mlplatform.models import build_model
+from mlplatform.predict import predict_array
+from mlplatform.serving import ModelRefError
+from mlplatform.tracking import TrackedRun, find_runs, load_model, resolve_tracking_uri
+
+META = {"preset": "compact", "pixel_size_A": 0.2, "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}}
+
+
+@pytest.fixture
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def run(uri, name="r", **kw):
+    kw.setdefault("params", {"seed": 0})
+    kw.setdefault("tags", {"phase": "pretrain"})
+    return TrackedRun(uri, "exp", name, kw.pop("params"), kw.pop("tags"), system_metrics=kw.pop("system", False), **kw)
+
+
+def get(uri, run_id):
+    return MlflowClient(uri).get_run(run_id)
+
+
+def test_default_uri_is_sqlite_under_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert (tmp_path / "mlruns").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_tracking_uri(None) == "http://tracking:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_finished_run_records_params_tags_metrics_and_artifacts_next_to_the_db(uri, tmp_path):
+    long = "x" * 7000  # over MLflow's 6000-character param limit: truncated, full value in params.json
+    with run(uri, params={"seed": 3, "optim.lr": 1e-3, "long": long}, tags={"phase": "pretrain"},
+             system=True) as r:
+        r.log_metrics({"train/loss": 1.0, "val/dice": 0.5}, step=0)
+        r.log_metrics({"train/loss": 0.5}, step=1)
+        r.set_tags({"subset": "defocus-narrow"})
+        r.log_dict({"a": 1}, "config.json")
+    data = get(uri, r.run_id)
+    assert data.info.status == "FINISHED"
+    assert data.data.params["seed"] == "3" and data.data.params["optim.lr"] == "0.001"
+    assert len(data.data.params["long"]) <= 6000 and "truncated" in data.data.params["long"]
+    tags = data.data.tags
+    assert tags["phase"] == "pretrain" and tags["subset"] == "defocus-narrow" and tags["mlflow.runName"] == "r"
+    assert tags["platform.version"] and "failure_reason" not in tags
+    if "git.commit" in tags:  # present in a git checkout
+        assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    history = MlflowClient(uri).get_metric_history(r.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
+    files = {f.path for f in MlflowClient(uri).list_artifacts(r.run_id)}
+    assert {"config.json", "params.json"} <= files
+    assert (tmp_path / "artifacts" / r.run_id / "artifacts" / "config.json").is_file()
+    assert [x.info.run_id for x in find_runs(uri, "exp", "tags.phase = 'pretrain'")] == [r.run_id]
+    assert find_runs(uri, "no-such-experiment", "") == []
+
+
+def test_the_process_tracking_uri_is_the_runs_only_inside(uri, tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")
+    with run(uri):
+        assert mlflow.get_tracking_uri() == uri
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/elsewhere.db"
+
+
+def test_failed_run_records_reason_and_traceback_and_reraises(uri, tmp_path):
+    with pytest.raises(ValueError, match="bad batch"):
+        with run(uri) as r:
+            raise ValueError("bad batch\nsecond line")
+    data = get(uri, r.run_id)
+    assert data.info.status == "FAILED"
+    assert data.data.tags["failure_reason"].startswith("ValueError: bad batch")
+    trace = (tmp_path / "artifacts" / r.run_id / "artifacts" / "failure" / "traceback.txt").read_text()
+    assert "Traceback" in trace and "bad batch" in trace
+    assert mlflow.active_run() is None
+
+
+def test_keyboard_interrupt_ends_killed(uri):
+    with pytest.raises(KeyboardInterrupt):
+        with run(uri) as r:
+            raise KeyboardInterrupt
+    data = get(uri, r.run_id)
+    assert data.info.status == "KILLED"
+    assert data.data.tags["failure_reason"] == "interrupted (KeyboardInterrupt)"
+
+
+def test_real_sigterm_ends_killed_and_restores_the_handler(uri):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with run(uri) as r:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # interrupted by the handler
+    assert signal.getsignal(signal.SIGTERM) is before
+    data = get(uri, r.run_id)
+    assert data.info.status == "KILLED" and data.data.tags["failure_reason"] == "interrupted (SIGTERM)"
+
+
+def test_sigterm_turned_into_sys_exit_by_lightning_still_ends_killed(uri):
+    # Lightning catches KeyboardInterrupt in fit() and calls sys.exit(1)
+    with pytest.raises(SystemExit):
+        with run(uri) as r:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            except KeyboardInterrupt:
+                sys.exit(1)
+    assert get(uri, r.run_id).info.status == "KILLED"
+
+
+def test_parent_tag_for_fine_tuning_and_nesting(uri):
+    with run(uri, "pretrain") as parent:
+        pass
+    with run(uri, "finetune", parent_run_id=parent.run_id) as child:
+        pass
+    tags = get(uri, child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id and tags["parent_run"] == parent.run_id
+    with run(uri, "outer") as outer:  # a run opened inside another is nested under it
+        with run(uri, "inner") as inner:
+            pass
+    assert get(uri, inner.run_id).data.tags["mlflow.parentRunId"] == outer.run_id
+    assert get(uri, outer.run_id).info.status == "FINISHED"
+
+
+def test_dataset_inputs_carry_the_full_content_hash(uri):
+    h = "ab" * 32
+    with run(uri) as r:
+        r.log_dataset("train", "au-small", "/data/au-small", h, 120, "imaging.defocus_A >= -200")
+        r.log_dataset("validation", "au-small", "/data/au-small", h, 30, None)  # same data, second role
+    data = get(uri, r.run_id)
+    inputs = {[t.value for t in i.tags if t.key == "mlflow.data.context"][0]: i for i in data.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"}
+    train = inputs["train"]
+    assert train.dataset.name == "au-small" and train.dataset.digest == h[:36]
+    tags = {t.key: t.value for t in train.tags}
+    assert tags["content_hash"] == h and tags["filter"] == "imaging.defocus_A >= -200" and tags["n_samples"] == "120"
+    assert data.data.tags["dataset.train.au-small.content_hash"] == h
+    assert data.data.tags["dataset.train.au-small.filter"] == "imaging.defocus_A >= -200"
+    assert data.data.tags["dataset.validation.au-small.content_hash"] == h
+
+
+def test_model_round_trip_by_run_id_uri_and_path(uri, tmp_path):
+    torch.manual_seed(0)
+    net = build_model("compact").eval()
+    with run(uri) as r:
+        model_uri = r.log_model(net, {**META, "config_hash": "c" * 64})
+    x = torch.randn(1, 1, 45, 61)
+    with torch.no_grad():
+        expected = net(x)
+    mlflow.set_tracking_uri(uri)  # MLflow resolves models:/ with the process-wide URI, whatever tracking_uri says
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"))
+    other = f"sqlite:///{tmp_path}/other.db"
+    mlflow.set_tracking_uri(other)  # the store we pass must win over the process-wide one, which is left as it was
+    for ref in (r.run_id, f"runs:/{r.run_id}/model", model_uri, local):
+        model, meta = load_model(ref, uri)
+        assert mlflow.get_tracking_uri() == other
+        assert meta["preset"] == "compact" and meta["threshold"] == 0.5 and meta["config_hash"] == "c" * 64
+        assert "torch" in meta["versions"] and not model.training
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), ref
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    img = np.random.default_rng(0).normal(size=(3, 40, 52)).astype(np.float32)
+    out = pyfunc.predict(img)
+    assert out.shape == img.shape and out.dtype == np.float32 and ((out >= 0) & (out <= 1)).all()
+    np.testing.assert_allclose(out[1], predict_array(net, META, img[1], None), atol=1e-6)
+    assert pyfunc.predict(img[0]).shape == (40, 52)
+
+
+def test_log_model_checks_metadata_and_weights(uri):
+    with run(uri) as r:
+        with pytest.raises(ValueError, match="pixel_size_A"):
+            r.log_model(build_model("compact"), {"preset": "compact", "normalization": {"kind": "per_image_zscore"}})
+        with pytest.raises(RuntimeError):  # weights of another architecture
+            r.log_model(build_model("compact"), {**META, "preset": "resnet18-unet"})
+
+
+def test_unresolvable_model_references_say_what_is_accepted(uri, tmp_path):
+    with pytest.raises(ModelRefError, match="no such file or folder.*run id"):
+        load_model("nonexistent-model", uri)
+    with pytest.raises(ModelRefError, match="0123456789abcdef0123456789abcdef.*accepted"):
+        load_model("0123456789abcdef0123456789abcdef", uri)
+    with pytest.raises(ModelRefError, match="weights.pt"):
+        load_model(str(tmp_path), uri)
