@@ -30,7 +30,7 @@ def prediction_figure(module, loader, title: str, n: int):
         if len(images) == n:
             break
     cols = max(len(images), 1)
-    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.9), squeeze=False)
     for ax, image, truth, pred, key in zip(axes[0], images, truths, preds, keys):
         lo, hi = np.percentile(image, [1, 99])
         ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
@@ -42,5 +42,5 @@ def prediction_figure(module, loader, title: str, n: int):
         ax.set_title(f"{key}\nDice {2 * inter / denom if denom else 1.0:.3f}", fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{title}   true: green, predicted: magenta", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle above the panel titles
     return fig
