@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= data
 
-.PHONY: setup demo test test-fast clean-data
+.PHONY: setup demo smoke smoke-data test test-fast clean-data
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ demo: setup
 	$(PY) -m datagen info $(OUT)/tiny-seed1
 	$(PY) -m datagen show $(OUT)/tiny-seed1 --out $(OUT)/tiny-seed1.png
 	@echo "contact sheet: $(OUT)/tiny-seed1.png"
+
+smoke-data: setup
+	$(PY) -m datagen generate --recipe tiny --n 32 --seed 1 --out $(OUT)/tiny-seed1 --quiet
+	$(PY) -m datagen generate --recipe tiny --n 16 --seed 2 --out $(OUT)/tiny-seed2 --quiet
+	$(PY) -m datagen generate --recipe tiny --n 16 --seed 3 --out $(OUT)/tiny-lowdose --set imaging.dose_e_per_A2=100 --quiet
+
+smoke: smoke-data
+	$(PY) -m experiments train --config experiments/configs/smoke.yaml
 
 test: setup
 	$(PY) -m pytest -q
