@@ -1,9 +1,9 @@
 """Callbacks: out-of-distribution evaluation every epoch, and per-epoch tracking with step = epoch.
 
 ``OODEvaluation`` scores the model on every configured benchmark at the end of every ``interval``-th epoch (and the
-last): dataset-level Dice and IoU from summed TP/FP/FN counts, and the mean per-image Dice. It runs after validation
-(Lightning validates inside the training epoch) and before ``EpochTracking``, which sends everything the epoch
-produced to the tracked run in one call.
+last): dataset-level Dice and IoU from summed TP/FP/FN counts, and the mean per-image Dice, plus their mean over
+benchmarks (``ood/mean/dice``). It runs at the end of the validation epoch; ``EpochTracking`` then sends everything the
+epoch produced to the tracked run in one call at the end of the training epoch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def score_loader(module: L.LightningModule, loader) -> dict[str, float]:
     return SegmentationScores([gather_counts(module, rows)]).compute()
 
 
+MEAN_DICE = "ood/mean/dice"  # mean over benchmarks: the default objective of studies and pruning
+
+
 class OODEvaluation(L.Callback):
     def __init__(self, datamodule, names: list[str], interval: int = 1):
         self.datamodule = datamodule
@@ -39,8 +42,10 @@ class OODEvaluation(L.Callback):
         done = trainer.current_epoch + 1
         return done % self.interval == 0 or done == trainer.max_epochs
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if not self.names or not self.due(trainer):
+    def on_validation_epoch_end(self, trainer, pl_module):
+        # during validation, so that callbacks reading trainer.callback_metrics at validation end (checkpointing,
+        # optuna-integration's pruning callback) see this epoch's OOD scores
+        if trainer.sanity_checking or not self.names or not self.due(trainer):
             return
         started = time.perf_counter()
         was_training = pl_module.training
@@ -51,8 +56,10 @@ class OODEvaluation(L.Callback):
                 scores = score_loader(pl_module, self.datamodule.benchmark_dataloader(name))
                 for key in ("dice", "dice_mean_image", "iou"):
                     metrics[f"ood/{name}/{key}"] = scores[key]
-                # visible to other callbacks (checkpointing, Optuna pruning) through trainer.callback_metrics
                 pl_module.log(f"ood/{name}/dice", scores["dice"], logger=False)
+            mean = sum(metrics[f"ood/{n}/dice"] for n in self.names) / len(self.names)
+            metrics[MEAN_DICE] = mean
+            pl_module.log(MEAN_DICE, mean, logger=False)
         finally:
             pl_module.train(was_training)
         metrics["time/ood_s"] = time.perf_counter() - started

@@ -82,6 +82,8 @@ class BenchmarkRef(DatasetRef):
     @field_validator("name")
     @classmethod
     def _metric_safe(cls, value: str):
+        if value == "mean":
+            raise ValueError("benchmark name 'mean' is reserved for the mean over benchmarks (ood/mean/dice)")
         if not value or any(c in value for c in " /\\:"):
             raise ValueError(f"benchmark name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
         return value

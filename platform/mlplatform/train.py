@@ -42,8 +42,14 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
 
 
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
-          tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None) -> str:
-    """Train one model; returns the MLflow run id."""
+          tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None,
+          nest_under: str | None = None, callbacks: list | None = None) -> str:
+    """Train one model; returns the MLflow run id.
+
+    ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
+    run its model came from) is recorded in the ``parent_run`` tag either way. ``callbacks`` are extra Lightning
+    callbacks (e.g. Optuna pruning).
+    """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}; allowed: {', '.join(PHASES)}")
     if (phase == "finetune") != (init_from is not None):
@@ -72,9 +78,11 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     }
     if init_from:
         tags["init_from"] = init_from
+    if parent:
+        tags["parent_run"] = parent
     run_name = config.tracking.run_name or f"{phase}-{curated.subset}-s{config.seed}"
     with TrackedRun(uri, config.tracking.experiment, run_name, params=flatten(config.resolved()), tags=tags,
-                    parent_run_id=parent, system_metrics=config.tracking.system_metrics) as run:
+                    parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics) as run:
         for use in curated.uses:
             run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
         run.log_dict(config.resolved(), "config/resolved.yaml")
@@ -92,7 +100,8 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                 max_epochs=config.epochs, limit_train_batches=config.data.steps_per_epoch,
                 accelerator=t.accelerator, devices=t.devices, precision=t.precision, deterministic=t.deterministic,
                 logger=False, callbacks=[checkpoint, OODEvaluation(datamodule, list(curated.benchmarks),
-                                                                   config.ood_interval), EpochTracking(run)],
+                                                                   config.ood_interval), EpochTracking(run),
+                                         *(callbacks or [])],
                 reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, enable_progress_bar=progress,
                 enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
             )
