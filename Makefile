@@ -33,6 +33,7 @@ smoke-data: setup
 	$(PY) -m datagen generate --recipe tiny --n 32 --seed 1 --out $(OUT)/tiny-seed1 --quiet
 	$(PY) -m datagen generate --recipe tiny --n 16 --seed 2 --out $(OUT)/tiny-seed2 --quiet
 	$(PY) -m datagen generate --recipe tiny --n 16 --seed 3 --out $(OUT)/tiny-lowdose --set imaging.dose_e_per_A2=100 --quiet
+	$(PY) -m datagen generate --recipe tiny --n 12 --seed 4 --out $(OUT)/tiny-target --set imaging.dose_e_per_A2=150 --quiet
 
 smoke: smoke-data
 	$(PY) -m experiments train --config experiments/configs/smoke.yaml

@@ -142,6 +142,10 @@ class Structure(_Section):
 
 class Simulation(_Section):
     backend: Literal["abtem", "prismatic"] = "abtem"
+    engine: Literal["fast", "plain"] = "fast"
+    """abTEM backend: ``fast`` reuses the substrate bank's exit waves and shares work between the full and the
+    particle-only scene (``simulate.FastEngine``); ``plain`` runs abTEM's multislice on each scene from scratch. Both
+    give the same waves to rounding. Prismatic ignores it."""
     energy_eV: float = Field(default=300e3, gt=0)
     sampling_A: float = Field(default=0.1, gt=0)
     slice_thickness_A: float = Field(default=2.0, gt=0)
@@ -294,18 +298,28 @@ def available_recipes() -> dict[str, Path]:
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested mappings, creating sections; a whole-number part indexes a list (``data.train.0.x``)."""
     keys = dotted.split(".")
-    node = data
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        elif not isinstance(child, dict):
-            raise RecipeError(
-                f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value ({child!r}), not a section with keys"
-            )
-        node = child
-    node[keys[-1]] = value
+    node: Any = data
+    for i, key in enumerate(keys):
+        where = ".".join(keys[: i + 1])
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"--set {dotted}: '{where}' indexes a list of {len(node)} items; use 0..{len(node) - 1}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a value ({node!r}), not a section with keys")
+        if last:
+            node[key] = value
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

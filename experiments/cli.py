@@ -29,6 +29,19 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    summary = run_sweep(args.config, args.set or [], args.workers, args.storage, args.tracking_uri,
+                        progress=not args.quiet and args.workers == 1)
+    print(f"sweep {summary['sweep']}: {summary['cells']} cells x {'+'.join(summary['phases'])}; "
+          f"runs by status {summary['runs_by_status']}; parent run {summary['parent_run']}")
+    if summary["missing"]:
+        print(f"not finished (failed beyond retries): {', '.join(summary['missing'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -36,6 +49,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
 
 
@@ -55,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         t.set_defaults(func=_cmd_train)
+    sw = sub.add_parser("sweep", help="subsets x seeds x (pretrain, fine-tune); resumable, parallel",
+                        parents=[tracking])
+    sw.add_argument("--config", required=True, help="sweep definition YAML (kind: sweep)")
+    sw.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
+    sw.add_argument("--storage", help="Optuna RDB URL shared by all workers of this sweep (default: SQLite in "
+                    "mlruns/optuna.db; postgresql://... to spread over machines)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config (repeatable)")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")

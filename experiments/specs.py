@@ -1,0 +1,193 @@
+"""Experiment definitions: small YAML files that override a base training config.
+
+A sweep or study file names a ``base`` training config (path relative to the file) and ``set``s dotted overrides on
+it (lists are indexed by number: ``data.train.0.filter``); ``--set`` on the command line applies last, to every run.
+Everything is validated at load: every cell of a sweep is resolved into a full :class:`TrainConfig` before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from datagen.recipe import format_validation_error, parse_override, set_dotted
+from mlplatform.config import ConfigError, TrainConfig, config_from_dict
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Subset(_Spec):
+    name: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    """Dotted overrides that define the subset, typically ``data.train`` (datasets, filters, caps, weights)."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, value: str):
+        if not value or any(c in value for c in " /\\:"):
+            raise ValueError(f"subset name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
+        return value
+
+
+class Phase(_Spec):
+    set: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the fine-tune phase relative to the cell's pretrain config (its data, lr, epochs...)."""
+
+
+class SweepSpec(_Spec):
+    kind: Literal["sweep"]
+    name: str
+    base: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    subsets: list[Subset] = Field(min_length=1)
+    seeds: list[int] | None = None
+    n_seeds: int = Field(default=5, ge=1)
+    finetune: Phase | None = None
+    max_retries: int = Field(default=1, ge=0)
+    """A failing cell is tried again this many times before the sweep gives up on it."""
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [s.name for s in self.subsets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"subsets: names must be unique, repeated: {', '.join(dup)}")
+        if self.seeds is not None and (len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0):
+            raise ValueError(f"seeds must be distinct and >= 0, got {self.seeds}")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(self.n_seeds))
+
+
+class Param(_Spec):
+    """One search dimension: float/int ranges (optionally log), a categorical choice, or a template filled by
+    nested params (for curation filters: ``"abs(imaging.defocus_A) <= {dmax}"``)."""
+
+    type: Literal["float", "int", "categorical", "template"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    template: str | None = None
+    params: dict[str, "Param"] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type in ("float", "int"):
+            if self.low is None or self.high is None or not self.high > self.low:
+                raise ValueError(f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log-scale parameter needs low > 0, got {self.low}")
+        elif self.type == "categorical" and not self.choices:
+            raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+        elif self.type == "template":
+            if not self.template or not self.params:
+                raise ValueError("a template parameter needs 'template' and its 'params'")
+            try:
+                self.template.format(**{k: 1 for k in self.params})
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"template {self.template!r} does not match its params {sorted(self.params)}: "
+                                 f"{exc}") from None
+        return self
+
+
+Param.model_rebuild()
+
+
+class Objective(_Spec):
+    metric: str = "ood/mean/dice"
+    """Per-epoch metric: ``ood/mean/dice`` (mean over benchmarks) or ``ood/<name>/dice``, ``val/dice``..."""
+    aggregate: Literal["final", "best"] = "final"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class Pruner(_Spec):
+    kind: Literal["median", "percentile", "none"] = "median"
+    n_startup_trials: int = Field(default=2, ge=0)
+    n_warmup_steps: int = Field(default=1, ge=0)
+    percentile: float = Field(default=50.0, gt=0, lt=100)
+
+
+class StudySpec(_Spec):
+    kind: Literal["study"]
+    name: str
+    base: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, Param] = Field(min_length=1)
+    objective: Objective = Objective()
+    n_trials: int = Field(default=20, ge=1)
+    sampler_seed: int = 0
+    pruner: Pruner = Pruner()
+
+
+class Experiment:
+    """A loaded sweep or study: the spec plus the base training config it overrides."""
+
+    def __init__(self, spec: SweepSpec | StudySpec, base: dict, source: Path, cli_sets: list[str]):
+        self.spec, self.base, self.source, self.cli_sets = spec, base, source, list(cli_sets)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def config(self, *override_maps: dict[str, Any]) -> TrainConfig:
+        """The base config with the spec's ``set``, the given dotted maps, then the command line's ``--set``."""
+        data = copy.deepcopy(self.base)
+        try:
+            for mapping in (self.spec.set, *override_maps):
+                for key, value in mapping.items():
+                    set_dotted(data, key, copy.deepcopy(value))
+        except ValueError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+        return config_from_dict(data, self.cli_sets, source=f"{self.source} (base {self.spec.base})")
+
+    def fingerprint(self) -> str:
+        """Identity of the definition: a sweep of the same name with another definition is refused."""
+        text = json.dumps({"spec": self.spec.model_dump(mode="json"), "base": self.base, "set": self.cli_sets},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("kind") != kind:
+        raise ConfigError(f"{path}: expected a {kind} definition (kind: {kind}), found kind "
+                          f"{raw.get('kind') if isinstance(raw, dict) else None!r}")
+    model = SweepSpec if kind == "sweep" else StudySpec
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(f"{kind} {path}", exc)) from None
+    base_path = (path.parent / spec.base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {spec.base!r} not found (looked at {base_path})")
+    base = yaml.safe_load(base_path.read_text())
+    for text in cli_sets:
+        parse_override(text)  # syntax errors now, before anything else
+    exp = Experiment(spec, base, path, cli_sets)
+    # resolve every run's config now: a bad value fails before any work
+    if kind == "sweep":
+        for subset in spec.subsets:
+            exp.config(subset.set)
+            if spec.finetune:
+                exp.config(subset.set, spec.finetune.set)
+    else:
+        exp.config()
+    return exp
