@@ -1,9 +1,10 @@
-"""``python -m datagen``: recipes, generate, verify, show, info."""
+"""``python -m datagen``: recipes, generate, import, verify, show, info."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,18 @@ def _cmd_generate(args) -> int:
     print(f"dataset {manifest['name']}: {manifest['n_samples']} samples in {len(manifest['shards'])} shards at "
           f"{args.out}")
     print("per-sample seconds by stage: " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
+    print(f"content_hash {manifest['content_hash']}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .importer import import_dataset
+
+    manifest, done = import_dataset(Path(args.images), Path(args.masks), args.pixel_size, Path(args.out),
+                                    name=args.name, dose_e_per_A2=args.dose, split=args.split)
+    files = len(manifest["source"]["files"])
+    print(f"{'already imported' if done else 'imported'}: dataset {manifest['name']}, {manifest['n_samples']} "
+          f"samples from {files} image file(s) in {len(manifest['shards'])} shards at {args.out}")
     print(f"content_hash {manifest['content_hash']}")
     return 0
 
@@ -77,6 +90,16 @@ def _pos_int(text: str) -> int:
     return value
 
 
+def _pos_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m datagen", description="Synthetic HRTEM datasets with exact masks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="dataset name, recorded in every sample (default: RECIPE-seedSEED)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser("import", help="experimental micrographs and their masks as a dataset")
+    m.add_argument("--images", required=True, help="TIFF/PNG/.npy file or folder (stacks: one sample per page)")
+    m.add_argument("--masks", required=True, help="file or folder; a mask's stem is its image's, optionally + "
+                   "_mask, -mask, _label, ...")
+    m.add_argument("--pixel-size", type=_pos_float, required=True, metavar="A", help="pixel size in Å")
+    m.add_argument("--out", required=True, help="output folder (new or empty)")
+    m.add_argument("--name", help="dataset name (default: the name of --images)")
+    m.add_argument("--dose", type=_pos_float, metavar="E_PER_A2", help="electron dose in e/Å², if known")
+    m.add_argument("--split", default="test", help="split recorded in every sample (default: test)")
+    m.set_defaults(func=_cmd_import)
 
     v = sub.add_parser("verify", help="recompute every hash of a dataset")
     v.add_argument("dir")

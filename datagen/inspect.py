@@ -22,26 +22,33 @@ SCALE_BARS_NM = (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 MASK_COLOUR = "#ffb000"
 CENTRE_COLOUR = "#00e5ff"
 
+
+def _sec(meta: dict, name: str) -> dict:
+    """A metadata section, empty where the sample has none (imported data: no structure, imaging or seed)."""
+    return meta.get(name) or {}
+
+
 # (label, unit, value of one sample from its arrays and metadata); a missing value (e.g. no particle) is None
 NUMERIC = (
-    ("structure.radius_A", "Å", lambda a, m: m["structure"].get("radius_A")),
-    ("structure.n_defects", "", lambda a, m: m["structure"].get("n_defects")),
-    ("structure.substrate_thickness_A", "Å", lambda a, m: m["structure"].get("substrate_thickness_A")),
-    ("imaging.defocus_A", "Å", lambda a, m: m["imaging"].get("defocus_A")),
-    ("imaging.dose_e_per_A2", "e/Å²", lambda a, m: m["imaging"].get("dose_e_per_A2")),
-    ("imaging.focal_spread_A", "Å", lambda a, m: m["imaging"].get("focal_spread_A")),
+    ("structure.radius_A", "Å", lambda a, m: _sec(m, "structure").get("radius_A")),
+    ("structure.n_defects", "", lambda a, m: _sec(m, "structure").get("n_defects")),
+    ("structure.substrate_thickness_A", "Å", lambda a, m: _sec(m, "structure").get("substrate_thickness_A")),
+    ("imaging.defocus_A", "Å", lambda a, m: _sec(m, "imaging").get("defocus_A")),
+    ("imaging.dose_e_per_A2", "e/Å²", lambda a, m: _sec(m, "imaging").get("dose_e_per_A2")),
+    ("imaging.focal_spread_A", "Å", lambda a, m: _sec(m, "imaging").get("focal_spread_A")),
     ("mask.area_fraction", "", lambda a, m: m["mask"].get("area_fraction")),
     ("image mean counts", "e/px", lambda a, m: float(a["image.npy"].mean(dtype=np.float64))),
 )
 CATEGORICAL = (
-    ("structure.kind", lambda m: m["structure"].get("kind")),
-    ("structure.material", lambda m: m["structure"].get("material")),
-    ("structure.has_twin", lambda m: m["structure"].get("has_twin")),
-    ("structure.has_stacking_fault", lambda m: m["structure"].get("has_stacking_fault")),
-    ("structure.orientation_mode", lambda m: m["structure"].get("orientation_mode")),
+    ("structure.kind", lambda m: _sec(m, "structure").get("kind")),
+    ("structure.material", lambda m: _sec(m, "structure").get("material")),
+    ("structure.has_twin", lambda m: _sec(m, "structure").get("has_twin")),
+    ("structure.has_stacking_fault", lambda m: _sec(m, "structure").get("has_stacking_fault")),
+    ("structure.orientation_mode", lambda m: _sec(m, "structure").get("orientation_mode")),
     ("split", lambda m: m.get("split")),
-    ("image shape", lambda m: "×".join(map(str, m["imaging"]["shape"])) if "shape" in m["imaging"] else None),
-    ("imaging.pixel_size_A", lambda m: m["imaging"].get("pixel_size_A")),
+    ("image shape", lambda m: "×".join(map(str, _sec(m, "imaging")["shape"])) if "shape" in _sec(m, "imaging")
+     else None),
+    ("imaging.pixel_size_A", lambda m: _sec(m, "imaging").get("pixel_size_A")),
 )
 HIST_BINS = 12
 BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -51,7 +58,13 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def _caption(meta: dict, mask: np.ndarray) -> str:
-    s, im = meta["structure"], meta["imaging"]
+    s, im = meta.get("structure"), meta.get("imaging")
+    if s is None or im is None:  # imported: what the source section knows
+        src = _sec(meta, "source")
+        page = f" page {src['page']}" if src.get("page") is not None else ""
+        dose = f" · {src['dose_e_per_A2']:.0f} e/Å²" if src.get("dose_e_per_A2") is not None else ""
+        return (f"{src.get('file', '?')}{page}\n{src.get('pixel_size_A', 0):.3g} Å/px{dose}\n"
+                f"mask {100 * mask.mean():.1f} % ({int(mask.sum())} px)")
     if s.get("kind", "none") == "none":
         particle = "no particle"
     else:
@@ -79,10 +92,10 @@ def _panel(ax, key: str, image: np.ndarray, mask: np.ndarray, meta: dict) -> Non
     if 0 < mask.sum() < mask.size:
         # sample [i, j] sits at (x=j, y=i), as imshow draws it: the 0.5 level runs on the pixel edges
         ax.contour(np.arange(w), np.arange(h), mask, levels=[0.5], colors=MASK_COLOUR, linewidths=0.9)
-    if "center_px" in meta["structure"]:
+    if "center_px" in _sec(meta, "structure"):
         row, col = meta["structure"]["center_px"]
         ax.plot(col, row, "+", color=CENTRE_COLOUR, ms=7, mew=1.2)
-    pixel_A = meta["imaging"]["pixel_size_A"]
+    pixel_A = _sec(meta, "imaging").get("pixel_size_A") or _sec(meta, "source")["pixel_size_A"]
     nm = _scale_bar_nm(w * pixel_A)
     x1, y = w - 0.5 - 0.05 * w, h - 0.5 - 0.07 * h
     x0 = x1 - 10 * nm / pixel_A
@@ -124,7 +137,8 @@ def contact_sheet(root: Path, out: Path, n: int = 16) -> Path:
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     recipe = manifest.get("generation", {}).get("recipe_name", "?")
-    fig.suptitle(f"{manifest.get('name', root.name)}\nrecipe {recipe}  ·  content {manifest['content_hash'][:12]}"
+    origin = "imported" if manifest.get("source") else f"recipe {recipe}"
+    fig.suptitle(f"{manifest.get('name', root.name)}\n{origin}  ·  content {manifest['content_hash'][:12]}"
                  f"  ·  first {len(samples)} of {manifest['n_samples']} samples", fontsize=11)
     fig.supxlabel("outline: particle mask    +: structure.center_px\n"
                   "contrast: 1st–99th percentile per image    Δf: defocus (positive = underfocus)",
@@ -175,12 +189,15 @@ def _fmt(x: float) -> str:
 
 def _text(info: dict) -> str:
     c = info["counts"]
+    src, per = info.get("source"), info["imaging_conditions_per_structure"]
     lines = [
         f"dataset     {info['name']}  ({info['path']})",
+        (f"source      imported from {src['images']}: {src['n_files']} files, pixel {src['pixel_size_A']} Å, "
+         f"dose {src['dose_e_per_A2'] or '-'} e/Å²") if src else
         f"recipe      {info['recipe']['name']}  hash {info['recipe']['hash'][:12]}   seed {info['seed']}",
         f"content     {info['content_hash']}",
-        f"samples     {c['samples']} in {c['shards']} shards, {c['structures']} structures "
-        f"× {info['imaging_conditions_per_structure']} imaging conditions",
+        f"samples     {c['samples']} in {c['shards']} shards, {c['structures']} structures"
+        + (f" × {per} imaging conditions" if per else ""),
         "splits      " + ", ".join(f"{k}: {v}" for k, v in c["splits"].items()),
         "",
     ]
@@ -211,9 +228,10 @@ def dataset_info(root: Path) -> dict:
     categorical: dict[str, Counter] = {name: Counter() for name, _ in CATEGORICAL}
     structures = set()
     n = 0
-    for _, arrays, meta in iter_dataset(root):
+    for key, arrays, meta in iter_dataset(root):
         n += 1
-        structures.add(meta["seed"]["structure"])
+        # as mlplatform.curation: without seed.structure, the key up to "_" names the structure
+        structures.add(_sec(meta, "seed").get("structure", key.partition("_")[0]))
         for name, _, get in NUMERIC:
             value = get(arrays, meta)
             if value is not None:
@@ -225,6 +243,9 @@ def dataset_info(root: Path) -> dict:
         "path": str(root),
         "recipe": {"name": manifest.get("generation", {}).get("recipe_name"), "hash": manifest.get("recipe_hash")},
         "seed": manifest.get("seed"),
+        # an import's origin, without its per-file list
+        "source": {**{k: v for k, v in manifest["source"].items() if k != "files"},
+                   "n_files": len(manifest["source"]["files"])} if manifest.get("source") else None,
         "content_hash": manifest.get("content_hash"),
         "imaging_conditions_per_structure": manifest.get("imaging_conditions_per_structure"),
         "counts": {"samples": n, "structures": len(structures), "shards": len(manifest["shards"]),

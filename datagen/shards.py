@@ -23,7 +23,8 @@ from .recipe import canonical_json
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 WAVE_SHARD_PATTERN = "waves-{:06d}.tar"
-VOLATILE = (("provenance", "created_utc"), ("provenance", "timing_s"), ("provenance", "host"))
+VOLATILE = (("provenance", "created_utc"), ("provenance", "timing_s"), ("provenance", "host"),
+            ("source", "import_time_utc"))
 ARRAY_FIELDS = ("image.npy", "mask.npy")
 
 

@@ -1,0 +1,373 @@
+"""``python -m datagen import``: experimental micrographs and their masks -> a dataset in the shard format.
+
+Inputs: ``--images`` and ``--masks`` are each a file or a folder (searched recursively; hidden files and folders,
+names starting with ".", are skipped; any other file must be .tif/.tiff, .png or .npy, case-insensitive). A TIFF
+may hold several pages and a .npy may be 3-D: both are stacks [N, H, W], one sample per page.
+
+Pairing (never guessed): a file's *stem* is its path relative to its root without the extension (``sub/a.tif`` ->
+``sub/a``). A mask pairs with the image whose stem equals the mask's stem, or the mask's stem less one of the
+suffixes in ``MASK_SUFFIXES`` (``_mask``, ``-mask``, ``_label`` ..., case-insensitive): ``a.tif`` pairs with
+``a.png``, ``a_mask.png`` or ``a-Label.npy`` in the same relative folder. Page i of an image stack pairs with page
+i of its mask stack. An image without a mask, a mask without an image, a mask that fits two images and two masks
+(or two images) for one stem all fail the import, listing the names. Two single files are paired as given. When
+``--images`` and ``--masks`` are the same folder, the files whose stems carry a mask suffix are the masks.
+
+Samples: keys ``img-NNNNNN`` number the images in order of their relative path; the pages of a stack are
+``img-NNNNNN_pPPPP``. The part before "_" is the structure id the platform splits train/validation by
+(mlplatform.curation), so the frames of one stack, usually a series of one area, stay on one side of the split.
+The image keeps the file's values as float32 (RGB files of identical channels become gray); the mask becomes
+uint8 0/1 from {0, 1}, {0, 255} or bool. Every pair is read and checked before anything is written; the output
+is written like ``generate``'s (shards, then the manifest last) and removed again if the import fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .recipe import canonical_json
+from .shards import (MANIFEST, SHARD_PATTERN, DatasetError, content_hash, encode_sample, file_sha256, sample_hash,
+                     write_atomic, write_shard)
+
+SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+MASK_SUFFIXES = tuple(f"{sep}{tag}" for tag in ("mask", "masks", "label", "labels") for sep in "_-")
+SHARD_BYTES = 256 << 20  # a new shard starts once a shard holds this much encoded sample data
+MAX_LISTED = 20
+
+
+class InputError(ValueError):
+    """Input files that cannot be imported; the message names the files and the problem."""
+
+
+def _names(items: list[str]) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+# --------------------------------------------------------------------------------------------- listing, pairing
+
+
+def list_inputs(path: Path, what: str) -> tuple[Path, list[str]]:
+    """(root, sorted relative paths) of a file or a folder of supported files."""
+    path = Path(path)
+    if path.is_file():
+        root, rels = path.parent, [path.name]
+    elif path.is_dir():
+        root = path
+        rels = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        raise InputError(f"--{what} {path}: no such file or folder")
+    unsupported = [r for r in rels if PurePosixPath(r).suffix.lower() not in SUFFIXES]
+    if unsupported:
+        raise InputError(f"--{what} {path}: unsupported file(s) (only {', '.join(SUFFIXES)}): {_names(unsupported)}")
+    if not rels:
+        raise InputError(f"--{what} {path}: no files found")
+    return root, rels
+
+
+def _stem(rel: str) -> str:
+    return PurePosixPath(rel).with_suffix("").as_posix()
+
+
+def image_stems_of_mask(rel: str) -> list[str]:
+    """The image stems a mask file may belong to: its own stem, and that stem less a mask suffix."""
+    stem = _stem(rel)
+    return [stem] + [stem[:-len(s)] for s in MASK_SUFFIXES
+                     if stem.lower().endswith(s) and len(PurePosixPath(stem).name) > len(s)]
+
+
+def pair_files(images: list[str], masks: list[str]) -> list[tuple[str, str]]:
+    """[(image, mask)] in image order by the stem rule (module docstring); raises InputError listing mismatches."""
+    images, masks = sorted(images), sorted(masks)  # messages and keys must not depend on listing order
+    by_stem = defaultdict(list)
+    for rel in images:
+        by_stem[_stem(rel)].append(rel)
+    claims, orphans, ambiguous = defaultdict(list), [], []
+    for rel in masks:
+        fits = [s for s in image_stems_of_mask(rel) if s in by_stem]
+        if not fits:
+            orphans.append(rel)
+        elif len(fits) > 1:
+            ambiguous.append(f"{rel} (fits {' and '.join(by_stem[s][0] for s in fits)})")
+        else:
+            claims[fits[0]].append(rel)
+    problems = []
+    if same := [" and ".join(v) for v in by_stem.values() if len(v) > 1]:
+        problems.append(f"images sharing a stem: {_names(same)}")
+    if lonely := [r for r in images if not claims.get(_stem(r))]:
+        problems.append(f"images without a mask: {_names(lonely)}")
+    if orphans:
+        problems.append(f"masks without an image: {_names(orphans)}")
+    if ambiguous:
+        problems.append(f"masks fitting more than one image: {_names(ambiguous)}")
+    if multi := [f"{by_stem[s][0]} ({', '.join(m)})" for s, m in claims.items() if len(m) > 1]:
+        problems.append(f"images claimed by several masks: {_names(multi)}")
+    if problems:
+        raise InputError("images and masks do not pair up (mask stem = image stem, optionally + one of "
+                         f"{'/'.join(MASK_SUFFIXES)}): " + "; ".join(problems))
+    return [(rel, claims[_stem(rel)][0]) for rel in images]
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+
+
+def _to_gray(a: np.ndarray, name: str) -> np.ndarray:
+    """[H, W, C] with C = 2 (gray, alpha), 3 (RGB) or 4 (RGBA) -> [H, W] when it is gray; else InputError."""
+    n_colour = 3 if a.shape[-1] >= 3 else 1
+    colour, alpha = a[..., :n_colour], a[..., n_colour:]
+    if alpha.size and np.any(alpha != alpha.flat[0]):
+        raise InputError(f"{name}: has transparent pixels (alpha channel not constant); give a gray image")
+    if np.any(colour != colour[..., :1]):
+        raise InputError(f"{name}: is a colour image (its channels differ); give a gray image")
+    return colour[..., 0]
+
+
+def read_pages(path: Path, name: str) -> tuple[list[np.ndarray], str, bool]:
+    """(pages [H, W] or [H, W, C] as stored, original dtype, whether the file is a stack)."""
+    suffix = path.suffix.lower()
+    # readers raise anything from struct.error to NotImplementedError on a damaged or exotic file: all mean the same
+    try:
+        if suffix == ".npy":
+            a = np.load(path, allow_pickle=False)
+            if a.ndim not in (2, 3):
+                raise InputError(f"{name}: a .npy must be 2-D [H, W] or a 3-D stack [N, H, W], got shape {a.shape}")
+            return ([a] if a.ndim == 2 else list(a)), a.dtype.name, a.ndim == 3
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                if getattr(im, "n_frames", 1) > 1:
+                    raise InputError(f"{name}: animated PNG ({im.n_frames} frames); give one image per file or a "
+                                     "TIFF stack")
+                im = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette indices are not the values
+                a = np.asarray(im)
+            return [a], a.dtype.name, False
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            pages = [p for p in tif.pages if not p.is_reduced]  # skip thumbnails and pyramid levels
+            out = []
+            for i, page in enumerate(pages):
+                where = f"{name} page {i}" if len(pages) > 1 else name
+                sep, depth, h, w, contig = page.shaped
+                rgb = page.photometric == tifffile.PHOTOMETRIC.RGB
+                gray = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+                if depth != 1 or not (rgb or (gray and page.samplesperpixel == 1)):
+                    raise InputError(f"{where}: unsupported TIFF layout (photometric {page.photometric.name}, "
+                                     f"{page.samplesperpixel} samples per pixel, depth {depth}); give gray pages")
+                a = np.moveaxis(page.asarray().reshape(page.shaped)[:, 0], 0, -1).reshape(h, w, sep * contig)
+                out.append(a if rgb else a[..., 0])
+            if not out:
+                raise InputError(f"{name}: the TIFF holds no image")
+            return out, out[0].dtype.name, len(out) > 1
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def _plane(a: np.ndarray, name: str) -> np.ndarray:
+    if a.ndim == 3 and a.shape[-1] in (2, 3, 4):
+        a = _to_gray(a, name)
+    if a.ndim != 2 or 0 in a.shape:
+        raise InputError(f"{name}: not a 2-D image (shape {a.shape})")
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"{name}: unsupported value type {a.dtype}")
+    return a
+
+
+def as_image(a: np.ndarray, name: str) -> np.ndarray:
+    image = _plane(a, name).astype(np.float32)  # the values as recorded: normalising is the model's business
+    if not np.isfinite(image).all():  # float64 values beyond float32's range become inf here too
+        raise InputError(f"{name}: has non-finite values (NaN or inf as float32)")
+    return image
+
+
+def as_mask(a: np.ndarray, name: str) -> np.ndarray:
+    mask = _plane(a, name)
+    values = np.unique(mask)
+    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        raise InputError(f"{name}: mask values must be 0/1, 0/255 or bool, found {_names([f'{v:g}' for v in values])}")
+    return (mask != 0).astype(np.uint8)
+
+
+def _layout(stack: bool, n: int) -> str:
+    return f"a stack of {n} page(s)" if stack else "a single image"
+
+
+def read_pair(images_root: Path, image: str, masks_root: Path, mask: str) -> list[tuple[int | None, np.ndarray,
+                                                                                          np.ndarray, dict]]:
+    """[(page or None, image float32, mask uint8 0/1, source fields)] of one checked pair."""
+    pages, dtype, stack = read_pages(images_root / image, image)
+    mpages, _, mstack = read_pages(masks_root / mask, mask)
+    if (stack, len(pages)) != (mstack, len(mpages)):
+        raise InputError(f"{image} is {_layout(stack, len(pages))} but its mask {mask} is "
+                         f"{_layout(mstack, len(mpages))}")
+    out = []
+    for i, (a, m) in enumerate(zip(pages, mpages)):
+        page = i if stack else None
+        iname, mname = (f"{image} page {i}", f"{mask} page {i}") if stack else (image, mask)
+        img, msk = as_image(a, iname), as_mask(m, mname)
+        if img.shape != msk.shape:
+            raise InputError(f"{iname}: image shape {img.shape} differs from its mask {mname} {msk.shape}")
+        out.append((page, img, msk, {"file": image, "page": page, "n_pages": len(pages) if stack else None,
+                                     "dtype": dtype, "shape": list(a.shape), "mask_file": mask}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- import
+
+
+def _versions() -> dict:
+    from .pipeline import software_versions
+
+    out = software_versions()
+    for dist in ("tifffile", "pillow"):
+        out[dist] = importlib_metadata.version(dist)
+    return out
+
+
+def _check_output(out: Path, ident: dict) -> dict | None:
+    """The manifest when ``out`` holds this very import already, None when ``out`` is free; else refuses."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DatasetError(f"--out {out}: exists and is not a folder")
+    if (out / MANIFEST).is_file():
+        manifest = json.loads((out / MANIFEST).read_text())
+        found = manifest.get("generation") or {}
+        if found == ident:
+            return manifest
+        diffs = [f"{k}: existing {found.get(k)!r}, requested {ident[k]!r}" for k in ident if found.get(k) != ident[k]]
+        raise DatasetError(f"--out {out} holds a different dataset ({'; '.join(diffs)}); refusing to mix them. "
+                           "Use a new folder.")
+    if any(out.iterdir()):
+        raise DatasetError(f"--out {out}: folder is not empty and holds no dataset; choose a new or empty folder")
+    return None
+
+
+def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, name: str | None = None,
+                   dose_e_per_A2: float | None = None, split: str = "test") -> tuple[dict, bool]:
+    """Import micrographs and masks as a dataset at ``out``; returns (manifest, whether it was already there)."""
+    for flag, value in (("--pixel-size", pixel_size_A), ("--dose", dose_e_per_A2)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a number > 0, got {value}")
+    images, masks, out = Path(images), Path(masks), Path(out)
+    images_root, image_files = list_inputs(images, "images")
+    masks_root, mask_files = list_inputs(masks, "masks")
+    if images.is_file() and masks.is_file():
+        pairs = [(image_files[0], mask_files[0])]  # named one by one: the user paired them
+    else:
+        if images.resolve() == masks.resolve():  # one folder holding both: the mask suffix tells them apart
+            mask_files = [r for r in image_files if len(image_stems_of_mask(r)) > 1]
+            image_files = [r for r in image_files if r not in mask_files]
+        pairs = pair_files(image_files, mask_files)
+    # not the --out folder's name: the same inputs give the same content hash wherever they are written
+    name = name or (images.resolve().stem if images.is_file() else images.resolve().name)
+    files = [{"image": i, "image_sha256": file_sha256(images_root / i), "mask": m,
+              "mask_sha256": file_sha256(masks_root / m)} for i, m in pairs]
+    params = {"pixel_size_A": float(pixel_size_A),
+              "dose_e_per_A2": None if dose_e_per_A2 is None else float(dose_e_per_A2), "split": split}
+    from .pipeline import FORMAT_VERSION
+
+    ident = {"format_version": FORMAT_VERSION, "kind": "import", "dataset": name, **params,
+             "inputs_sha256": hashlib.sha256(canonical_json(files).encode()).hexdigest()}
+    done = _check_output(out, ident)
+    if done is not None:
+        return done, True
+
+    # every pair is read and checked before anything is written; the arrays are read again to write them, so
+    # memory holds one pair and one shard, not the whole input
+    problems = []
+    for image, mask in pairs:
+        try:
+            read_pair(images_root, image, masks_root, mask)
+        except InputError as exc:
+            problems.append(str(exc))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InputError(f"{len(problems)} of {len(pairs)} pair(s) cannot be imported: "
+                         + "; ".join(problems[:5]) + more)
+
+    versions, now = _versions(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    new_dirs = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        shards, hashes, samples, size = [], [], [], 0
+
+        def flush():
+            nonlocal samples, size
+            shard_name = SHARD_PATTERN.format(len(shards))
+            written.append(out / shard_name)
+            write_shard(out / shard_name, samples)
+            shards.append({"name": shard_name, "sha256": file_sha256(out / shard_name), "n_samples": len(samples),
+                           "samples": hashes[-len(samples):]})
+            samples, size = [], 0
+
+        for n, (rec, (image, mask)) in enumerate(zip(files, pairs)):
+            if (file_sha256(images_root / image), file_sha256(masks_root / mask)) != (rec["image_sha256"],
+                                                                                       rec["mask_sha256"]):
+                raise InputError(f"{image} or its mask {mask} changed during the import; run it again")
+            rec["keys"] = []
+            for page, img, msk, source in read_pair(images_root, image, masks_root, mask):
+                key = f"img-{n:06d}" if page is None else f"img-{n:06d}_p{page:04d}"
+                meta = {
+                    "id": f"{name}/{key}",
+                    "dataset": name,
+                    "split": split,
+                    "source": {**source, "file_sha256": rec["image_sha256"], "mask_sha256": rec["mask_sha256"],
+                               "pixel_size_A": params["pixel_size_A"], "dose_e_per_A2": params["dose_e_per_A2"],
+                               "import_time_utc": now},
+                    "mask": {"method": "imported", "n_pixels": int(msk.sum()), "area_fraction": float(msk.mean())},
+                    "provenance": {"command": "import", "parameters": params, "versions": versions},
+                }
+                arrays = {"image.npy": img, "mask.npy": msk}
+                samples.append(encode_sample(key, arrays, meta))
+                hashes.append([key, sample_hash(key, arrays, meta)])
+                size += img.nbytes + msk.nbytes
+                rec["keys"].append(key)
+                if size >= SHARD_BYTES:
+                    flush()
+        if samples:
+            flush()
+        manifest = {
+            "name": name,
+            "format_version": FORMAT_VERSION,
+            "recipe": None,
+            "recipe_hash": None,
+            "seed": None,
+            "n_samples": len(hashes),
+            "n_structures": len(pairs),
+            "content_hash": content_hash([tuple(h) for h in hashes]),
+            "shards": shards,
+            "wave_shards": [],
+            "source": {"kind": "experimental", "images": str(images.resolve()), "masks": str(masks.resolve()),
+                       **params, "import_time_utc": now, "files": files},
+            "generation": ident,
+            "software": versions,
+            "created_utc": now,
+        }
+        written.append(out / MANIFEST)
+        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    except BaseException:
+        # nothing partial stays behind: this run's shards, their temporary files, and the folders it made
+        for path in written:
+            path.unlink(missing_ok=True)
+        for stale in out.glob(f"*.{os.getpid()}.partial"):
+            stale.unlink()
+        for d in new_dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return manifest, False
