@@ -42,6 +42,18 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from .study import run_study
+
+    summary = run_study(args.config, args.set or [], args.n_trials, args.workers, args.storage, args.tracking_uri,
+                        progress=not args.quiet and args.workers == 1)
+    print(f"study {summary['study']}: trials {summary['trials']}; storage {summary['storage']}; "
+          f"parent run {summary['parent_run']}")
+    if summary["best"]:
+        print(f"best trial {summary['best']['number']}: {summary['best']['value']:.4f} {summary['best']['params']}")
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -87,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config (repeatable)")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
+    st = sub.add_parser("study", help="Optuna search over hyperparameters and data curation, with pruning",
+                        parents=[tracking])
+    st.add_argument("--config", required=True, help="study definition YAML (kind: study)")
+    st.add_argument("--n-trials", type=_positive_int, help="total trials of the study (default: the definition's)")
+    st.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
+    st.add_argument("--storage", help="Optuna storage: journal:PATH (default mlruns/optuna-journal.log), "
+                    "sqlite:///PATH or postgresql://... (shared by workers on many machines)")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every trial's config")
+    st.add_argument("--quiet", action="store_true")
+    st.set_defaults(func=_cmd_study)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")

@@ -127,11 +127,14 @@ class TrackedRun:
     """Context manager around one MLflow run; see the module docstring and DESIGN.md "A tracked run"."""
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, params: dict, tags: dict,
-                 parent_run_id: str | None = None, system_metrics: bool = True):
+                 parent_run_id: str | None = None, system_metrics: bool = True,
+                 stop_exceptions: tuple[type[BaseException], ...] = ()):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags = dict(params), dict(tags)
         self.parent_run_id, self.system_metrics = parent_run_id, system_metrics
+        # exceptions that stop a run on purpose (an Optuna pruning decision): FINISHED, tagged stopped_by
+        self.stop_exceptions = tuple(stop_exceptions)
         self.client = MlflowClient(self.tracking_uri)
         self._run_id: str | None = None
         self._signal: str | None = None  # which interruption we saw, for failure_reason
@@ -185,6 +188,10 @@ class TrackedRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore_handlers()
+        if exc_type is not None and self.stop_exceptions and issubclass(exc_type, self.stop_exceptions):
+            self.client.set_tag(self.run_id, "stopped_by", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000))
+            self._end("FINISHED", None, None)
+            return False
         if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None) and not self._signal):
             status, reason = "FINISHED", None
         elif issubclass(exc_type, KeyboardInterrupt) or (issubclass(exc_type, SystemExit) and self._signal):

@@ -43,7 +43,8 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
 
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None,
-          nest_under: str | None = None, callbacks: list | None = None) -> str:
+          nest_under: str | None = None, callbacks: list | None = None, extra_params: dict | None = None,
+          stop_exceptions: tuple = ()) -> str:
     """Train one model; returns the MLflow run id.
 
     ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
@@ -81,8 +82,10 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     if parent:
         tags["parent_run"] = parent
     run_name = config.tracking.run_name or f"{phase}-{curated.subset}-s{config.seed}"
-    with TrackedRun(uri, config.tracking.experiment, run_name, params=flatten(config.resolved()), tags=tags,
-                    parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics) as run:
+    params = {**flatten(config.resolved()), **(extra_params or {})}
+    with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
+                    parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
+                    stop_exceptions=stop_exceptions) as run:
         for use in curated.uses:
             run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
         run.log_dict(config.resolved(), "config/resolved.yaml")
