@@ -54,6 +54,28 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from mlplatform.report import write_report
+    from mlplatform.tracking import resolve_tracking_uri
+
+    kind, name = ("sweep", args.sweep) if args.sweep else ("study", args.study)
+    index = write_report(kind, name, resolve_tracking_uri(args.tracking_uri), args.out)
+    print(f"report: {index}")
+    return 0
+
+
+def _cmd_ui(args) -> int:
+    import os
+
+    from mlplatform.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    os.execv(sys.executable, cmd)  # the UI takes over this process: Ctrl-C and exit codes are its own
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -109,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every trial's config")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=_cmd_study)
+    rp = sub.add_parser("report", help="statistical report of a sweep or a study (HTML, PNG, CSV)",
+                        parents=[tracking])
+    which = rp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sweep", metavar="NAME")
+    which.add_argument("--study", metavar="NAME")
+    rp.add_argument("--out", required=True, help="folder for index.html, figures and tables")
+    rp.set_defaults(func=_cmd_report)
+    ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
+    ui.add_argument("--port", type=_positive_int, default=5000)
+    ui.set_defaults(func=_cmd_ui)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")

@@ -181,3 +181,33 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
         if t.state.name == "COMPLETE":
             run = next(r for r in trials if r.data.tags["trial"] == str(t.number))
             assert run.data.metrics["objective"] == pytest.approx(t.value)
+
+
+def test_ui_serves_the_same_store(tmp_path):
+    import json
+    import socket
+    import urllib.request
+
+    from mlplatform.tracking import get_or_create_experiment
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    get_or_create_experiment("seen-by-ui", store)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", "ui", "--port", str(port), "--tracking-uri", store],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        names, deadline = [], time.time() + 90
+        while time.time() < deadline and "seen-by-ui" not in names:
+            time.sleep(1)
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                             data=b'{"max_results": 10}', headers={"Content-Type": "application/json"})
+                names = [e["name"] for e in json.load(urllib.request.urlopen(req, timeout=5))["experiments"]]
+            except OSError:
+                pass
+        assert "seen-by-ui" in names
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
