@@ -76,6 +76,13 @@ def _cmd_ui(args) -> int:
     os.execv(sys.executable, cmd)  # the UI takes over this process: Ctrl-C and exit codes are its own
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, args.workers, args.tracking_uri)
+    return 1 if summary["missing"] else 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -141,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
     ui.add_argument("--port", type=_positive_int, default=5000)
     ui.set_defaults(func=_cmd_ui)
+    dm = sub.add_parser("demo", help="the main job: a miniature curation study end to end", parents=[tracking])
+    dm.add_argument("--out", default="demo", help="folder for data and report (default demo/)")
+    dm.add_argument("--workers", type=_positive_int, default=2)
+    dm.set_defaults(func=_cmd_demo)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")

