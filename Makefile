@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= data
 
-.PHONY: setup demo smoke smoke-data test test-fast clean-data
+.PHONY: setup demo smoke smoke-data bench test test-fast clean-data
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -c "import czone, abtem, webdataset, torch, lightning, mlflow, monai, albumentations; print('environment ready: abTEM', abtem.__version__, 'torch', torch.__version__)"
 	touch $@
 
-# main job (until the training platform lands): generate a small dataset, verify it, draw a contact sheet
+# main job: a miniature curation study end to end (data -> sweep of pretrain + fine-tune runs -> report).
+# Everything it writes is under demo/ and mlruns/; a second run reuses finished data and cells.
 demo: setup
-	$(PY) -m datagen generate --recipe tiny --n 32 --seed 1 --out $(OUT)/tiny-seed1
-	$(PY) -m datagen verify $(OUT)/tiny-seed1
-	$(PY) -m datagen info $(OUT)/tiny-seed1
-	$(PY) -m datagen show $(OUT)/tiny-seed1 --out $(OUT)/tiny-seed1.png
-	@echo "contact sheet: $(OUT)/tiny-seed1.png"
+	$(PY) -m experiments demo
 
 smoke-data: setup
 	$(PY) -m datagen generate --recipe tiny --n 32 --seed 1 --out $(OUT)/tiny-seed1 --quiet
@@ -45,4 +42,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 clean-data:
-	rm -rf $(OUT)
+	rm -rf $(OUT) demo
