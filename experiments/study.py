@@ -20,6 +20,7 @@ from mlplatform.train import train
 
 from .specs import Experiment, Param, load_experiment
 from .storage import storage_url, study_storage
+from .sweep import share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -108,7 +109,8 @@ def _work(exp: Experiment, storage_arg: str | None, tracking_uri: str, progress:
 
 
 def _worker_main(path: str, cli_sets: list[str], storage_arg: str | None, tracking_uri: str, n_trials: int,
-                 worker: int) -> None:
+                 worker: int, workers: int) -> None:
+    share_cores(workers)
     _work(load_experiment(path, "study", cli_sets), storage_arg, tracking_uri, False, n_trials, worker)
 
 
@@ -124,7 +126,7 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     else:
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w)
+            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w, workers)
                                         for w in range(workers)])
     trials = study.get_trials(deepcopy=False)
     by_state = {s.name: sum(t.state == s for t in trials) for s in {t.state for t in trials}}

@@ -180,7 +180,18 @@ def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress
             return len(done)
 
 
-def _worker_main(path: str, cli_sets: list[str], storage_url: str | None, tracking_uri: str) -> int:
+def share_cores(workers: int) -> None:
+    """Give each of ``workers`` local processes its share of the cores: torch's default (all cores per process)
+    oversubscribes the machine and slows every worker down many times over."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _worker_main(path: str, cli_sets: list[str], storage_url: str | None, tracking_uri: str, workers: int) -> int:
+    share_cores(workers)
     return worker(load_experiment(path, "sweep", cli_sets), storage_url, tracking_uri)
 
 
@@ -194,7 +205,7 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     else:  # each process loads the definition and joins the same queue, as a worker on another machine would
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri)] * workers)
+            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers)
     return summarize(exp, study, tracking_uri)
 
 
