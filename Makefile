@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= data
 
-.PHONY: setup demo smoke smoke-data bench test test-fast clean-data
+.PHONY: setup demo smoke smoke-data bench bench-quick test test-fast clean-data
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ smoke-data: setup
 
 smoke: smoke-data
 	$(PY) -m experiments train --config experiments/configs/smoke.yaml
+
+bench: setup
+	$(PY) -m benchmarks
+
+bench-quick: setup
+	$(PY) -m benchmarks --quick
 
 test: setup
 	$(PY) -m pytest -q

@@ -12,6 +12,12 @@ amorphous carbon. Geometry, with the beam along +z (abTEM propagates from z = 0 
 The particle sits on the exit side of the substrate so that the particle-only exit wave, used for the mask, is taken
 right behind the particle in both scenes: no vacuum propagation blurs it.
 
+The substrate comes from a small per-dataset bank of periodic amorphous blocks, placed by operations that map the
+simulation grid onto itself: a shift by whole grid pixels, quarter turns about the cell centre and a mirror. A placed
+block's projected potential, and the exit wave of a plane wave through it, are then exactly the block's own, moved
+(see ``simulate.FastEngine``): the expensive part of a substrate is computed once per dataset, not once per structure.
+The scene records where its substrate atoms come from (:class:`SubstratePlacement`) so the simulation can use that.
+
 czone's own defect prefab draws from an unseeded RNG and its amorphous generator from numpy's global RNG. Defect
 planes are therefore chosen here from our seeded stream and assembled with czone's primitives (generators, volumes,
 planes, reflections, translations); the substrate generator runs under a seeded, restored global RNG state.
@@ -36,15 +42,51 @@ from .seeding import Streams
 FCC_111_VARIANTS = ((1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1))
 
 
+def grid_points(extent_A: float, sampling_A: float) -> int:
+    """Simulation grid points per side: the sampling is honoured to within rounding; the exact value is recorded."""
+    return max(int(round(extent_A / sampling_A)), 2)
+
+
+@dataclass
+class SubstratePlacement:
+    """Where a scene's substrate atoms come from: atoms ``atoms`` (indices, in scene order) of block ``index`` of
+    ``bank``, turned by ``rot90`` quarter turns about the cell centre, then mirrored in x (``flip``), then shifted by
+    ``shift_px`` whole pixels of the ``grid_px``-point simulation grid, then raised by ``z_offset_A`` Å.
+
+    In pixel indices (periodic, ``n = grid_px``) a quarter turn maps ``(i, j) -> (-j, i)``, the mirror
+    ``(i, j) -> (-i, j)`` and the shift ``(i, j) -> (i + s0, j + s1)``: every grid point lands on a grid point."""
+
+    bank: "SubstrateBank"
+    index: int
+    atoms: np.ndarray  # (N_substrate,) int, indices into the block
+    rot90: int
+    flip: bool
+    shift_px: tuple[int, int]
+    grid_px: int
+    z_offset_A: float
+
+    def rotate_vectors(self, xy: np.ndarray) -> np.ndarray:
+        """The linear part of the placement applied to in-plane vectors (..., 2), e.g. phonon displacements."""
+        xy = np.array(xy, float, copy=True)
+        for _ in range(self.rot90):
+            xy = np.stack([-xy[..., 1], xy[..., 0]], axis=-1)
+        if self.flip:
+            xy[..., 0] = -xy[..., 0]
+        return xy
+
+
 @dataclass
 class Scene:
-    """Atoms of one scene in Å, beam along +z, cell ``[0, Lx) x [0, Ly) x [0, Lz)`` periodic laterally."""
+    """Atoms of one scene in Å, beam along +z, cell ``[0, Lx) x [0, Ly) x [0, Lz)`` periodic laterally.
+
+    Particle atoms come first, then substrate atoms (in the order of ``substrate.atoms``)."""
 
     cell_A: tuple[float, float, float]
     positions: np.ndarray  # (N, 3) float64
     numbers: np.ndarray  # (N,) int
     is_particle: np.ndarray  # (N,) bool
     metadata: dict = field(default_factory=dict)
+    substrate: SubstratePlacement | None = None
 
     def particle_only(self) -> "Scene":
         keep = self.is_particle
@@ -221,21 +263,36 @@ def make_substrate_block(s: Substrate, extent_A: float, thickness_A: float, seed
 
 
 class SubstrateBank:
-    """The dataset's substrate blocks, built once and cached as .npy files (pure function of recipe and seed)."""
+    """The dataset's substrate blocks, built once and cached as .npy files (pure function of recipe and seed).
+
+    Each block also carries its own frozen-phonon configurations (:meth:`displacements`): a structure's phonon
+    configuration ``i`` displaces its substrate atoms by the block's configuration ``i`` (turned with the block), and
+    its particle atoms by fresh draws of its own. Physics trade-off: the substrate's thermal displacements are shared
+    by the structures that use the same block, exactly as its atom positions already are; within one structure every
+    phonon configuration still has its own, independent substrate displacements, so the phonon average (thermal
+    diffuse scattering of the carbon) is the same as with fresh draws. What is lost is only independence between
+    structures, of an amorphous film whose atoms are already shared. In exchange, the exit wave of the plane wave
+    through a block is a pure function of (block, configuration) and is computed once per dataset.
+    """
 
     def __init__(self, recipe: Recipe, dataset_seed: int, cache_dir: Path | None):
+        self.recipe = recipe
         self.s = recipe.structure.substrate
         self.extent = recipe.structure.cell.extent_A
         self.max_thickness = bounds(self.s.thickness_A)[1]
         self.bank_seed = Streams(dataset_seed, -1).int_seed("substrate.bank")
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._blocks: dict[int, np.ndarray] = {}
+        self._displacements: dict[tuple, np.ndarray] = {}
+        self.simulation_cache: dict = {}  # the simulation stage's per-process state of this bank (exit waves)
+
+    def key(self, index: int) -> str:
+        return substrate_block_key(self.s, self.extent, self.max_thickness, self.bank_seed, index)
 
     def block(self, index: int) -> np.ndarray:
         if index in self._blocks:
             return self._blocks[index]
-        key = substrate_block_key(self.s, self.extent, self.max_thickness, self.bank_seed, index)
-        path = self.cache_dir / f"substrate-{key}.npy" if self.cache_dir else None
+        path = self.cache_dir / f"substrate-{self.key(index)}.npy" if self.cache_dir else None
         if path is not None and path.exists():
             block = np.load(path)
         else:
@@ -249,28 +306,48 @@ class SubstrateBank:
         self._blocks[index] = block
         return block
 
+    def displacements(self, index: int, n_configs: int, sigma_A: float) -> np.ndarray:
+        """Frozen-phonon displacements (config, atom, xyz) in Å of block ``index``: Gaussian, std ``sigma_A`` per
+        axis, drawn from the bank's seed (not a structure's), so every structure on this block sees the same ones."""
+        key = (index, n_configs, sigma_A)
+        if key not in self._displacements:
+            n_atoms = len(self.block(index))
+            if sigma_A == 0:
+                d = np.zeros((n_configs, n_atoms, 3))
+            else:
+                rng = Streams(self.bank_seed, index).rng("substrate.phonons")
+                d = rng.normal(0.0, sigma_A, size=(n_configs, n_atoms, 3))
+            self._displacements[key] = d
+        return self._displacements[key]
+
     def warm(self) -> None:
+        """Build every block (and, for the fast simulation engine, every block's exit waves) before workers start."""
         if self.max_thickness > 0:
             for i in range(self.s.bank_size):
                 self.block(i)
+            from .simulate import warm_substrate_waves  # simulate imports this module: import here
 
-    def draw(self, thickness_A: float, streams: Streams) -> tuple[np.ndarray, dict]:
-        """A slab of the given thickness from a random block, randomly shifted, rotated by k*90 deg and flipped."""
+            warm_substrate_waves(self)
+
+    def draw(self, thickness_A: float, streams: Streams, grid_px: int) -> tuple[np.ndarray, SubstratePlacement, dict]:
+        """A slab of the given thickness from a random block, shifted by whole pixels of the ``grid_px`` simulation
+        grid, turned by k*90 deg and mirrored; positions (N, 3) with z from 0, its placement, and its metadata."""
         rng = streams.rng("structure.substrate.placement")
         index = int(rng.integers(self.s.bank_size))
-        shift = rng.uniform(0, self.extent, 2)
+        shift_px = rng.integers(grid_px, size=2)
         k = int(rng.integers(4))
         flip = bool(rng.integers(2))
-        xyz = self.block(index)
-        xyz = xyz[xyz[:, 2] < thickness_A].copy()
-        xy = xyz[:, :2] - self.extent / 2
-        for _ in range(k):
-            xy = np.stack([-xy[:, 1], xy[:, 0]], axis=1)
-        if flip:
-            xy[:, 0] = -xy[:, 0]
+        block = self.block(index)
+        atoms = np.flatnonzero(block[:, 2] < thickness_A)
+        xyz = block[atoms].copy()
+        placement = SubstratePlacement(self, index, atoms, k, flip, (int(shift_px[0]), int(shift_px[1])), grid_px,
+                                       0.0)
+        xy = placement.rotate_vectors(xyz[:, :2] - self.extent / 2)
+        shift = shift_px * (self.extent / grid_px)
         xyz[:, :2] = np.mod(xy + self.extent / 2 + shift, self.extent)
-        return xyz, {"substrate_block": index, "substrate_shift_A": shift.tolist(), "substrate_rot90": k,
-                     "substrate_flip": flip}
+        return xyz, placement, {"substrate_block": index, "substrate_shift_A": shift.tolist(),
+                                "substrate_shift_px": placement.shift_px, "substrate_rot90": k,
+                                "substrate_flip": flip}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,13 +397,17 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
                      "n_atoms_particle": 0})
         bottom = top
 
+    placement = None
     if t > 0:
-        sub, smeta = bank.draw(t, streams)
+        sub, placement, smeta = bank.draw(t, streams, grid_points(L, recipe.simulation.sampling_A))
         sub[:, 2] += vac
+        placement.z_offset_A = vac
         if p.kind != "none":
             # carbon inside the (embedded) particle makes room for it
             d = np.linalg.norm(sub - meta_centre(meta), axis=1)
-            sub = sub[d > meta["radius_A"] + 0.5 * st.substrate.min_distance_A]
+            keep = d > meta["radius_A"] + 0.5 * st.substrate.min_distance_A
+            sub = sub[keep]
+            placement.atoms = placement.atoms[keep]
         parts_xyz.append(sub)
         parts_z.append(np.full(len(sub), _atomic_number(st.substrate.element)))
         parts_flag.append(np.zeros(len(sub), bool))
@@ -340,7 +421,7 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
     positions = np.concatenate(parts_xyz) if parts_xyz else np.zeros((0, 3))
     numbers = np.concatenate(parts_z) if parts_z else np.zeros(0, int)
     flags = np.concatenate(parts_flag) if parts_flag else np.zeros(0, bool)
-    return Scene((L, L, Lz), positions, numbers.astype(int), flags, meta)
+    return Scene((L, L, Lz), positions, numbers.astype(int), flags, meta, placement)
 
 
 def meta_centre(meta: dict) -> np.ndarray:
