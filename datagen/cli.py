@@ -83,14 +83,14 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
-def _pos_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = _nonneg_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
 
 
-def _pos_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate (or resume) a dataset")
     g.add_argument("--recipe", required=True, help="preset name (see 'recipes') or path to a YAML recipe")
-    g.add_argument("--n", type=_pos_int, required=True, help="number of samples (images)")
+    g.add_argument("--n", type=positive_int, required=True, help="number of samples (images)")
     g.add_argument("--seed", type=_nonneg_int, required=True)
     g.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
-    g.add_argument("--workers", type=_pos_int, default=len(os.sched_getaffinity(0)),
+    g.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
                    help="local processes (default: all cores)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     g.add_argument("--keep-waves", action="store_true", help="also write the exit waves as waves-*.tar shards")
@@ -123,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--images", required=True, help="TIFF/PNG/.npy file or folder (stacks: one sample per page)")
     m.add_argument("--masks", required=True, help="file or folder; a mask's stem is its image's, optionally + "
                    "_mask, -mask, _label, ...")
-    m.add_argument("--pixel-size", type=_pos_float, required=True, metavar="A", help="pixel size in Å")
+    m.add_argument("--pixel-size", type=positive_float, required=True, metavar="A", help="pixel size in Å")
     m.add_argument("--out", required=True, help="output folder (new or empty)")
     m.add_argument("--name", help="dataset name (default: the name of --images)")
-    m.add_argument("--dose", type=_pos_float, metavar="E_PER_A2", help="electron dose in e/Å², if known")
+    m.add_argument("--dose", type=positive_float, metavar="E_PER_A2", help="electron dose in e/Å², if known")
     m.add_argument("--split", default="test", help="split recorded in every sample (default: test)")
     m.set_defaults(func=_cmd_import)
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="contact sheet: images with mask outlines and key metadata")
     s.add_argument("dir")
     s.add_argument("--out", required=True, help="PNG file to write")
-    s.add_argument("--n", type=_pos_int, default=16)
+    s.add_argument("--n", type=positive_int, default=16)
     s.set_defaults(func=_cmd_show)
 
     i = sub.add_parser("info", help="counts and distributions of the main metadata fields")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from datagen.cli import positive_float, positive_int
+
 
 def _cmd_train(args) -> int:
     from mlplatform.config import load_config
@@ -83,24 +85,12 @@ def _cmd_demo(args) -> int:
     return 1 if summary["missing"] else 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+def _queue_options(parser: argparse.ArgumentParser, storage_help: str) -> None:
+    """Options shared by the commands that hand work to several workers through an Optuna storage."""
+    parser.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default 1)")
+    parser.add_argument("--storage", help=storage_help)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config")
+    parser.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,21 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="subsets x seeds x (pretrain, fine-tune); resumable, parallel",
                         parents=[tracking])
     sw.add_argument("--config", required=True, help="sweep definition YAML (kind: sweep)")
-    sw.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
-    sw.add_argument("--storage", help="Optuna RDB URL shared by all workers of this sweep (default: SQLite in "
-                    "mlruns/optuna.db; postgresql://... to spread over machines)")
-    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config (repeatable)")
-    sw.add_argument("--quiet", action="store_true")
+    _queue_options(sw, "Optuna RDB URL shared by all workers of this sweep (default: SQLite in mlruns/optuna.db; "
+                   "postgresql://... to spread over machines)")
     sw.set_defaults(func=_cmd_sweep)
     st = sub.add_parser("study", help="Optuna search over hyperparameters and data curation, with pruning",
                         parents=[tracking])
     st.add_argument("--config", required=True, help="study definition YAML (kind: study)")
-    st.add_argument("--n-trials", type=_positive_int, help="total trials of the study (default: the definition's)")
-    st.add_argument("--workers", type=_positive_int, default=1, help="local worker processes (default 1)")
-    st.add_argument("--storage", help="Optuna storage: journal:PATH (default mlruns/optuna-journal.log), "
-                    "sqlite:///PATH or postgresql://... (shared by workers on many machines)")
-    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every trial's config")
-    st.add_argument("--quiet", action="store_true")
+    st.add_argument("--n-trials", type=positive_int, help="total trials of the study (default: the definition's)")
+    _queue_options(st, "Optuna storage: journal:PATH (default mlruns/optuna-journal.log), sqlite:///PATH or "
+                   "postgresql://... (shared by workers on many machines)")
     st.set_defaults(func=_cmd_study)
     rp = sub.add_parser("report", help="statistical report of a sweep or a study (HTML, PNG, CSV)",
                         parents=[tracking])
@@ -146,16 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="folder for index.html, figures and tables")
     rp.set_defaults(func=_cmd_report)
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
-    ui.add_argument("--port", type=_positive_int, default=5000)
+    ui.add_argument("--port", type=positive_int, default=5000)
     ui.set_defaults(func=_cmd_ui)
     dm = sub.add_parser("demo", help="the main job: a miniature curation study end to end", parents=[tracking])
     dm.add_argument("--out", default="demo", help="folder for data and report (default demo/)")
-    dm.add_argument("--workers", type=_positive_int, default=2)
+    dm.add_argument("--workers", type=positive_int, default=2)
     dm.set_defaults(func=_cmd_demo)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")
-    pr.add_argument("--pixel-size", type=_positive_float, metavar="A",
+    pr.add_argument("--pixel-size", type=positive_float, metavar="A",
                     help="pixel size of the input in Å (default: the model's training pixel size)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.set_defaults(func=_cmd_predict)

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datagen.recipe import format_validation_error, parse_override, set_dotted
-from mlplatform.config import ConfigError, TrainConfig, config_from_dict
+from mlplatform.config import ConfigError, TrainConfig, config_from_dict, read_yaml_mapping
 
 
 class _Spec(BaseModel):
@@ -161,15 +160,9 @@ class Experiment:
 
 def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("kind") != kind:
-        raise ConfigError(f"{path}: expected a {kind} definition (kind: {kind}), found kind "
-                          f"{raw.get('kind') if isinstance(raw, dict) else None!r}")
+    raw = read_yaml_mapping(path)
+    if raw.get("kind") != kind:
+        raise ConfigError(f"{path}: expected a {kind} definition (kind: {kind}), found kind {raw.get('kind')!r}")
     model = SweepSpec if kind == "sweep" else StudySpec
     try:
         spec = model.model_validate(raw)
@@ -178,7 +171,7 @@ def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base {spec.base!r} not found (looked at {base_path})")
-    base = yaml.safe_load(base_path.read_text())
+    base = read_yaml_mapping(base_path)
     for text in cli_sets:
         parse_override(text)  # syntax errors now, before anything else
     exp = Experiment(spec, base, path, cli_sets)

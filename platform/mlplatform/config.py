@@ -193,15 +193,21 @@ def config_from_dict(data: dict, overrides=(), source: str = "<dict>") -> TrainC
         raise ConfigError(format_validation_error(f"config {source}", exc)) from None
 
 
-def load_config(path: str | Path, overrides=()) -> TrainConfig:
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (a config or an experiment definition), or a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides=()) -> TrainConfig:
+    data = read_yaml_mapping(path)
     # relative dataset paths are relative to the working directory, as on the command line
     return config_from_dict(data, overrides, source=str(path))
