@@ -30,7 +30,9 @@ def sweep_storage(url: str | None) -> optuna.storages.RDBStorage:
         raise ValueError(f"--storage {url!r}: a sweep needs an RDB URL (sqlite:///path.db, postgresql://...), "
                          "whose heartbeats detect the cells of a killed worker")
     return optuna.storages.RDBStorage(
-        url, heartbeat_interval=min(HEARTBEAT_S, max(GRACE_S // 3, 1)), grace_period=GRACE_S,
+        # several beats per grace period: a beat delayed by a loaded CPU or a busy SQLite lock must not make a live
+        # worker's cell look stale
+        url, heartbeat_interval=min(HEARTBEAT_S, max(GRACE_S // 6, 1)), grace_period=GRACE_S,
         # a cell whose worker died is handed out again: that was no failure of the cell
         failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None),
         engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None,

@@ -173,7 +173,11 @@ def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress
         optuna.storages.fail_stale_trials(study)
         states = {t.state for t in study.get_trials(deepcopy=False)}
         if WAITING in states:
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            except Exception as exc:  # Optuna's own bookkeeping, e.g. our trial was declared stale meanwhile
+                print(f"sweep {exp.name}: trial bookkeeping failed ({type(exc).__name__}: {exc}); the queue "
+                      "decides what is left", file=sys.stderr)
         elif RUNNING in states:  # another worker's, or a dead one's that will turn stale and come back
             time.sleep(HEARTBEAT_S / 2)
         elif not reconcile(study, exp):  # nothing left, not even a failed cell with retries to spare

@@ -119,7 +119,7 @@ def test_sweep_killed_midway_resumes_without_losing_or_duplicating(workspace, tm
     path = _write(workspace, "kill.yaml", spec)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     queue = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SWEEP_HEARTBEAT_GRACE_S": "20"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SWEEP_HEARTBEAT_GRACE_S": "60"}
     cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "2", "--quiet",
            "--tracking-uri", store, "--storage", queue]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
