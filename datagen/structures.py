@@ -404,7 +404,7 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
         placement.z_offset_A = vac
         if p.kind != "none":
             # carbon inside the (embedded) particle makes room for it
-            d = np.linalg.norm(sub - meta_centre(meta), axis=1)
+            d = np.linalg.norm(sub - centre, axis=1)
             keep = d > meta["radius_A"] + 0.5 * st.substrate.min_distance_A
             sub = sub[keep]
             placement.atoms = placement.atoms[keep]
@@ -422,7 +422,3 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
     numbers = np.concatenate(parts_z) if parts_z else np.zeros(0, int)
     flags = np.concatenate(parts_flag) if parts_flag else np.zeros(0, bool)
     return Scene((L, L, Lz), positions, numbers.astype(int), flags, meta, placement)
-
-
-def meta_centre(meta: dict) -> np.ndarray:
-    return np.asarray(meta["center_A"], float)

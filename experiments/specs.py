@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datagen.recipe import format_validation_error, parse_override, set_dotted
-from mlplatform.config import ConfigError, TrainConfig, config_from_dict, read_yaml_mapping
+from mlplatform.config import ConfigError, TrainConfig, config_from_dict, read_yaml_mapping, require_unique
 
 
 class _Spec(BaseModel):
@@ -55,10 +55,7 @@ class SweepSpec(_Spec):
 
     @model_validator(mode="after")
     def _unique(self):
-        names = [s.name for s in self.subsets]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"subsets: names must be unique, repeated: {', '.join(dup)}")
+        require_unique([s.name for s in self.subsets], "subsets")
         if self.seeds is not None and (len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0):
             raise ValueError(f"seeds must be distinct and >= 0, got {self.seeds}")
         return self

@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datagen.recipe import format_validation_error, parse_override, set_dotted
 
 
+def require_unique(names: list[str], what: str) -> None:
+    """Names that label metrics, runs or cells must not repeat."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what}: names must be unique, repeated: {', '.join(dup)}")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the value and what is allowed."""
 
@@ -152,10 +159,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_benchmarks(self):
-        names = [b.name for b in self.benchmarks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"benchmarks: names must be unique, repeated: {', '.join(dup)}")
+        require_unique([b.name for b in self.benchmarks], "benchmarks")
         return self
 
     def resolved(self) -> dict:
