@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlplatform.models import build_model
 from mlplatform.predict import predict_array
 from mlplatform.serving import ModelRefError
-from mlplatform.tracking import TrackedRun, find_runs, load_model, resolve_tracking_uri
+from mlplatform.tracking import Superseded, TrackedRun, find_runs, load_model, resolve_tracking_uri
 
 META = {"preset": "compact", "pixel_size_A": 0.2, "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}}
 
@@ -119,6 +119,25 @@ def test_sigterm_turned_into_sys_exit_by_lightning_still_ends_killed(uri):
             except KeyboardInterrupt:
                 sys.exit(1)
     assert get(uri, r.run_id).info.status == "KILLED"
+
+
+def test_a_refused_commit_ends_the_run_killed_as_superseded(uri):
+    """The work-queue hooks: on_start sees the run id at once; a run whose commit is refused must not end FINISHED."""
+    seen, asked = [], []
+    with pytest.raises(Superseded):
+        with run(uri, "lost", on_start=seen.append, commit=lambda rid: asked.append(rid) or False) as r:
+            assert seen == [r.run_id]
+            r.log_metrics({"m": 1.0}, step=0)
+    ended = get(uri, r.run_id)
+    assert asked == [r.run_id] and ended.info.status == "KILLED"
+    assert ended.data.tags["superseded"] == "true" and "superseded" in ended.data.tags["failure_reason"]
+    with run(uri, "kept", commit=lambda rid: True) as r:
+        pass
+    assert get(uri, r.run_id).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="boom"):  # a failing run is not offered for commit
+        with run(uri, "failed", commit=asked.append) as r:
+            raise ValueError("boom")
+    assert get(uri, r.run_id).info.status == "FAILED" and len(asked) == 1
 
 
 def test_parent_tag_for_fine_tuning_and_nesting(uri):

@@ -67,9 +67,44 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return (db.absolute().parent / "artifacts").as_uri()
 
 
+@lru_cache(maxsize=8)
+def ensure_store(uri: str) -> None:
+    """Open the tracking store once per process, creating its schema under a lock when it is new.
+
+    MLflow creates a fresh database's tables on first use, without a lock: processes that start at the same instant
+    (a sweep launched on three machines) crash inside its migrations ("table ... already exists"). An SQLite store is
+    opened under an exclusive lock on a file beside it; a PostgreSQL store under an advisory lock; a tracking server
+    initialises its own database once.
+    """
+    def touch():
+        MlflowClient(uri).search_experiments(max_results=1)
+
+    if uri.startswith("sqlite:///"):
+        import fcntl
+
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        with open(db.parent / (db.name + ".init-lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            touch()
+    elif uri.startswith(("postgresql:", "postgresql+")):
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:  # held until the schema exists; released with the session
+            conn.execute(sa.text("SELECT pg_advisory_lock(7342001)"))
+            try:
+                touch()
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(7342001)"))
+        engine.dispose()
+    else:
+        touch()
+
+
 def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
     """Experiment id by name, created (with local artifacts next to a SQLite store) when missing."""
     uri = resolve_tracking_uri(tracking_uri)
+    ensure_store(uri)
     client = MlflowClient(uri)
     for attempt in range(2):
         exp = client.get_experiment_by_name(name)
@@ -119,8 +154,20 @@ def find_runs(tracking_uri: str | None, experiment: str, filter_string: str = ""
             return runs
 
 
+def is_insert_race(exc: BaseException) -> bool:
+    """An insert that lost a race with another process's identical insert (SQLite, PostgreSQL, MySQL wording)."""
+    text = str(exc)
+    return any(s in text for s in ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry",
+                                   "RESOURCE_ALREADY_EXISTS"))
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal turned into KeyboardInterrupt, so that `finally` blocks and our __exit__ run."""
+
+
+class Superseded(Exception):
+    """The work this run does was handed to another worker (its claim was taken over): the run must not count.
+    It ends KILLED, tagged ``superseded``."""
 
 
 class TrackedRun:
@@ -128,13 +175,17 @@ class TrackedRun:
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, params: dict, tags: dict,
                  parent_run_id: str | None = None, system_metrics: bool = True,
-                 stop_exceptions: tuple[type[BaseException], ...] = ()):
+                 stop_exceptions: tuple[type[BaseException], ...] = (), on_start=None, commit=None):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags = dict(params), dict(tags)
         self.parent_run_id, self.system_metrics = parent_run_id, system_metrics
         # exceptions that stop a run on purpose (an Optuna pruning decision): FINISHED, tagged stopped_by
         self.stop_exceptions = tuple(stop_exceptions)
+        # on_start(run_id) right after the run exists (so a queue can map its unit of work to the run);
+        # commit(run_id) -> bool just before the run would end FINISHED: False means another worker's run is the
+        # record of this work, and this one ends KILLED as superseded
+        self.on_start, self.commit = on_start, commit
         self.client = MlflowClient(self.tracking_uri)
         self._run_id: str | None = None
         self._signal: str | None = None  # which interruption we saw, for failure_reason
@@ -178,6 +229,8 @@ class TrackedRun:
         try:
             if self.parent_run_id:  # a nested start_run points mlflow.parentRunId at the active run: ours wins
                 self.client.set_tag(self._run_id, "mlflow.parentRunId", self.parent_run_id)
+            if self.on_start is not None:
+                self.on_start(self._run_id)
             self._log_params(self.params)
             self._install_handlers()
         except BaseException as exc:
@@ -187,12 +240,22 @@ class TrackedRun:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._restore_handlers()
-        if exc_type is not None and self.stop_exceptions and issubclass(exc_type, self.stop_exceptions):
+        stopped = exc_type is not None and self.stop_exceptions and issubclass(exc_type, self.stop_exceptions)
+        finished = stopped or exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)
+                                                   and not self._signal)
+        if finished and not self._committed():
+            lost = Superseded("another worker recorded this work first")
+            self._supersede(lost)
+            raise lost  # the caller must not take this run for the result
+        if stopped:
             self.client.set_tag(self.run_id, "stopped_by", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000))
             self._end("FINISHED", None, None)
             return False
-        if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None) and not self._signal):
+        if finished:
             status, reason = "FINISHED", None
+        elif issubclass(exc_type, Superseded):
+            self._supersede(exc)
+            return False
         elif issubclass(exc_type, KeyboardInterrupt) or (issubclass(exc_type, SystemExit) and self._signal):
             # Lightning catches KeyboardInterrupt and calls sys.exit(1): the signal we recorded names the cause
             status, reason = "KILLED", f"interrupted ({self._signal or 'KeyboardInterrupt'})"
@@ -200,6 +263,21 @@ class TrackedRun:
             status, reason = "FAILED", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000)
         self._end(status, reason, "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else None)
         return False  # always propagate
+
+    def _supersede(self, exc: BaseException) -> None:
+        self.client.set_tag(self.run_id, "superseded", "true")
+        self._end("KILLED", _clip(f"superseded: {exc}", 1000), None)
+
+    def _committed(self) -> bool:
+        """The commit hook's answer (True without one). If the hook itself fails, the run ends FAILED and the
+        hook's exception propagates."""
+        if self.commit is None:
+            return True
+        try:
+            return bool(self.commit(self.run_id))
+        except BaseException:
+            self._end("FAILED", "could not record the result (commit failed)", traceback.format_exc())
+            raise
 
     def _end(self, status: str, reason: str | None, trace: str | None) -> None:
         try:
@@ -274,9 +352,17 @@ class TrackedRun:
         dataset = MetaDataset(source=source, name=ds_name, digest=digest)
         input_tags = {"mlflow.data.context": role, "content_hash": content_hash, "filter": filter or "",
                       "n_samples": str(int(n_samples)), "path": path}
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag(k, _clip(v, MAX_INPUT_TAG_VALUE)) for k, v in
-                                               input_tags.items()])])
+        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(k, _clip(v, MAX_INPUT_TAG_VALUE))
+                                                                 for k, v in input_tags.items()])
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entry])
+                break
+            except Exception as exc:  # noqa: BLE001
+                # two runs logging the same new dataset at once: the loser's insert violates the store's unique
+                # key; on the next try it finds the winner's row and links to it
+                if attempt == 2 or not is_insert_race(exc):
+                    raise
         key = f"dataset.{role}." + re.sub(r"[^\w. /:-]", "_", name)  # tag keys allow only these characters
         self.set_tags({f"{key}.content_hash": content_hash, f"{key}.filter": filter or "",
                        f"{key}.n_samples": int(n_samples)})
@@ -334,5 +420,5 @@ class TrackedRun:
         return info.model_uri
 
 
-__all__ = ["TrackedRun", "Interrupted", "resolve_tracking_uri", "get_or_create_experiment", "find_runs",
+__all__ = ["TrackedRun", "Interrupted", "Superseded", "resolve_tracking_uri", "get_or_create_experiment", "find_runs",
            "load_model"]

@@ -44,12 +44,14 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None,
           nest_under: str | None = None, callbacks: list | None = None, extra_params: dict | None = None,
-          stop_exceptions: tuple = ()) -> str:
+          stop_exceptions: tuple = (), on_start=None, commit=None) -> str:
     """Train one model; returns the MLflow run id.
 
     ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
     run its model came from) is recorded in the ``parent_run`` tag either way. ``callbacks`` are extra Lightning
-    callbacks (e.g. Optuna pruning).
+    callbacks (e.g. Optuna pruning). ``on_start(run_id)`` and ``commit(run_id) -> bool`` are the hooks of a work
+    queue (see :class:`~mlplatform.tracking.TrackedRun`): a refused commit ends the run KILLED and raises
+    :class:`~mlplatform.tracking.Superseded`.
     """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}; allowed: {', '.join(PHASES)}")
@@ -85,7 +87,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     params = {**flatten(config.resolved()), **(extra_params or {})}
     with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
                     parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
-                    stop_exceptions=stop_exceptions) as run:
+                    stop_exceptions=stop_exceptions, on_start=on_start, commit=commit) as run:
         for use in curated.uses:
             run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
         run.log_dict(config.resolved(), "config/resolved.yaml")
