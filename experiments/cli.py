@@ -37,11 +37,25 @@ def _cmd_sweep(args) -> int:
     summary = run_sweep(args.config, args.set or [], args.workers, args.storage, args.tracking_uri,
                         progress=not args.quiet and args.workers == 1)
     print(f"sweep {summary['sweep']}: {summary['cells']} cells x {'+'.join(summary['phases'])}; "
-          f"runs by status {summary['runs_by_status']}; parent run {summary['parent_run']}")
+          f"units {summary['units_by_state']}; runs by status {summary['runs_by_status']}; "
+          f"parent run {summary['parent_run']}")
+    return 1 if report_sweep_problems(summary) else 0
+
+
+def report_sweep_problems(summary: dict) -> bool:
+    """Print (to stderr) every unit that is missing, recorded twice or descended from the wrong pretrain; True if
+    there was any."""
+    for line in summary["aligned"]:
+        print(f"aligned with the claims: {line}", file=sys.stderr)
+    for unit, error in summary["failed"].items():
+        print(f"failed beyond its retries: {unit}: {error}", file=sys.stderr)
     if summary["missing"]:
-        print(f"not finished (failed beyond retries): {', '.join(summary['missing'])}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"not recorded: {', '.join(summary['missing'])}", file=sys.stderr)
+    for unit, ids in summary["duplicates"].items():
+        print(f"recorded more than once: {unit}: FINISHED runs {', '.join(ids)}", file=sys.stderr)
+    for line in summary["lineage"]:
+        print(f"wrong lineage: {line}", file=sys.stderr)
+    return bool(summary["missing"] or summary["duplicates"] or summary["lineage"])
 
 
 def _cmd_study(args) -> int:
@@ -53,7 +67,25 @@ def _cmd_study(args) -> int:
           f"parent run {summary['parent_run']}")
     if summary["best"]:
         print(f"best trial {summary['best']['number']}: {summary['best']['value']:.4f} {summary['best']['params']}")
-    return 0
+    for line in summary["aligned"]:
+        print(f"aligned trials and runs: {line}", file=sys.stderr)
+    for line in summary["problems"]:
+        print(f"out of line: {line}", file=sys.stderr)
+    return 1 if summary["problems"] else 0
+
+
+def _cmd_doctor(args) -> int:
+    from mlplatform.tracking import resolve_tracking_uri
+
+    from .doctor import doctor
+
+    lines, left = doctor(args.sweep, args.study, args.storage, resolve_tracking_uri(args.tracking_uri), args.fix)
+    for line in lines:
+        print(line)
+    if left:
+        print("problems remain" + ("" if args.fix else " (--fix repairs claims and runs of dead workers)"),
+              file=sys.stderr)
+    return 1 if left else 0
 
 
 def _cmd_report(args) -> int:
@@ -82,11 +114,11 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     summary = run_demo(args.out, args.workers, args.tracking_uri)
-    return 1 if summary["missing"] else 0
+    return 1 if report_sweep_problems(summary) else 0
 
 
 def _queue_options(parser: argparse.ArgumentParser, storage_help: str) -> None:
-    """Options shared by the commands that hand work to several workers through an Optuna storage."""
+    """Options shared by the commands that hand work to several workers through a shared database."""
     parser.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default 1)")
     parser.add_argument("--storage", help=storage_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config")
@@ -112,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="subsets x seeds x (pretrain, fine-tune); resumable, parallel",
                         parents=[tracking])
     sw.add_argument("--config", required=True, help="sweep definition YAML (kind: sweep)")
-    _queue_options(sw, "Optuna RDB URL shared by all workers of this sweep (default: SQLite in mlruns/optuna.db; "
-                   "postgresql://... to spread over machines)")
+    _queue_options(sw, "database of the sweep's claims, shared by all its workers (default: SQLite in "
+                   "mlruns/sweeps.db; postgresql://user@host/db to spread over machines)")
     sw.set_defaults(func=_cmd_sweep)
     st = sub.add_parser("study", help="Optuna search over hyperparameters and data curation, with pruning",
                         parents=[tracking])
@@ -129,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--study", metavar="NAME")
     rp.add_argument("--out", required=True, help="folder for index.html, figures and tables")
     rp.set_defaults(func=_cmd_report)
+    dr = sub.add_parser("doctor", help="find (--fix: repair) orphaned runs, dead workers' claims or trials, and "
+                        "duplicates",
+                        parents=[tracking])
+    which = dr.add_mutually_exclusive_group()
+    which.add_argument("--sweep", metavar="NAME", help="one sweep (default: every sweep in --storage)")
+    which.add_argument("--study", metavar="NAME", help="one study: its trials and their runs")
+    dr.add_argument("--storage", help="the sweeps' claims database (default: SQLite in mlruns/sweeps.db), or with "
+                    "--study the study's Optuna storage (default: journal mlruns/optuna-journal.log)")
+    dr.add_argument("--fix", action="store_true", help="give back dead workers' claims and close their runs")
+    dr.set_defaults(func=_cmd_doctor)
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
     ui.add_argument("--port", type=positive_int, default=5000)
     ui.set_defaults(func=_cmd_ui)

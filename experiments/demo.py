@@ -62,6 +62,4 @@ def run_demo(out: str | Path = "demo", workers: int = 2, tracking_uri: str | Non
     print(f"  report:    {index.resolve()}")
     print("  browse:    python -m experiments ui   (then open http://127.0.0.1:5000)")
     print(f"  data:      {out.resolve() / 'data'} (delete {out} and mlruns/ to start over)")
-    if summary["missing"]:
-        print(f"  not finished: {', '.join(summary['missing'])}")
     return {**summary, "report": str(index), "seconds": total, "timings": timings}

@@ -1,33 +1,41 @@
 """Sweeps: data subsets x seeds x phases (pretrain, then a fine-tune of each pretrained model).
 
-Cells are handed out through an Optuna study used as a work queue: every cell is enqueued once as a trial with fixed
-params (cell index, attempt); a worker takes the next waiting trial — an atomic operation of Optuna's RDB storage — so
-any number of workers, in one process pool or on many machines sharing ``--storage``, never run a cell twice at
-once. Heartbeats mark the cells of a killed worker stale; they are handed out again.
+Every (cell, phase) is a unit in a claims database (``--storage``: SQLite in ``mlruns/sweeps.db`` by default,
+PostgreSQL shared by workers on many machines; see :mod:`experiments.claims`). Workers — local processes, or any
+number of ``sweep`` commands on other machines — claim units one at a time, renew their lease while they train, and
+record the MLflow run of a finished unit by a commit that only the current holder can make. A fine-tune is claimable
+once its cell's pretrain is done and starts from exactly that recorded pretrain run.
 
-The tracking store is the record of what is done: before training a phase, a worker looks for a FINISHED run of that
-cell and phase and reuses it. Killing a sweep and starting it again therefore loses nothing and duplicates nothing.
+The rule, whatever the timing: a unit is recorded once. A worker that is killed leaves its claim to expire (on the same
+host a dead process is seen at once); a worker that stalls past its lease loses the unit to another and, when it
+wakes, finds its claim gone: it stops training, or its commit is refused, and its run ends KILLED, tagged
+``superseded``. On every start and at the end, MLflow is brought into line with the claims (runs of dead or
+superseded holders end KILLED; a run whose commit landed just before its worker died ends FINISHED), and the sweep
+exits non-zero, naming the units, if any is missing or recorded twice.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
-import optuna
+import sqlalchemy as sa
+from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
-from mlplatform.tracking import get_or_create_experiment, resolve_tracking_uri
+from mlplatform.tracking import (Superseded, find_runs, get_or_create_experiment, is_insert_race,
+                                 resolve_tracking_uri)
 from mlplatform.train import train
 
+from . import claims
+from .claims import CLAIMED, DONE, FAILED, PENDING
 from .specs import Experiment, load_experiment
-from .storage import HEARTBEAT_S, sweep_storage
+from .workers import run_processes, share_cores
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-WAITING, RUNNING, COMPLETE, FAIL = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING,
-                                    optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+POLL_S = 1.0  # how often a worker with nothing to claim looks again
 
 
 @dataclass(frozen=True)
@@ -46,152 +54,251 @@ def cells_of(exp: Experiment) -> list[Cell]:
     return [Cell(i, subset, seed) for i, (subset, seed) in enumerate(pairs)]
 
 
-def study_name(exp: Experiment) -> str:
-    return f"sweep:{exp.name}"
+def phases_of(exp: Experiment) -> list[str]:
+    return ["pretrain"] + (["finetune"] if exp.spec.finetune is not None else [])
 
 
 def _experiment_name(exp: Experiment) -> str:
     return exp.config(exp.spec.subsets[0].set).tracking.experiment
 
 
-def finished_run(client: MlflowClient, experiment_id: str, sweep: str, cell: Cell, phase: str):
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.sweep = '{sweep}' and tags.`sweep.cell` = '{cell.key}' and tags.phase = '{phase}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0] if runs else None
+# -- opening a sweep: idempotent, safe when many processes start at once -------------------------------------------
+
+@dataclass
+class SweepContext:
+    """Where a sweep lives: its claims and its runs (enough to inspect and repair it without its definition)."""
+    name: str
+    experiment: str  # MLflow experiment of its runs
+    engine: sa.Engine
+    tracking_uri: str
+    parent: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
 
 
-def _open(exp: Experiment, storage_url: str | None, tracking_uri: str) -> optuna.Study:
-    """Create the queue (and the sweep's MLflow parent run) once; later processes load it and check it matches."""
-    storage = sweep_storage(storage_url)
-    name = study_name(exp)
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        creator = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-        creator = False
-    if creator:
-        client = MlflowClient(tracking_uri)
-        exp_id = get_or_create_experiment(_experiment_name(exp), tracking_uri)
-        parent = client.create_run(exp_id, run_name=f"sweep-{exp.name}", tags={
-            "sweep": exp.name, "kind": "sweep", "sweep.fingerprint": exp.fingerprint(),
-            "optuna.storage": storage.url, "optuna.study_name": name})
-        client.log_dict(parent.info.run_id, exp.spec.model_dump(mode="json"), "sweep/definition.yaml")
-        client.log_dict(parent.info.run_id, exp.base, "sweep/base.yaml")
-        client.set_terminated(parent.info.run_id, "FINISHED")  # a container: the cells are its children
-        study.set_user_attr("mlflow_parent_run", parent.info.run_id)
-        study.set_user_attr("fingerprint", exp.fingerprint())
-        study.set_user_attr("initialized", True)
-    deadline = time.time() + 120
-    while not study.user_attrs.get("initialized"):  # another process is creating it right now
-        if time.time() > deadline:
-            raise RuntimeError(f"sweep {exp.name}: the queue in {storage.url} was never initialised")
-        time.sleep(1)
-    if study.user_attrs["fingerprint"] != exp.fingerprint():
-        raise ValueError(f"sweep {exp.name!r} already exists in {storage.url} with a different definition; "
-                         "give the changed sweep a new name")
-    return study
-
-
-def reconcile(study: optuna.Study, exp: Experiment) -> int:
-    """Enqueue every cell that has no waiting, running or completed trial and failures left; returns how many."""
-    by_cell: dict[int, list] = {}
-    for t in study.get_trials(deepcopy=False):
-        if "cell" in t.user_attrs:
-            by_cell.setdefault(t.user_attrs["cell"], []).append(t)
-    added = 0
-    for cell in cells_of(exp):
-        trials = by_cell.get(cell.index, [])
-        if any(t.state in (WAITING, RUNNING, COMPLETE) for t in trials):
-            continue
-        errors = sum(t.state == FAIL and "error" in t.user_attrs for t in trials)
-        if errors > exp.spec.max_retries:
-            continue
-        study.enqueue_trial({"cell": cell.index, "attempt": len(trials)},
-                            user_attrs={"cell": cell.index, "cell_key": cell.key}, skip_if_exists=True)
-        added += 1
-    return added
-
-
-def _close_orphans(client: MlflowClient, experiment_id: str, sweep: str, cell: Cell | None = None) -> None:
-    """Runs still RUNNING belong to a worker that died (SIGKILL, power loss): the queue gives a cell to one worker
-    at a time, so whoever holds the cell now — or anyone, once no cell is running at all — may end them."""
-    where = f" and tags.`sweep.cell` = '{cell.key}'" if cell else ""
-    for run in client.search_runs([experiment_id], f"tags.sweep = '{sweep}' and tags.kind = 'cell'{where} "
-                                  "and attributes.status = 'RUNNING'"):
-        client.set_tag(run.info.run_id, "failure_reason", "worker died; the sweep handed the cell out again")
-        client.set_terminated(run.info.run_id, "KILLED")
-
-
-def _run_cell(exp: Experiment, cell: Cell, parent: str, tracking_uri: str, progress: bool) -> float:
+def open_sweep(exp: Experiment, storage_url: str | None, tracking_uri: str) -> SweepContext:
+    """Queue the sweep's units and make sure its parent run exists; any step a killed process left undone is done."""
+    engine = claims.open_engine(storage_url)
+    units = [(c.index, c.key, p) for c in cells_of(exp) for p in phases_of(exp)]
+    row = claims.register_sweep(engine, exp.name, exp.fingerprint(), _experiment_name(exp), units)
+    exp_id = get_or_create_experiment(row["experiment"], tracking_uri)
     client = MlflowClient(tracking_uri)
-    exp_id = get_or_create_experiment(_experiment_name(exp), tracking_uri)
-    _close_orphans(client, exp_id, exp.name, cell)
+    parent = row["parent_run"] or _legacy_parent(exp, tracking_uri)
+    if parent is None:
+        # every process that sees no parent makes a candidate; the database keeps one, the others are deleted
+        run = client.create_run(exp_id, run_name=f"sweep-{exp.name}", tags={"sweep.candidate": exp.name})
+        parent = claims.set_parent_run(engine, exp.name, run.info.run_id)
+        if parent != run.info.run_id:
+            client.delete_run(run.info.run_id)
+    else:
+        parent = claims.set_parent_run(engine, exp.name, parent)
+    _complete_parent(client, exp, parent, engine)
+    ctx = SweepContext(exp.name, row["experiment"], engine, tracking_uri, parent)
+    _adopt_legacy_runs(ctx)
+    return ctx
+
+
+def _legacy_parent(exp: Experiment, tracking_uri: str) -> str | None:
+    """The parent run of this sweep made before sweeps had claims (same name and definition), if there is one."""
+    parents = find_runs(tracking_uri, _experiment_name(exp), f"tags.kind = 'sweep' and tags.sweep = '{exp.name}'")
+    if not parents:
+        return None
+    if parents[-1].data.tags.get("sweep.fingerprint") != exp.fingerprint():
+        raise ValueError(f"sweep {exp.name!r} already exists in {tracking_uri} (run {parents[-1].info.run_id}) with "
+                         "a different definition; give the changed sweep a new name")
+    return parents[-1].info.run_id  # the first one made: the one its cells were reused under
+
+
+def _adopt_legacy_runs(ctx: SweepContext) -> None:
+    """Units finished by a sweep of this name before it had claims count as done: their earliest FINISHED run (the
+    one that sweep reused) is recorded; any later one is reported as a duplicate by :func:`summarize`."""
+    pending = {(r["cell_key"], r["phase"]): r for r in claims.unit_rows(ctx.engine, ctx.name)
+               if r["state"] == PENDING and r["epoch"] == 0}
+    if not pending:
+        return
+    legacy = [r for r in cell_runs(ctx) if r.info.status == "FINISHED" and "sweep.claim_epoch" not in r.data.tags]
+    for run in sorted(legacy, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        row = pending.pop(_unit_key(run), None)
+        if row is not None:
+            claims.adopt(ctx.engine, claims.UnitKey(ctx.name, row["cell"], row["phase"]), run.info.run_id)
+
+
+def load_sweep(name: str, storage_url: str | None, tracking_uri: str) -> SweepContext:
+    """A registered sweep, by name (ValueError naming the known ones if there is none)."""
+    engine = claims.open_engine(storage_url)
+    row = claims.sweep_row(engine, name)
+    if row is None:
+        raise ValueError(f"--sweep {name!r}: no such sweep in {claims.redact(str(engine.url))}; sweeps there: "
+                         f"{', '.join(claims.sweep_names(engine)) or 'none'}")
+    return SweepContext(name, row["experiment"], engine, tracking_uri, row["parent_run"])
+
+
+def _complete_parent(client: MlflowClient, exp: Experiment, parent: str, engine: sa.Engine) -> None:
+    run = client.get_run(parent)
+    if run.data.tags.get("kind") == "sweep" and run.info.status == "FINISHED":
+        return
+    client.log_dict(parent, exp.spec.model_dump(mode="json"), "sweep/definition.yaml")
+    client.log_dict(parent, exp.base, "sweep/base.yaml")
+    # the tags that make it the sweep's parent come last: a run that has them is complete
+    for key, value in {"sweep.storage": claims.redact(str(engine.url)), "sweep.fingerprint": exp.fingerprint(),
+                       "sweep": exp.name, "kind": "sweep"}.items():
+        client.set_tag(parent, key, value)
+    client.set_terminated(parent, "FINISHED")  # a container: the cells are its children
+
+
+# -- MLflow brought into line with the claims ----------------------------------------------------------------------
+
+def cell_runs(ctx: SweepContext) -> list:
+    return find_runs(ctx.tracking_uri, ctx.experiment, f"tags.sweep = '{ctx.name}' and "
+                     "tags.kind = 'cell'")
+
+
+def _unit_key(run) -> tuple[str | None, str | None]:
+    return run.data.tags.get("sweep.cell"), run.data.tags.get("phase")
+
+
+def align_runs(ctx: SweepContext, fix: bool = True) -> list[str]:
+    """Bring each cell run's status into line with its unit's claim; returns what was (or, without ``fix``, would
+    be) changed, one line per run.
+
+    A committed run ends FINISHED (its worker died between the commit and ending the run). A RUNNING run ends KILLED
+    when no live claim stands behind it: its unit was taken over (a newer epoch), given back, or its holder is
+    provably dead. A run still covered by its holder's claim is left alone: that worker may yet commit it.
+    """
+    # runs first, claims second: a run's claim is at least as new as the run, so a live worker's run just started is
+    # never judged against an older claim; a status is re-read before it is changed
+    runs = cell_runs(ctx)
+    by_key = {(r["cell_key"], r["phase"]): r for r in claims.unit_rows(ctx.engine, ctx.name)}
+    client, changes = ctx.client, []
+    for run in runs:
+        row, rid, status = by_key.get(_unit_key(run)), run.info.run_id, run.info.status
+        if row is None:
+            continue
+        if row["state"] == DONE and row["run_id"] == rid:
+            if status != "FINISHED":
+                changes.append(f"{rid} ({row['cell_key']}:{row['phase']}): {status} -> FINISHED (its result was "
+                               "committed; the worker stopped before ending the run)")
+                if fix:
+                    client.set_terminated(rid, "FINISHED")
+            continue
+        if status != "RUNNING":
+            continue
+        epoch = run.data.tags.get("sweep.claim_epoch")
+        covered = (row["state"] == CLAIMED and epoch == str(row["epoch"]) and not claims.holder_is_dead(row["holder"]))
+        if covered or client.get_run(rid).info.status != "RUNNING":  # live, or ended by its worker meanwhile
+            continue
+        superseded = row["state"] == DONE or (row["state"] == CLAIMED and epoch != str(row["epoch"]))
+        why = ("its unit was taken over by another worker" if superseded else
+               "its worker died" if row["state"] == CLAIMED else "its worker died or gave the unit back")
+        changes.append(f"{rid} ({row['cell_key']}:{row['phase']}): RUNNING -> KILLED ({why})")
+        if fix:
+            client.set_tag(rid, "failure_reason", f"closed by the sweep: {why}")
+            if superseded:
+                client.set_tag(rid, "superseded", "true")
+            client.set_terminated(rid, "KILLED")
+    return changes
+
+
+# -- workers ---------------------------------------------------------------------------------------------------------
+
+class ClaimGuard(Callback):
+    """Stops training as soon as the unit's claim is lost, so a superseded worker wastes no more time."""
+
+    def __init__(self, claim: claims.Claim):
+        self.claim = claim
+
+    def _check(self) -> None:
+        if self.claim.lost.is_set():
+            raise Superseded(f"unit {self.claim.cell_key}:{self.claim.key.phase} was taken over by another worker "
+                             f"(epoch {self.claim.epoch} is no longer current)")
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        self._check()
+
+    def on_validation_end(self, *args, **kwargs) -> None:
+        self._check()
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """A failure that is not the unit's fault: a lost or locked database, a refused connection, an insert race."""
+    import requests
+
+    if isinstance(exc, (sa.exc.OperationalError, ConnectionError, TimeoutError, requests.ConnectionError)):
+        return True
+    text = str(exc)
+    return is_insert_race(exc) or "database is locked" in text or "TEMPORARILY_UNAVAILABLE" in text
+
+
+def _run_unit(ctx: SweepContext, exp: Experiment, claim: claims.Claim, cell: Cell, pretrain_run: str | None,
+              me: str, progress: bool) -> bool:
+    """Train the claimed unit; True if this worker's run is its recorded result."""
+    phase = claim.key.phase
     subset = next(s for s in exp.spec.subsets if s.name == cell.subset)
-    tags = {"sweep": exp.name, "kind": "cell", "sweep.subset": cell.subset, "sweep.cell": cell.key}
-    config = exp.config(subset.set, {"seed": cell.seed, "tracking.subset": cell.subset})
-    done = finished_run(client, exp_id, exp.name, cell, "pretrain")
-    pre_id = done.info.run_id if done else train(config, "pretrain", tracking_uri=tracking_uri, progress=progress,
-                                                extra_tags=tags, nest_under=parent)
-    final_id = pre_id
-    if exp.spec.finetune is not None:
-        ft_config = exp.config(subset.set, exp.spec.finetune.set, {"seed": cell.seed, "tracking.subset": cell.subset})
-        done = finished_run(client, exp_id, exp.name, cell, "finetune")
-        final_id = done.info.run_id if done else train(ft_config, "finetune", init_from=pre_id,
-                                                       tracking_uri=tracking_uri, progress=progress,
-                                                       extra_tags=tags, nest_under=parent)
-    metrics = client.get_run(final_id).data.metrics
-    return float(metrics.get("ood/mean/dice", metrics.get("val/dice", 0.0)))
+    per_cell = {"seed": cell.seed, "tracking.subset": cell.subset}
+    config = exp.config(subset.set, exp.spec.finetune.set, per_cell) if phase == "finetune" else \
+        exp.config(subset.set, per_cell)
+    tags = {"sweep": exp.name, "kind": "cell", "sweep.subset": cell.subset, "sweep.cell": cell.key,
+            "sweep.claim_epoch": str(claim.epoch), "sweep.worker": me}
+    with claim:
+        try:
+            train(config, phase, init_from=pretrain_run, tracking_uri=ctx.tracking_uri, progress=progress,
+                  extra_tags=tags, nest_under=ctx.parent, callbacks=[ClaimGuard(claim)], commit=claim.commit)
+            return True
+        except Superseded as exc:
+            print(f"sweep {exp.name}: {cell.key}:{phase}: {exc}; this worker's run ends KILLED", file=sys.stderr)
+            return False
+        except Exception as exc:  # noqa: BLE001  the unit failed; the claims decide whether it is tried again
+            infra = is_infrastructure_error(exc)
+            message = f"{type(exc).__name__}: {exc}"
+            state = claim.release(message, "infra" if infra else "unit", exp.spec.max_retries)
+            print(f"sweep {exp.name}: {cell.key}:{phase} failed ({'not its fault, ' if infra else ''}"
+                  f"{'given up' if state == FAILED else 'will be tried again'}): {message}", file=sys.stderr)
+            return False
+        except BaseException:  # Ctrl-C, SIGTERM: give the unit back at once, without counting a failure
+            try:
+                claim.release("interrupted", "interrupted", exp.spec.max_retries)
+            except Exception:  # noqa: BLE001  the lease runs out instead
+                pass
+            raise
+
+
+def _settled(row: dict, by_key: dict) -> bool:
+    """Nothing more will happen to this unit: recorded, given up, or a fine-tune whose pretrain was given up."""
+    if row["state"] in (DONE, FAILED):
+        return True
+    return row["phase"] == "finetune" and by_key[(row["cell"], "pretrain")]["state"] == FAILED
 
 
 def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress: bool = False) -> int:
-    """Take cells until none is waiting or running; returns the number of cells this worker completed."""
-    study = _open(exp, storage_url, tracking_uri)
-    parent = study.user_attrs["mlflow_parent_run"]
-    cells = cells_of(exp)
-    done = []
-
-    def objective(trial: optuna.Trial) -> float:
-        if "cell" not in trial.user_attrs:  # the queue emptied between our look and our take: nothing to do
-            raise optuna.TrialPruned("no cell")
-        cell = cells[trial.suggest_int("cell", 0, len(cells) - 1)]
-        trial.suggest_int("attempt", 0, 10_000)
-        try:
-            value = _run_cell(exp, cell, parent, tracking_uri, progress)
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
-            print(f"sweep {exp.name}: cell {cell.key} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            raise
-        done.append(cell.key)
-        return value
-
-    reconcile(study, exp)
+    """Claim and train units until every one is settled; returns the number this worker recorded."""
+    ctx = open_sweep(exp, storage_url, tracking_uri)
+    me = claims.worker_identity()
+    cells = {c.index: c for c in cells_of(exp)}
+    align_runs(ctx)
+    recorded, last_cell = 0, None
     while True:
-        optuna.storages.fail_stale_trials(study)
-        states = {t.state for t in study.get_trials(deepcopy=False)}
-        if WAITING in states:
-            try:
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-            except Exception as exc:  # Optuna's own bookkeeping, e.g. our trial was declared stale meanwhile
-                print(f"sweep {exp.name}: trial bookkeeping failed ({type(exc).__name__}: {exc}); the queue "
-                      "decides what is left", file=sys.stderr)
-        elif RUNNING in states:  # another worker's, or a dead one's that will turn stale and come back
-            time.sleep(HEARTBEAT_S / 2)
-        elif not reconcile(study, exp):  # nothing left, not even a failed cell with retries to spare
-            return len(done)
-
-
-def share_cores(workers: int) -> None:
-    """Give each of ``workers`` local processes its share of the cores: torch's default (all cores per process)
-    oversubscribes the machine and slows every worker down many times over."""
-    import os
-
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        rows = claims.unit_rows(ctx.engine, exp.name)
+        by_key = {(r["cell"], r["phase"]): r for r in rows}
+        now = time.time()
+        ready = [r for r in rows if claims.claimable(r, now)
+                 and (r["phase"] == "pretrain" or by_key[(r["cell"], "pretrain")]["state"] == DONE)]
+        if not ready:
+            if all(_settled(r, by_key) for r in rows):
+                return recorded
+            time.sleep(POLL_S * random.uniform(0.5, 1.5))  # others hold the rest; a silent one's lease runs out
+            continue
+        # finish the cell just pretrained here, then other fine-tunes, then new cells in order
+        ready.sort(key=lambda r: (not (r["cell"] == last_cell and r["phase"] == "finetune"),
+                                  r["phase"] != "finetune", r["cell"]))
+        claim = claims.try_claim(ctx.engine, ready[0], me)
+        if claim is None:  # another worker was first: look again
+            continue
+        cell = cells[claim.key.cell]
+        pretrain_run = by_key[(cell.index, "pretrain")]["run_id"] if claim.key.phase == "finetune" else None
+        recorded += _run_unit(ctx, exp, claim, cell, pretrain_run, me, progress)
+        last_cell = cell.index
 
 
 def _worker_main(path: str, cli_sets: list[str], storage_url: str | None, tracking_uri: str, workers: int) -> int:
@@ -203,25 +310,42 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
               progress: bool = True) -> dict:
     exp = load_experiment(path, "sweep", cli_sets)
     tracking_uri = resolve_tracking_uri(tracking_uri)
-    study = _open(exp, storage_url, tracking_uri)
+    ctx = open_sweep(exp, storage_url, tracking_uri)
     if workers <= 1:
         worker(exp, storage_url, tracking_uri, progress)
     else:  # each process loads the definition and joins the same queue, as a worker on another machine would
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers)
-    return summarize(exp, study, tracking_uri)
+        run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,
+                      f"sweep {exp.name}")
+    return summarize(ctx)
 
 
-def summarize(exp: Experiment, study: optuna.Study, tracking_uri: str) -> dict:
-    client = MlflowClient(tracking_uri)
-    exp_id = get_or_create_experiment(_experiment_name(exp), tracking_uri)
-    if not any(t.state == RUNNING for t in study.get_trials(deepcopy=False)):
-        _close_orphans(client, exp_id, exp.name)
-    phases = ["pretrain"] + (["finetune"] if exp.spec.finetune else [])
-    missing = [f"{c.key}:{p}" for c in cells_of(exp) for p in phases
-               if finished_run(client, exp_id, exp.name, c, p) is None]
-    runs = client.search_runs([exp_id], f"tags.sweep = '{exp.name}' and tags.kind = 'cell'")
-    return {"sweep": exp.name, "parent_run": study.user_attrs["mlflow_parent_run"],
-            "cells": len(cells_of(exp)), "phases": phases, "missing": missing,
-            "runs_by_status": {s: sum(r.info.status == s for r in runs) for s in {r.info.status for r in runs}}}
+def summarize(ctx: SweepContext, fix: bool = True) -> dict:
+    """The sweep's state after aligning MLflow with the claims: units not recorded (``missing``), units with more
+    than one FINISHED run or a FINISHED run other than the recorded one (``duplicates``: unit -> run ids), fine-tunes
+    not descended from their cell's recorded pretrain (``lineage``)."""
+    changes = align_runs(ctx, fix=fix)
+    rows = claims.unit_rows(ctx.engine, ctx.name)
+    by_key = {(r["cell_key"], r["phase"]): r for r in rows}
+    runs = cell_runs(ctx)
+    finished: dict[tuple, list[str]] = {}  # oldest first
+    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        if run.info.status == "FINISHED":
+            finished.setdefault(_unit_key(run), []).append(run.info.run_id)
+    missing = [f"{r['cell_key']}:{r['phase']}" for r in rows if r["state"] != DONE]
+    duplicates = {f"{k[0]}:{k[1]}": ids for k, ids in sorted(finished.items(), key=str)
+                  if len(ids) > 1 or (k in by_key and ids != [by_key[k]["run_id"]])}
+    lineage = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("phase") == "finetune" and run.info.status == "FINISHED":
+            pre = by_key.get((tags.get("sweep.cell"), "pretrain"))
+            if pre is None or tags.get("parent_run") != pre["run_id"]:
+                lineage.append(f"{run.info.run_id} ({tags.get('sweep.cell')}): parent_run "
+                               f"{tags.get('parent_run')} is not the cell's recorded pretrain "
+                               f"{pre['run_id'] if pre else None}")
+    failed = {f"{r['cell_key']}:{r['phase']}": r["error"] for r in rows if r["state"] == FAILED}
+    return {"sweep": ctx.name, "parent_run": ctx.parent, "cells": len({r["cell"] for r in rows}),
+            "phases": sorted({r["phase"] for r in rows}, key=("pretrain", "finetune").index),
+            "missing": missing, "failed": failed, "duplicates": duplicates, "lineage": lineage, "aligned": changes,
+            "runs_by_status": dict(Counter(r.info.status for r in runs)),
+            "units_by_state": dict(Counter(r["state"] for r in rows))}

@@ -38,8 +38,7 @@ def uri(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sweep(uri):
-    """(uri, parent run id, cell run ids by (subset, seed, phase), duplicate run id), made once: building it is the
-    slow part."""
+    """(uri, parent run id, cell run ids by (subset, seed, phase)), made once: building it is the slow part."""
     return (uri, *make_sweep(uri))
 
 
@@ -52,9 +51,9 @@ def log_run(client, exp, tags, metrics=None, params=None, status="FINISHED", sta
     return run.info.run_id
 
 
-def make_sweep(uri, name="curation-1", experiment="sweeps"):
-    """A sweep parent and 2 subsets x 3 seeds x (pretrain, finetune) cells, plus one FAILED cell and one later
-    duplicate of a finished cell, both to be ignored."""
+def make_sweep(uri, name="curation-1", experiment="sweeps", duplicate=False):
+    """A sweep parent and 2 subsets x 3 seeds x (pretrain, finetune) cells, plus one FAILED cell to be ignored and,
+    with ``duplicate``, a later second FINISHED run of a cell (which the report must refuse)."""
     client = MlflowClient(uri)
     exp = get_or_create_experiment(experiment, uri)
     parent = client.create_run(exp, tags={"sweep": name, "kind": "sweep"}, run_name=name).info.run_id
@@ -76,22 +75,22 @@ def make_sweep(uri, name="curation-1", experiment="sweeps"):
                 ids[(subset, seed, phase)] = log_run(client, exp, tags, metrics, params)
     log_run(client, exp, {"sweep": name, "kind": "cell", "sweep.subset": "wide", "seed": "9", "phase": "pretrain",
                           "mlflow.parentRunId": parent}, [("ood/cdse/dice", 0, 0.99)], status="FAILED")
-    duplicate = log_run(client, exp, {"sweep": name, "kind": "cell", "sweep.subset": "wide", "seed": "0",
-                                      "phase": "finetune", "mlflow.parentRunId": parent}, [("ood/cdse/dice", 0, 0.99)],
-                        start_time=int(time.time() * 1000) + 60_000)
+    if duplicate:
+        ids["duplicate"] = log_run(client, exp, {"sweep": name, "kind": "cell", "sweep.subset": "wide", "seed": "0",
+                                                 "phase": "finetune", "mlflow.parentRunId": parent},
+                                   [("ood/cdse/dice", 0, 0.99)], start_time=int(time.time() * 1000) + 60_000)
     client.set_terminated(parent, "FINISHED")
-    return parent, ids, duplicate
+    return parent, ids
 
 
 def test_collect_sweep_values_and_time_axis(sweep, tmp_path, monkeypatch):
-    uri, parent, ids, duplicate = sweep
+    uri, parent, ids = sweep
     elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"  # the process-wide URI is neither used nor changed
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
     before = mlflow.get_tracking_uri()  # the env's, unless an earlier test set one process-wide
-    with pytest.warns(UserWarning, match=f"more than one FINISHED run.*dropped {duplicate}"):
-        runs, history = collect_sweep(uri, "curation-1")
+    runs, history = collect_sweep(uri, "curation-1")
     assert mlflow.get_tracking_uri() == before and not (tmp_path / "elsewhere.db").exists()
-    assert runs.attrs["parent_run_id"] == parent and runs.attrs["cell_statuses"] == {"FINISHED": 13, "FAILED": 1}
+    assert runs.attrs["parent_run_id"] == parent and runs.attrs["cell_statuses"] == {"FINISHED": 12, "FAILED": 1}
     assert len(runs) == 12 and set(runs["run_id"]) == set(ids.values()) and (runs["status"] == "FINISHED").all()
     assert list(runs.columns[:10]) == ["run_id", "subset", "seed", "phase", "status", "parent_run", "epochs",
                                       "final/au-big", "best/au-big", "best_epoch/au-big"]
@@ -141,12 +140,11 @@ def test_fine_tune_of_a_pretrain_outside_the_sweep(uri):
 
 
 def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
-    uri, parent, ids, duplicate = sweep
+    uri, parent, ids = sweep
     out = tmp_path / "reports" / "sweep"
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("mine")  # someone else's file: kept, not logged
-    with pytest.warns(UserWarning, match="more than one FINISHED run"):
-        index = write_report("sweep", "curation-1", uri, out)
+    index = write_report("sweep", "curation-1", uri, out)
     assert index == out / "index.html" and index.is_file()
     names = {p.name for p in out.iterdir()}
     expected = {"index.html", "runs.csv", "history.csv"} | {
@@ -179,16 +177,24 @@ def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
         assert (row.a, row.b) == ("narrow", "wide") and row.statistic == ref.statistic
         assert row.p_value == pytest.approx(ref.pvalue) and row.p_adjusted == pytest.approx(ref.pvalue)
         assert row.cliffs_delta == -1.0 and not row.significant  # fully separated, but 3 vs 3 seeds: p >= 0.1
-    assert "smallest two-sided p" in page and f"left out: {duplicate}" in page
+    assert "smallest two-sided p" in page
 
     client = MlflowClient(uri)
     logged = {f.path for f in client.list_artifacts(parent, "report")}
     assert logged == {f"report/{n}" for n in expected}
     # again, with a permutation test: files replaced in place, still one set of artifacts
-    with pytest.warns(UserWarning, match="more than one FINISHED run"):
-        write_report("sweep", "curation-1", uri, out, method="permutation", correction="bonferroni")
+    write_report("sweep", "curation-1", uri, out, method="permutation", correction="bonferroni")
     assert "cohens_d" in pd.read_csv(out / "pairwise_cdse.csv").columns and (out / "notes.txt").read_text() == "mine"
     assert {f.path for f in client.list_artifacts(parent, "report")} == logged
+
+
+def test_a_sweep_with_a_cell_recorded_twice_is_refused_with_the_run_ids(uri, tmp_path):
+    parent, ids = make_sweep(uri, name="twice", duplicate=True)
+    first = ids[("wide", 0, "finetune")]
+    with pytest.raises(ValueError, match=f"more than one FINISHED run.*wide/s0:finetune: {first}, {ids['duplicate']}"):
+        write_report("sweep", "twice", uri, tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing half-written
+    assert not MlflowClient(uri).list_artifacts(parent, "report")
 
 
 def test_sweep_errors_say_what_was_found(sweep, tmp_path):

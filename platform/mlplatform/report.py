@@ -130,17 +130,19 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
     dice, t — t is the epoch for a pretrain and (its parent's pretrain epochs) + epoch for a fine-tune, so both phases
     share one axis (NaN, with a warning, when the parent is unknown).
     Benchmarks are whatever ``ood/<b>/dice`` metrics the runs logged, ``mean`` (ood/mean/dice) included. A cell with
-    several FINISHED runs (handed out twice) counts once: its earliest run, with a warning naming the others.
-    ``runs.attrs``: parent_run_id, tracking_uri, cell_statuses (status -> count over all cells, finished or not),
-    duplicates_dropped (run ids).
+    several FINISHED runs is an error naming them: a seed counted twice would shift every statistic.
+    ``runs.attrs``: parent_run_id, tracking_uri, cell_statuses (status -> count over all cells, finished or not).
     """
     uri, client = _client(tracking_uri)
     parent = _parent(client, uri, "sweep", name)
     cells, statuses = _children(client, parent, "sweep", "cell", name)
-    cells, dropped = _one_run_per_cell([r for r in cells if r.info.status == "FINISHED"])
-    if dropped:
-        warnings.warn(f"sweep {name!r}: more than one FINISHED run for a (subset, seed, phase); kept the earliest "
-                      f"of each (as the sweep reuses it), dropped {', '.join(dropped)}")
+    cells = [r for r in cells if r.info.status == "FINISHED"]
+    duplicates = _duplicated_cells(cells)
+    if duplicates:  # one seed counted twice would shift every statistic: no report until the record is repaired
+        raise ValueError(f"sweep {name!r} has more than one FINISHED run for a (subset, seed, phase): " + "; ".join(
+            f"{subset}/s{seed}:{phase}: {', '.join(ids)}" for (subset, seed, phase), ids in duplicates.items())
+            + f". `python -m experiments doctor --sweep {name}` lists them; end the runs that must not count "
+            "(e.g. MlflowClient().set_terminated(run_id, 'KILLED')) and report again")
     by_id = {r.info.run_id: r for r in cells}
     rows, hist, epochs = [], [], {}
     for r in cells:
@@ -186,23 +188,18 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
     if lost:
         warnings.warn(f"fine-tune runs without a readable parent pretrain, left off the time axis: {', '.join(lost)}")
     history = _order(history)  # stable: each run's rows stay by benchmark, then epoch
-    runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses),
-                      duplicates_dropped=dropped)
+    runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses))
     return runs, history
 
 
-def _one_run_per_cell(runs: list) -> tuple[list, list[str]]:
-    """The earliest run of each (subset, seed, phase), and the ids of the others: a cell handed out twice (a worker
-    thought dead that was only slow) must not count one seed twice."""
-    kept, dropped = {}, []
+def _duplicated_cells(runs: list) -> dict[tuple, list[str]]:
+    """(subset, seed, phase) -> run ids, for every cell with more than one of the given runs."""
+    by_cell: dict[tuple, list[str]] = {}
     for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
         t = r.data.tags
-        key = (t.get("sweep.subset", t.get("subset")), t.get("seed"), t.get("phase"))
-        if key in kept:
-            dropped.append(r.info.run_id)
-        else:
-            kept[key] = r
-    return list(kept.values()), dropped
+        by_cell.setdefault((t.get("sweep.subset", t.get("subset")), t.get("seed"), t.get("phase")), []).append(
+            r.info.run_id)
+    return {k: ids for k, ids in by_cell.items() if len(ids) > 1}
 
 
 def _label(benchmark: str) -> str:
@@ -462,9 +459,6 @@ def _sweep_report(runs: pd.DataFrame, history: pd.DataFrame, name: str, out: Pat
             f"<code>{e(runs.attrs['tracking_uri'])}</code>. Cell runs: {e(statuses)}; only FINISHED ones are used. "
             f"Data: <a href='runs.csv'>runs.csv</a> (one row per run), <a href='history.csv'>history.csv</a> "
             "(OOD Dice per epoch).</p>",
-            *([f"<p class='note'>Cells run more than once: counted once each (earliest run); left out: "
-               f"{e(', '.join(runs.attrs['duplicates_dropped']))}.</p>"] if runs.attrs.get("duplicates_dropped")
-              else []),
             "<p>OOD Dice is the dataset-level Dice on each out-of-distribution benchmark (from true/false positive "
             "and false negative pixel counts summed over the benchmark). <i>final</i> is its value after the last "
             "epoch; <i>best</i> is its maximum over epochs — optimistic, since it picks the epoch on the benchmark "

@@ -1,0 +1,352 @@
+"""Exactly once, with real processes: simultaneous first starts, SIGKILLs at random points, a worker stalled past
+its lease — each against SQLite (one machine) and PostgreSQL (the shared database of many machines).
+
+After every completed ``sweep`` command: one FINISHED run per (cell, phase), each fine-tune descended from its cell's
+recorded pretrain, no run RUNNING, no unit missing; at every point in between, never two FINISHED runs of one unit.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from sweep_helpers import sweep_spec, tracked_runs, write_spec
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request, tmp_path):
+    """(claims URL, tracking URI) on a fresh SQLite file pair, or on two fresh PostgreSQL databases."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sweeps.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = request.getfixturevalue("postgres_server")
+    tag = f"t{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    return server.new_database(f"claims_{tag}"), server.new_database(f"mlflow_{tag}")
+
+
+# -- simultaneous first starts ---------------------------------------------------------------------------------------
+
+CLAIMER = r"""
+import json, sys, time
+from experiments import claims
+url, start_at, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))          # every process leaves this line at the same instant
+woke = time.time()
+engine = claims.open_engine(url)                        # creates the tables on a fresh database
+units = [(i, f"c/s{i}", phase) for i in range(n) for phase in ("pretrain", "finetune")]
+claims.register_sweep(engine, "race", "fp", "exp", units)
+me, mine = claims.worker_identity(), []
+while True:
+    rows = [r for r in claims.unit_rows(engine, "race") if r["state"] == "pending"]
+    if not rows:
+        break
+    for row in rows:
+        claim = claims.try_claim(engine, row, me, grace_s=600)
+        if claim is not None:
+            assert claim.commit(f"{me}:{row['cell']}:{row['phase']}")
+            mine.append([row["cell"], row["phase"]])
+print(json.dumps({"woke": woke, "claimed": mine}))
+"""
+
+
+def _fresh_claims_url(stores_kind, tmp_path, server, i):
+    if stores_kind == "sqlite":
+        return f"sqlite:///{tmp_path / f'race-{i}.db'}"
+    return server.new_database(f"race_{os.getpid()}_{i}_{int(time.time() * 1000) % 10**8}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_workers_starting_at_the_same_instant_on_a_fresh_queue_never_claim_a_unit_twice(kind, tmp_path, request):
+    server = request.getfixturevalue("postgres_server") if kind == "postgresql" else None
+    n_cells, n_procs, repeats, spreads = 6, 4, 10, []
+    for i in range(repeats):
+        url = _fresh_claims_url(kind, tmp_path, server, i)
+        start_at = time.time() + 3.0
+        procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, str(start_at), str(n_cells)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                 for _ in range(n_procs)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+        results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+        claimed = Counter(tuple(u) for r in results for u in r["claimed"])
+        assert len(claimed) == 2 * n_cells and set(claimed.values()) == {1}, (i, claimed)
+        from experiments import claims
+        rows = claims.unit_rows(claims.open_engine(url), "race")
+        assert {(r["state"], r["epoch"]) for r in rows} == {("done", 1)}
+        spreads.append(max(r["woke"] for r in results) - min(r["woke"] for r in results))
+    # the processes hit the fresh database together (table creation, queueing, claims); on a loaded 2-core machine
+    # the scheduler may wake one of four late, but most starts must land inside 50 ms or the test proves little
+    assert sorted(spreads)[len(spreads) // 2] < 0.05, spreads
+    print(f"{kind}: {repeats} x {n_procs} starts within {max(spreads) * 1000:.0f} ms (median "
+          f"{sorted(spreads)[len(spreads) // 2] * 1000:.0f} ms), 0 duplicate claims")
+
+
+@pytest.mark.slow
+def test_three_sweep_commands_started_together_on_fresh_stores(workspace, stores, tmp_path):
+    """Three machines' worth of `sweep` on a fresh tracking store and queue: store creation, queueing and the parent
+    run are made once, and every unit is recorded once."""
+    claims_url, store = stores
+    spec = sweep_spec("together", seeds=(0,))
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    path = write_spec(workspace, f"together-{tmp_path.name}.yaml", spec)
+    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "1", "--quiet",
+           "--tracking-uri", store, "--storage", claims_url]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    _assert_exactly_once(store, "together", n_units=4)
+    assert len(tracked_runs(store, filter_string="tags.kind = 'sweep' and tags.sweep = 'together'")) == 1
+
+
+# -- kills -----------------------------------------------------------------------------------------------------------
+
+def _assert_exactly_once(store, sweep, n_units):
+    cells = tracked_runs(store, filter_string=f"tags.kind = 'cell' and tags.sweep = '{sweep}'")
+    finished = Counter((r.data.tags["sweep.cell"], r.data.tags["phase"]) for r in cells if r.info.status == "FINISHED")
+    assert len(finished) == n_units and set(finished.values()) == {1}, finished
+    assert not [r.info.run_id for r in cells if r.info.status == "RUNNING"]
+    by_id = {r.info.run_id: r for r in cells}
+    for r in cells:
+        if r.data.tags["phase"] == "finetune" and r.info.status == "FINISHED":
+            pre = by_id.get(r.data.tags["parent_run"]) or MlflowClient(store).get_run(r.data.tags["parent_run"])
+            assert pre.info.status == "FINISHED" and pre.data.tags["phase"] == "pretrain"
+            assert pre.data.tags["sweep.cell"] == r.data.tags["sweep.cell"]
+    return cells
+
+
+def _never_twice(store, sweep):
+    cells = tracked_runs(store, filter_string=f"tags.kind = 'cell' and tags.sweep = '{sweep}' and "
+                                        "attributes.status = 'FINISHED'")
+    twice = {k: n for k, n in Counter((r.data.tags["sweep.cell"], r.data.tags["phase"]) for r in cells).items()
+             if n > 1}
+    assert not twice, twice
+    return len(cells)
+
+
+def _sweep_workers(proc) -> list[psutil.Process]:
+    try:
+        return [c for c in psutil.Process(proc.pid).children(recursive=True)
+                if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_restart_records_every_unit_once(workspace, stores, tmp_path):
+    claims_url, store = stores
+    spec = sweep_spec("kills")
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    path = write_spec(workspace, f"kills-{tmp_path.name}.yaml", spec)
+    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "2", "--quiet",
+           "--tracking-uri", store, "--storage", claims_url]
+    rng = random.Random(20261127)
+    kills = []
+    for cycle in range(6):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                                start_new_session=True)
+        delay = rng.uniform(4, 20)
+        deadline = time.time() + delay
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            break  # finished before this cycle's kill point
+        if cycle % 2 == 1 and (workers := _sweep_workers(proc)):
+            victim = rng.choice(workers)  # one worker dies; the other takes its unit over, then the rest dies too
+            victim.kill()
+            time.sleep(rng.uniform(1, 5))
+            kills.append(("worker", round(delay, 1)))
+        else:
+            kills.append(("group", round(delay, 1)))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _never_twice(store, "kills")
+    assert len(kills) >= 5, f"only {len(kills)} kill points landed before the sweep finished: {kills}"
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_exactly_once(store, "kills", n_units=12)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)  # nothing left to do
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_exactly_once(store, "kills", n_units=12)
+    print(f"kill points: {kills}")
+
+
+# -- a stalled worker ------------------------------------------------------------------------------------------------
+
+def _inside_a_transaction(*urls) -> bool:
+    """Whether a stopped process holds a write lock on one of the stores (SQLite: the whole file; PostgreSQL: a
+    session idle in a transaction). This test is about a worker stalled between database calls; one stalled inside a
+    write blocks an SQLite store for everyone until it continues (a limit of SQLite, see the README), and on
+    PostgreSQL the claims connections end such sessions after a minute."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    for url in urls:
+        if url.startswith("sqlite:///"):
+            conn = sqlite3.connect(url[len("sqlite:///"):], timeout=0.5)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.rollback()
+            except sqlite3.OperationalError:
+                return True
+            finally:
+                conn.close()
+        else:
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            with engine.connect() as conn:
+                busy = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in "
+                                            "transaction%' AND datname = current_database()")).scalar()
+            engine.dispose()
+            if busy:
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_past_its_lease_never_records_its_unit(workspace, stores, tmp_path):
+    """SIGSTOP a worker mid-training past the lease grace: another worker takes the unit over and records it; the
+    stopped worker, continued, finds its claim gone and ends its run KILLED (superseded), not FINISHED."""
+    claims_url, store = stores
+    spec = sweep_spec("stall", seeds=(0,))
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    path = write_spec(workspace, f"stall-{tmp_path.name}.yaml", spec)
+    env = {**ENV, "SWEEP_HEARTBEAT_GRACE_S": "4"}
+    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "1", "--quiet",
+           "--tracking-uri", store, "--storage", claims_url, "--set", "epochs=3"]
+    from experiments import claims
+
+    engine = claims.open_engine(claims_url)
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stalled = None
+    try:
+        deadline = time.time() + 300
+        while stalled is None and time.time() < deadline and a.poll() is None:
+            for r in tracked_runs(store, filter_string="tags.kind = 'cell' and tags.sweep = 'stall' and "
+                                                "attributes.status = 'RUNNING'"):
+                if f"/{a.pid}/" in r.data.tags.get("sweep.worker", ""):
+                    os.kill(a.pid, signal.SIGSTOP)
+                    unit = next(u for u in claims.unit_rows(engine, "stall")
+                                if (u["cell_key"], u["phase"]) == (r.data.tags["sweep.cell"], r.data.tags["phase"]))
+                    if (unit["state"] == "claimed" and str(unit["epoch"]) == r.data.tags["sweep.claim_epoch"]
+                            and not _inside_a_transaction(claims_url, store)):
+                        stalled = (r.info.run_id, unit)
+                    else:  # stopped too late (already committed) or holding a database lock: try again later
+                        os.kill(a.pid, signal.SIGCONT)
+                        time.sleep(0.5)
+                    break
+            time.sleep(0.1)
+        assert stalled is not None, "worker A never ran a unit"
+        run_a, unit = stalled
+        time.sleep(6)  # past the 4 s grace
+        b = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert b.returncode == 0, b.stderr[-3000:]
+        row = next(u for u in claims.unit_rows(engine, "stall") if (u["cell"], u["phase"]) == (unit["cell"],
+                                                                                            unit["phase"]))
+        assert row["state"] == "done" and row["run_id"] != run_a and row["epoch"] > unit["epoch"]
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode == 0, err[-3000:]
+    stopped = MlflowClient(store).get_run(run_a)
+    assert stopped.info.status == "KILLED" and stopped.data.tags.get("superseded") == "true", stopped.data.tags
+    _assert_exactly_once(store, "stall", n_units=4)
+
+
+# -- doctor ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_doctor_lists_and_repairs_what_a_killed_sweep_left_and_names_duplicates(workspace, tmp_path):
+    spec = sweep_spec("doc", seeds=(0, 1))
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    path = write_spec(workspace, f"doc-{tmp_path.name}.yaml", spec)
+    claims_url, store = f"sqlite:///{tmp_path / 'sweeps.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    where = ["--tracking-uri", store, "--storage", claims_url]
+    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "1", "--quiet", *where]
+    doctor = [sys.executable, "-m", "experiments", "doctor", "--sweep", "doc", *where]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not tracked_runs(store, filter_string="tags.kind = 'cell' and "
+                                                                     "attributes.status = 'RUNNING'"):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    orphan = tracked_runs(store, filter_string="tags.kind = 'cell' and attributes.status = 'RUNNING'")[0].info.run_id
+
+    found = subprocess.run(doctor, capture_output=True, text=True, env=ENV, timeout=120)
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert "its holder is dead" in found.stdout and f"{orphan} " in found.stdout, found.stdout
+    assert MlflowClient(store).get_run(orphan).info.status == "RUNNING"  # without --fix nothing changes
+    fixed = subprocess.run([*doctor, "--fix"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert fixed.returncode == 0 and "given back" in fixed.stdout, fixed.stdout + fixed.stderr
+    killed = MlflowClient(store).get_run(orphan)
+    assert killed.info.status == "KILLED" and "died" in killed.data.tags["failure_reason"]
+    from experiments import claims
+    assert "claimed" not in {r["state"] for r in claims.unit_rows(claims.open_engine(claims_url), "doc")}
+    clean = subprocess.run(doctor, capture_output=True, text=True, env=ENV, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_exactly_once(store, "doc", n_units=8)
+    # a second FINISHED run of a recorded unit (copied by hand, as a buggy tool might): named, never "fixed"
+    client = MlflowClient(store)
+    original = tracked_runs(store, filter_string="tags.kind = 'cell' and tags.phase = 'pretrain' and "
+                                          "attributes.status = 'FINISHED'")[0]
+    copy = client.create_run(original.info.experiment_id, tags=original.data.tags).info.run_id
+    client.set_terminated(copy, "FINISHED")
+    unit = f"{original.data.tags['sweep.cell']}:pretrain"
+    for command in ([*doctor, "--fix"], cmd):
+        res = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert f"recorded more than once: {unit}" in res.stdout + res.stderr and copy in res.stdout + res.stderr
+    assert client.get_run(copy).info.status == "FINISHED"
+
+
+def test_runs_of_a_sweep_made_before_claims_are_adopted_not_run_again(workspace, tmp_path):
+    """Upgrading: a sweep recorded in MLflow by an earlier version (no claims database) keeps its runs."""
+    from experiments import claims
+    from experiments.specs import load_experiment
+    from experiments.sweep import open_sweep, summarize
+    from mlplatform.tracking import get_or_create_experiment
+
+    spec = sweep_spec("legacy", seeds=(0,))
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    exp = load_experiment(write_spec(workspace, "legacy.yaml", spec), "sweep")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    exp_id = get_or_create_experiment("exp-test", store)
+    parent = client.create_run(exp_id, tags={"sweep": "legacy", "kind": "sweep",
+                                             "sweep.fingerprint": exp.fingerprint()}).info.run_id
+    client.set_terminated(parent, "FINISHED")
+    made = {}
+    for i, cell in enumerate(("all/s0", "near-focus/s0", "all/s0")):  # all/s0 twice: the old sweep's duplicate
+        pre = client.create_run(exp_id, start_time=int(time.time() * 1000) + 1000 * i, tags={
+            "sweep": "legacy", "kind": "cell", "sweep.cell": cell, "phase": "pretrain",
+            "mlflow.parentRunId": parent}).info.run_id
+        client.set_terminated(pre, "FINISHED")
+        made.setdefault(cell, []).append(pre)
+    ctx = open_sweep(exp, f"sqlite:///{tmp_path / 'sweeps.db'}", store)
+    assert ctx.parent == parent
+    rows = {(r["cell_key"], r["phase"]): r for r in claims.unit_rows(ctx.engine, "legacy")}
+    assert rows[("all/s0", "pretrain")]["run_id"] == made["all/s0"][0]  # the earliest, which the old sweep reused
+    assert rows[("near-focus/s0", "pretrain")]["state"] == "done"
+    assert rows[("all/s0", "finetune")]["state"] == "pending"  # never finished: still to do
+    summary = summarize(ctx)
+    assert summary["duplicates"] == {"all/s0:pretrain": made["all/s0"]}
+    assert sorted(summary["missing"]) == ["all/s0:finetune", "near-focus/s0:finetune"]
+    other = dict(spec, seeds=[0, 1])
+    with pytest.raises(ValueError, match="different definition"):
+        open_sweep(load_experiment(write_spec(workspace, "legacy2.yaml", other), "sweep"),
+                   f"sqlite:///{tmp_path / 'other.db'}", store)
