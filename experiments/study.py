@@ -5,24 +5,53 @@ Each trial samples the search space (dotted config keys: ``optim.lr``, ``data.ba
 the study's run, and returns the configured aggregate of a per-epoch metric (default: final ``ood/mean/dice``).
 optuna-integration's Lightning callback reports that metric every epoch and prunes unpromising trials. A trial that
 fails is recorded (FAILED run, FAIL trial) and the study goes on. Workers — local processes or other machines on
-the same storage — share the trial budget through Optuna's own ``MaxTrialsCallback``.
+the same storage — share the trial budget (trials COMPLETE, PRUNED, FAIL or RUNNING) of the study.
+
+One trial, one run, whatever the timing:
+
+* a trial is created RUNNING with user attr ``worker`` (the process running it, :func:`claims.worker_identity`), and
+  gets ``mlflow_run`` as soon as its run exists; the run has tags ``study``, ``kind=trial`` and ``trial`` (number);
+* the run may end FINISHED only while its trial is still RUNNING in the storage (the commit hook of
+  :func:`~mlplatform.train.train` reads it back); the ``objective`` metric is logged then, so a FINISHED run of a
+  completed trial always has it. Otherwise the run ends KILLED, tagged ``superseded``;
+* a RUNNING trial is stale when its worker is provably dead (same host, process gone) or, on an RDB storage, its
+  heartbeat is older than the grace period. :func:`align_study` settles stale trials from their runs (FINISHED with
+  ``objective`` -> COMPLETE, FINISHED and pruned -> PRUNED, anything else -> FAIL and the run KILLED) and brings every
+  run's status in line with its trial; it runs before the workers start, in every worker before each trial (stale
+  trials only) and at the end. What it cannot settle (two FINISHED runs for one trial, a completed trial without a
+  FINISHED run) is reported by :func:`study_problems`, never changed.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import gc
+import math
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
 
 import optuna
 from mlflow import MlflowClient
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
 
-from mlplatform.tracking import get_or_create_experiment, resolve_tracking_uri
+from mlplatform.tracking import Superseded, find_runs, get_or_create_experiment, resolve_tracking_uri
 from mlplatform.train import train
 
-from .specs import Experiment, Param, load_experiment
-from .storage import storage_url, study_storage
-from .sweep import share_cores
+from . import claims
+from .specs import Experiment, Objective, Param, load_experiment
+from .storage import journal_path, storage_url, study_storage
+from .workers import run_processes, share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+RUNNING, COMPLETE, PRUNED, FAIL = TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+# trials that use up the budget: running ones too, so that two workers finishing at once do not both start one more
+BUDGET_STATES = (COMPLETE, PRUNED, FAIL, RUNNING)
+WORKER_DIED = "worker died"
 
 
 def suggest(trial: optuna.Trial, name: str, p: Param):
@@ -33,6 +62,16 @@ def suggest(trial: optuna.Trial, name: str, p: Param):
     if p.type == "categorical":
         return trial.suggest_categorical(name, p.choices)
     return p.template.format(**{k: suggest(trial, f"{name}.{k}", sub) for k, sub in p.params.items()})
+
+
+def objective_value(client: MlflowClient, run_id: str, objective: Objective) -> float:
+    """The trial's value from its run's per-epoch metric: the final value, or the best over epochs."""
+    history = sorted(client.get_metric_history(run_id, objective.metric), key=lambda m: m.step)
+    if not history:
+        raise ValueError(f"run {run_id} logged no {objective.metric!r}")
+    values = [m.value for m in history]
+    better = max if objective.direction == "maximize" else min
+    return values[-1] if objective.aggregate == "final" else better(values)
 
 
 def _pruner(exp: Experiment):
@@ -65,69 +104,469 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
     if study.user_attrs.get("fingerprint") != exp.fingerprint():
         raise ValueError(f"study {exp.name!r} already exists in {storage_url(storage)} with a different definition; "
                          "give the changed study a new name")
+    # what align_study needs, so that a doctor can align a study by its name alone
+    for key, value in (("experiment", exp.config().tracking.experiment),
+                       ("objective", spec.objective.model_dump(mode="json"))):
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
     return study
 
 
-def make_objective(exp: Experiment, parent: str, tracking_uri: str, progress: bool):
+# -- one trial -------------------------------------------------------------------------------------------------------
+
+def _superseded(trial: optuna.Trial) -> Superseded:
+    return Superseded(f"trial {trial.number} was finished by another process meanwhile (failed as stale)")
+
+
+def _pruning_callback(trial: optuna.Trial, monitor: str):
+    """optuna-integration's Lightning pruning callback, remembering whether it pruned (the commit hook asks), and
+    stopping the training as soon as the trial is no longer this worker's (its report is refused)."""
     from optuna_integration import PyTorchLightningPruningCallback
 
-    spec = exp.spec
+    class Pruning(PyTorchLightningPruningCallback):
+        pruned = False
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            try:
+                super().on_validation_end(trainer, pl_module)
+            except optuna.TrialPruned:
+                self.pruned = True
+                raise
+            except UpdateFinishedTrialError as exc:
+                raise _superseded(trial) from exc
+
+    return Pruning(trial, monitor)
+
+
+def _new_trial(study: optuna.Study, me: str) -> optuna.Trial:
+    """A new RUNNING trial that names its worker from its first moment (what ``study.ask()`` does, plus the attr in
+    the same storage write: a worker killed a moment later still leaves a trial that can be seen to be stale)."""
+    template = FrozenTrial(number=-1, state=RUNNING, value=None, datetime_start=datetime.now(),
+                           datetime_complete=None, params={}, distributions={}, user_attrs={"worker": me},
+                           system_attrs={}, intermediate_values={}, trial_id=-1)
+    study._thread_local.cached_all_trials = None  # the sampler sees every trial finished so far (as ask() does)
+    return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, reason: str, superseded: bool = False) -> None:
+    client.set_tag(run_id, "failure_reason", reason[:1000])
+    if superseded:
+        client.set_tag(run_id, "superseded", "true")
+    client.set_terminated(run_id, status)
+
+
+def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: str, me: str,
+              progress: bool = False) -> FrozenTrial:
+    """Create one trial, train it, and tell the storage how it ended; never raises for the trial's own failure
+    (KeyboardInterrupt is re-raised after the trial is recorded as FAIL)."""
+    spec, storage, client = exp.spec, study._storage, MlflowClient(tracking_uri)
+    trial = _new_trial(study, me)
+    tid, run = trial._trial_id, {}
+    pruning = _pruning_callback(trial, spec.objective.metric)
+
+    def on_start(run_id: str) -> None:
+        run["id"] = run_id
+        try:
+            trial.set_user_attr("mlflow_run", run_id)
+        except UpdateFinishedTrialError as exc:
+            raise _superseded(trial) from exc
+
+    def commit(run_id: str) -> bool:
+        # the run counts only while its trial does: a trial failed as stale meanwhile has lost it
+        if storage.get_trial(tid).state != RUNNING:
+            return False
+        if not pruning.pruned:
+            run["value"] = objective_value(client, run_id, spec.objective)
+            client.log_metric(run_id, "objective", run["value"])
+        return True
+
+    state, reason, interrupted = FAIL, None, None
+    with get_heartbeat_thread(tid, storage):
+        try:
+            sampled = {key: suggest(trial, key, p) for key, p in spec.search_space.items()}
+            config = exp.config(sampled, {"tracking.run_name": f"{exp.name}-trial{trial.number}"})
+            train(config, tracking_uri=tracking_uri, progress=progress, nest_under=parent,
+                  extra_tags={"study": exp.name, "kind": "trial", "trial": str(trial.number)},
+                  extra_params={f"trial.{k}": v for k, v in sampled.items()},
+                  callbacks=[pruning], stop_exceptions=(optuna.TrialPruned,), on_start=on_start, commit=commit)
+            state = COMPLETE
+        except optuna.TrialPruned:
+            state = PRUNED
+        except Superseded as exc:
+            reason = f"superseded: {exc}"
+        except Exception as exc:  # noqa: BLE001  the trial failed; the study goes on
+            reason = f"{type(exc).__name__}: {exc}"
+            print(f"study {exp.name}: trial {trial.number} failed: {reason}\n{traceback.format_exc()}",
+                  file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            reason, interrupted = "interrupted", exc
+    if state == COMPLETE and not math.isfinite(run["value"]):  # Optuna would fail the trial: the run must not count
+        state, reason = FAIL, f"objective {run['value']} is not a finite number"
+        _end_run(client, run["id"], "FAILED", reason)
+    try:
+        if state == FAIL:
+            storage.set_trial_user_attr(tid, "fail_reason", reason[:1000])
+        frozen = study.tell(trial, run.get("value") if state == COMPLETE else None, state=state,
+                            skip_if_finished=True)
+    except UpdateFinishedTrialError:  # finished by another process between our look and our write
+        frozen = storage.get_trial(tid)
+    if frozen.state != state and state in (COMPLETE, PRUNED):
+        # the run ended FINISHED, but its trial was failed as stale meanwhile: the run must not count
+        why = (f"superseded: trial {trial.number} was settled as {frozen.state.name} by another process "
+               f"({frozen.user_attrs.get('fail_reason', 'no reason recorded')}) before this worker recorded it")
+        print(f"study {exp.name}: {why}; run {run['id']} ends KILLED", file=sys.stderr)
+        _end_run(client, run["id"], "KILLED", why, superseded=True)
+    if interrupted is not None:
+        raise interrupted
+    return frozen
+
+
+# -- trials and runs brought into line -----------------------------------------------------------------------------
+
+@dataclass
+class _StudyInfo:
+    name: str
+    experiment: str
+    objective: Objective
+    parent: str
+
+
+def _info(study: optuna.Study, exp: Experiment | None) -> _StudyInfo:
+    attrs = study.user_attrs
+    if exp is not None:
+        return _StudyInfo(exp.name, exp.config().tracking.experiment, exp.spec.objective, attrs["mlflow_parent_run"])
+    if "experiment" not in attrs or "objective" not in attrs:
+        raise ValueError(f"study {study.study_name!r} predates the attributes that let it be aligned by name: run "
+                         "its `study` command once (with the same definition)")
+    return _StudyInfo(study.study_name.removeprefix("study:"), attrs["experiment"],
+                      Objective.model_validate(attrs["objective"]), attrs["mlflow_parent_run"])
+
+
+def trial_runs(study: optuna.Study, info: _StudyInfo, tracking_uri: str) -> list:
+    """The study's trial runs: tagged ``study=<name>``, ``kind=trial``, children of this study's parent run (a
+    study deleted and created again under the same name has a new parent)."""
+    name = info.name.replace("'", "\\'")
+    runs = find_runs(tracking_uri, info.experiment, f"tags.study = '{name}' and tags.kind = 'trial'")
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == info.parent]
+
+
+def _number(run) -> int | None:
+    try:
+        return int(run.data.tags.get("trial", ""))
+    except ValueError:
+        return None
+
+
+def _recorded_run(trial: FrozenTrial, runs: list):
+    """The trial's run: the one its ``mlflow_run`` attr names; without the attr (its worker died before recording
+    it), the only run tagged with its number."""
+    rid = trial.user_attrs.get("mlflow_run")
+    if rid is not None:
+        return next((r for r in runs if r.info.run_id == rid), None)
+    mine = [r for r in runs if _number(r) == trial.number]
+    return mine[0] if len(mine) == 1 else None
+
+
+def stale_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> dict[int, str]:
+    """trial number -> why, for each RUNNING trial whose worker is provably dead, or (RDB storages with heartbeats)
+    whose heartbeat is older than the grace period."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    stale = {}
+    for t in trials:
+        worker = t.user_attrs.get("worker")
+        if t.state == RUNNING and worker and claims.holder_is_dead(worker):
+            stale[t.number] = f"{WORKER_DIED} ({worker})"
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        by_id = {t._trial_id: t for t in trials}
+        for tid in storage._get_stale_trial_ids(study._study_id):
+            if tid in by_id and by_id[tid].state == RUNNING:
+                grace = getattr(getattr(storage, "_backend", storage), "grace_period", None)
+                stale.setdefault(by_id[tid].number, f"{WORKER_DIED} or stalled (no heartbeat for {grace} s; "
+                                                    f"worker {by_id[tid].user_attrs.get('worker')})")
+    return stale
+
+
+def _settle(study: optuna.Study, trial: FrozenTrial, why: str, run, info: _StudyInfo, client: MlflowClient,
+            fix: bool) -> list[str]:
+    """A stale trial gets the state its run proves; the changes made (described)."""
+    state, value, rid = FAIL, None, run.info.run_id if run is not None else None
+    status = run.info.status if run is not None else None
+    lines = []
+    if status == "FINISHED" and "objective" in run.data.metrics:
+        state, value = COMPLETE, run.data.metrics["objective"]
+    elif status == "FINISHED" and "stopped_by" in run.data.tags:
+        state = PRUNED
+    elif status == "FINISHED":
+        try:
+            value = objective_value(client, rid, info.objective)
+            state = COMPLETE
+            lines.append(f"run {rid} (trial {trial.number}): objective {value:.6g} computed from its "
+                         f"{info.objective.metric!r} and logged")
+        except ValueError as exc:
+            lines.append(f"run {rid} (trial {trial.number}): FINISHED -> FAILED ({exc})")
+            if fix:
+                _end_run(client, rid, "FAILED", f"no objective: {exc}")
+    elif status == "RUNNING":
+        lines.append(f"run {rid} (trial {trial.number}): RUNNING -> KILLED ({WORKER_DIED})")
+        if fix:
+            _end_run(client, rid, "KILLED", WORKER_DIED)
+    if state == FAIL:
+        reason = why if run is not None else f"{why}; no run recorded"
+        lines.insert(0, f"trial {trial.number}: RUNNING -> FAIL ({reason}{f'; run {rid} {status}' if rid else ''})")
+    else:
+        lines.insert(0, f"trial {trial.number}: RUNNING -> {state.name}{f' {value:.6g}' if value is not None else ''}"
+                        f" ({why}, after its run {rid} ended FINISHED)")
+    if not fix:
+        return lines
+    storage = study._storage
+    try:
+        if rid is not None and "mlflow_run" not in trial.user_attrs:
+            storage.set_trial_user_attr(trial._trial_id, "mlflow_run", rid)
+        if state == FAIL:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason[:1000])
+        if state == COMPLETE and "objective" not in run.data.metrics:
+            client.log_metric(rid, "objective", value)
+        study.tell(trial.number, value, state=state, skip_if_finished=True)
+    except UpdateFinishedTrialError:  # another process settled it first
+        return [f"trial {trial.number}: settled by another process meanwhile"]
+    return lines
+
+
+def settle_stale_trials(study: optuna.Study, exp: Experiment | None, tracking_uri: str, fix: bool = True) -> list[str]:
+    """The stale-trial rule of :func:`align_study` alone (cheap when nothing is stale: workers call it before every
+    trial)."""
+    stale = stale_trials(study)
+    if not stale:
+        return []
+    info = _info(study, exp)
+    runs = trial_runs(study, info, tracking_uri)
+    client, lines = MlflowClient(tracking_uri), []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in stale:
+            lines += _settle(study, t, stale[t.number], _recorded_run(t, runs), info, client, fix)
+    return lines
+
+
+def align_study(study: optuna.Study, exp: Experiment | None, tracking_uri: str, fix: bool = True) -> list[str]:
+    """Bring the study's trials and MLflow runs into line; returns one line per change (made, or without ``fix``,
+    that would be made). ``exp`` may be None for a study created by this version (its attrs say the rest).
+
+    * a stale RUNNING trial (dead worker; stale heartbeat) takes the state its run proves: FINISHED with
+      ``objective`` -> COMPLETE with that value; FINISHED and pruned (``stopped_by``) -> PRUNED; FINISHED without
+      ``objective`` -> the objective is computed from the run's metric history, logged, COMPLETE; otherwise FAIL
+      (user attr ``fail_reason``) and a RUNNING run ends KILLED (``failure_reason`` "worker died");
+    * a COMPLETE or PRUNED trial's run that is not FINISHED ends FINISHED, if it has what the state needs
+      (``objective`` equal to the trial's value; a per-epoch metric for a pruned one);
+    * a FAIL trial's runs that are RUNNING or FINISHED end KILLED (a FINISHED one ended after its trial was failed as
+      stale: tagged ``superseded``, it must not count);
+    * a RUNNING run that its trial does not name (its worker died between creating and recording it) ends KILLED,
+      unless that trial is still RUNNING on a live worker without a run recorded yet.
+
+    Duplicates and what cannot be repaired are left to :func:`study_problems`.
+    """
+    info = _info(study, exp)
     client = MlflowClient(tracking_uri)
+    lines = settle_stale_trials(study, exp, tracking_uri, fix)
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    stale = stale_trials(study, trials)  # without fix: still RUNNING, already described
+    for run in trial_runs(study, info, tracking_uri):
+        rid, status, n = run.info.run_id, run.info.status, _number(run)
+        t = by_number.get(n)
+        recorded = t is not None and t.user_attrs.get("mlflow_run") == rid
+        if t is None or t.state == TrialState.WAITING or n in stale:
+            continue  # no such trial: a problem for a person; stale: described above
+        if t.state == RUNNING:
+            if status == "RUNNING" and not recorded and t.user_attrs.get("mlflow_run") is not None:
+                lines.append(f"run {rid} (trial {n}): RUNNING -> KILLED (its trial records run "
+                             f"{t.user_attrs['mlflow_run']})")
+                if fix:
+                    _end_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
+            continue
+        if t.state == FAIL:
+            if status in ("RUNNING", "FINISHED"):
+                why = t.user_attrs.get("fail_reason", "no fail_reason recorded")
+                lines.append(f"run {rid} (trial {n}): {status} -> KILLED (trial {n} is FAIL: {why})")
+                if fix:
+                    _end_run(client, rid, "KILLED", f"superseded: trial {n} was failed ({why})" if status ==
+                             "FINISHED" else f"trial {n} was failed ({why})", superseded=status == "FINISHED")
+            continue
+        # COMPLETE or PRUNED
+        if not recorded:
+            if status == "RUNNING":
+                lines.append(f"run {rid} (trial {n}): RUNNING -> KILLED (trial {n} is {t.state.name} with run "
+                             f"{t.user_attrs.get('mlflow_run')})")
+                if fix:
+                    _end_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
+            continue
+        if status == "FINISHED":
+            continue
+        if _can_finish(t, run, info, client):
+            lines.append(f"run {rid} (trial {n}): {status} -> FINISHED (trial {n} is {t.state.name})")
+            if fix:
+                if t.state == COMPLETE and "objective" not in run.data.metrics:
+                    client.log_metric(rid, "objective", t.value)
+                if t.state == PRUNED and "stopped_by" not in run.data.tags:
+                    client.set_tag(rid, "stopped_by", "TrialPruned (recorded by align_study)")
+                for tag in ("superseded", "failure_reason"):
+                    if tag in run.data.tags:
+                        client.delete_tag(rid, tag)
+                client.set_terminated(rid, "FINISHED")
+    return lines
 
-    def objective(trial: optuna.Trial) -> float:
-        sampled = {key: suggest(trial, key, p) for key, p in spec.search_space.items()}
-        config = exp.config(sampled, {"tracking.run_name": f"{exp.name}-trial{trial.number}"})
-        pruning = PyTorchLightningPruningCallback(trial, monitor=spec.objective.metric)
-        run_id = train(config, tracking_uri=tracking_uri, progress=progress, nest_under=parent,
-                       extra_tags={"study": exp.name, "kind": "trial", "trial": str(trial.number)},
-                       extra_params={f"trial.{k}": v for k, v in sampled.items()},
-                       callbacks=[pruning], stop_exceptions=(optuna.TrialPruned,))
-        trial.set_user_attr("mlflow_run", run_id)
-        history = sorted(client.get_metric_history(run_id, spec.objective.metric), key=lambda m: m.step)
-        if not history:
-            raise ValueError(f"trial {trial.number}: run {run_id} logged no {spec.objective.metric!r}")
-        values = [m.value for m in history]
-        better = max if spec.objective.direction == "maximize" else min
-        value = values[-1] if spec.objective.aggregate == "final" else better(values)
-        client.log_metric(run_id, "objective", value)
-        return value
 
-    return objective
+def _can_finish(trial: FrozenTrial, run, info: _StudyInfo, client: MlflowClient) -> bool:
+    """Whether a COMPLETE/PRUNED trial's run has what FINISHED needs: the trial's value as its objective (logged, or
+    computed from its history), or for a pruned trial at least one value of the per-epoch metric."""
+    if trial.state == COMPLETE:
+        value = run.data.metrics.get("objective")
+        if value is None:
+            try:
+                value = objective_value(client, run.info.run_id, info.objective)
+            except ValueError:
+                return False
+        return _same(value, trial.value)
+    return bool(client.get_metric_history(run.info.run_id, info.objective.metric))
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def study_problems(study: optuna.Study, exp: Experiment | None, tracking_uri: str) -> list[str]:
+    """What is out of line between trials and runs (after :func:`align_study`, what it could not repair): one line
+    each, naming the trial and the run ids. Empty when every finished trial has exactly the run its state says."""
+    info = _info(study, exp)
+    trials = study.get_trials(deepcopy=False)
+    runs = trial_runs(study, info, tracking_uri)
+    by_number: dict[int | None, list] = {}
+    for r in runs:
+        by_number.setdefault(_number(r), []).append(r)
+    problems = []
+    numbers = {t.number for t in trials}
+    for n, rs in by_number.items():
+        if n not in numbers:
+            problems.append(f"runs {', '.join(r.info.run_id for r in rs)}: tagged trial {n}, which the study "
+                            "does not have")
+    stale = stale_trials(study, trials)
+    for t in trials:
+        rs = by_number.get(t.number, [])
+        finished = [r.info.run_id for r in rs if r.info.status == "FINISHED"]
+        rid = t.user_attrs.get("mlflow_run")
+        if len(finished) > 1:
+            problems.append(f"trial {t.number} ({t.state.name}): {len(finished)} FINISHED runs "
+                            f"{', '.join(finished)} (recorded: {rid}); end the ones that must not count")
+        if t.state == RUNNING:
+            if t.number in stale:
+                problems.append(f"trial {t.number}: RUNNING but stale ({stale[t.number]}); run {rid}")
+            elif "worker" not in t.user_attrs and not is_heartbeat_enabled(study._storage):
+                problems.append(f"trial {t.number}: RUNNING without a worker attr (started by an older version): "
+                                f"whether it is alive cannot be told; run {rid}")
+            continue
+        if t.state == FAIL:
+            live = [f"{r.info.run_id} {r.info.status}" for r in rs if r.info.status in ("RUNNING", "FINISHED")]
+            if live:
+                problems.append(f"trial {t.number} (FAIL): runs {', '.join(live)} should have ended KILLED")
+            continue
+        if t.state not in (COMPLETE, PRUNED):
+            continue
+        run = next((r for r in rs if r.info.run_id == rid), None)
+        if run is None:
+            problems.append(f"trial {t.number} ({t.state.name}): its run {rid} is not among the study's runs")
+            continue
+        if run.info.status != "FINISHED":
+            problems.append(f"trial {t.number} ({t.state.name}): its run {rid} is {run.info.status}, and lacks "
+                            f"{'the trial value as objective' if t.state == COMPLETE else 'a per-epoch metric'} "
+                            "to end FINISHED")
+        elif t.state == COMPLETE and not _same(run.data.metrics.get("objective"), t.value):
+            problems.append(f"trial {t.number} (COMPLETE {t.value}): its run {rid} has objective "
+                            f"{run.data.metrics.get('objective')}")
+        others = [f"{r.info.run_id} {r.info.status}" for r in rs if r.info.run_id != rid
+                  and r.info.status == "RUNNING"]
+        if others:
+            problems.append(f"trial {t.number} ({t.state.name}, run {rid}): other runs still RUNNING: "
+                            f"{', '.join(others)}")
+    return problems
+
+
+def load_study(name: str, storage_arg: str | None) -> optuna.Study:
+    """An existing study by name (as ``study`` created it), for ``doctor``; ValueError if there is none (a journal
+    file that does not exist is not created)."""
+    path = journal_path(storage_arg)
+    if path is not None and not path.is_file():
+        raise ValueError(f"no study {name!r}: the journal {path} does not exist")
+    storage = study_storage(storage_arg)
+    try:
+        return optuna.load_study(study_name=f"study:{name}", storage=storage)
+    except KeyError:
+        raise ValueError(f"no study {name!r} in {storage_url(storage)}") from None
+
+
+def doctor_study(name: str, storage_arg: str | None, tracking_uri: str | None, fix: bool) -> tuple[list[str], bool]:
+    """(lines to print, whether problems remain) for the study ``name``: what align_study changes (or, without
+    ``fix``, would change) and what it cannot repair."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    study = load_study(name, storage_arg)
+    changes = align_study(study, None, tracking_uri, fix=fix)
+    problems = study_problems(study, None, tracking_uri)
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in {t.state for t in trials}}
+    lines = [f"aligned: {c}" if fix else f"would align: {c}" for c in changes]
+    lines += [f"problem: {p}" for p in problems]
+    lines.append(f"study {name}: trials {states}")
+    return lines, bool(problems or (not fix and changes))
+
+
+# -- workers ---------------------------------------------------------------------------------------------------------
+
+def _used(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
 
 
 def _work(exp: Experiment, storage_arg: str | None, tracking_uri: str, progress: bool, n_trials: int,
           worker: int = 0) -> None:
     storage = study_storage(storage_arg)
     study = _open(exp, storage, tracking_uri, worker)
-    objective = make_objective(exp, study.user_attrs["mlflow_parent_run"], tracking_uri, progress)
-    # running trials count too: two workers finishing at once must not both start one more
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL,
-              optuna.trial.TrialState.RUNNING)
-    # the budget is the study's, shared by every worker on this storage
-    study.optimize(objective, catch=(Exception,), gc_after_trial=True,
-                   callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=states)])
+    parent, me = study.user_attrs["mlflow_parent_run"], claims.worker_identity()
+    while True:
+        # a trial left RUNNING by a dead worker is settled before the budget is counted (it would hold a place)
+        try:
+            for line in settle_stale_trials(study, exp, tracking_uri):
+                print(f"study {exp.name}: {line}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001  e.g. the tracking store unreachable for a moment: settled later
+            print(f"study {exp.name}: could not settle stale trials now: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+        if _used(study) >= n_trials:  # the budget is the study's, shared by every worker on this storage
+            return
+        run_trial(study, exp, parent, tracking_uri, me, progress)
+        gc.collect()
 
 
 def _worker_main(path: str, cli_sets: list[str], storage_arg: str | None, tracking_uri: str, n_trials: int,
                  worker: int, workers: int) -> None:
     share_cores(workers)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _work(load_experiment(path, "study", cli_sets), storage_arg, tracking_uri, False, n_trials, worker)
 
 
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,
               tracking_uri: str | None, progress: bool = True) -> dict:
+    """Run the study to its trial budget; the summary has ``aligned`` (what align_study changed, at the start and
+    at the end) and ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
     exp = load_experiment(path, "study", cli_sets)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     n_trials = n_trials or exp.spec.n_trials
     storage = study_storage(storage_arg)
     study = _open(exp, storage, tracking_uri)
+    aligned = align_study(study, exp, tracking_uri)
     if workers <= 1:
         _work(exp, storage_arg, tracking_uri, progress, n_trials)
     else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            pool.starmap(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w, workers)
-                                        for w in range(workers)])
+        run_processes(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w, workers)
+                                     for w in range(workers)], f"study {exp.name}")
+    aligned += align_study(study, exp, tracking_uri)
+    problems = study_problems(study, exp, tracking_uri)
     trials = study.get_trials(deepcopy=False)
     by_state = {s.name: sum(t.state == s for t in trials) for s in {t.state for t in trials}}
     best = None
@@ -136,4 +575,4 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     except ValueError:  # no completed trial
         pass
     return {"study": exp.name, "parent_run": study.user_attrs["mlflow_parent_run"], "trials": by_state,
-            "best": best, "storage": storage_url(storage)}
+            "best": best, "storage": storage_url(storage), "aligned": aligned, "problems": problems}

@@ -9,137 +9,115 @@ from collections import Counter
 
 import optuna
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from datagen.pipeline import generate
-from datagen.recipe import load_recipe
 from experiments.specs import load_experiment
-from experiments.sweep import FAIL, cells_of, reconcile
+from experiments.sweep import cells_of
 from mlplatform.config import ConfigError
-
-TINY = ["imaging.crop_px=64", "structure.particle.radius_A={dist: uniform, low: 5, high: 6.5}",
-        "simulation.n_phonons=1", "output.structures_per_shard=2"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exp")
-    for name, n, seed, extra in (("train", 12, 1, []), ("bench", 4, 2, []),
-                                 ("target", 8, 3, ["imaging.dose_e_per_A2=150"])):
-        generate(load_recipe("tiny", TINY + extra), n=n, seed=seed, out=root / name, workers=1, progress=False)
-    base = {
-        "seed": 0, "epochs": 1,
-        "data": {"train": [{"path": str(root / "train")}], "val_fraction": 0.34, "crop_px": 32, "batch_size": 4,
-                 "steps_per_epoch": 3},
-        "benchmarks": [{"name": "bench", "path": str(root / "bench")}],
-        "tracking": {"experiment": "exp-test", "n_prediction_images": 0, "system_metrics": False},
-    }
-    (root / "base.yaml").write_text(yaml.safe_dump(base))
-    return root
-
-
-def _write(root, name, spec):
-    path = root / name
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _sweep_spec(name, seeds=(0, 1, 2), **extra):
-    return {"kind": "sweep", "name": name, "base": "base.yaml",
-            "subsets": [{"name": "all", "set": {}},
-                        {"name": "near-focus", "set": {"data.train.0.filter": "abs(imaging.defocus_A) <= 300"}}],
-            "seeds": list(seeds), "finetune": {"set": {"data.train": [{"path": "PLACEHOLDER"}]}}, **extra}
-
+from sweep_helpers import sweep_spec, tracked_runs, write_spec
 
 def test_definitions_are_validated_before_any_work(workspace):
-    spec = _sweep_spec("v")
+    spec = sweep_spec("v")
     spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    exp = load_experiment(_write(workspace, "ok.yaml", spec), "sweep")
+    exp = load_experiment(write_spec(workspace, "ok.yaml", spec), "sweep")
     assert [c.key for c in cells_of(exp)] == ["all/s0", "all/s1", "all/s2", "near-focus/s0", "near-focus/s1",
                                              "near-focus/s2"]
     assert exp.config(exp.spec.subsets[1].set).data.train[0].filter == "abs(imaging.defocus_A) <= 300"
     bad = dict(spec, subsets=[{"name": "x", "set": {"data.batch_size": 0}}])
     with pytest.raises(ConfigError, match="data.batch_size"):
-        load_experiment(_write(workspace, "bad.yaml", bad), "sweep")
+        load_experiment(write_spec(workspace, "bad.yaml", bad), "sweep")
     with pytest.raises(ConfigError, match="kind: study"):
-        load_experiment(_write(workspace, "ok2.yaml", spec), "study")
+        load_experiment(write_spec(workspace, "ok2.yaml", spec), "study")
     with pytest.raises(ConfigError, match="subsets"):
-        load_experiment(_write(workspace, "dup.yaml", dict(spec, subsets=[{"name": "a"}, {"name": "a"}])), "sweep")
+        load_experiment(write_spec(workspace, "dup.yaml", dict(spec, subsets=[{"name": "a"}, {"name": "a"}])), "sweep")
     with pytest.raises(ConfigError, match="indexes a list"):
-        load_experiment(_write(workspace, "idx.yaml", dict(spec, set={"data.train.5.filter": "x"})), "sweep")
+        load_experiment(write_spec(workspace, "idx.yaml", dict(spec, set={"data.train.5.filter": "x"})), "sweep")
 
 
-def test_reconcile_queues_each_cell_once_and_retries_only_real_failures(workspace, tmp_path):
-    spec = _sweep_spec("r", seeds=(0,), max_retries=1)
-    spec["finetune"] = None
-    exp = load_experiment(_write(workspace, "r.yaml", spec), "sweep")
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}", study_name="q")
-    assert reconcile(study, exp) == 2 and reconcile(study, exp) == 0  # queued once, not twice
+def test_claims_record_each_unit_once_and_retry_only_the_units_own_failures(workspace, tmp_path):
+    """The claim statements themselves, on one process: race, takeover, fencing of the old holder, retries."""
+    from experiments import claims
 
-    def take(outcome):
-        trial = study.ask()
-        cell = trial.suggest_int("cell", 0, 1)
-        trial.suggest_int("attempt", 0, 10_000)
-        if outcome == "error":
-            trial.set_user_attr("error", "boom")
-        study.tell(trial, 1.0 if outcome == "ok" else None,
-                   state=optuna.trial.TrialState.COMPLETE if outcome == "ok" else FAIL)
-        return cell
+    engine = claims.open_engine(f"sqlite:///{tmp_path / 'claims.db'}")
+    units = [(0, "all/s0", "pretrain"), (1, "all/s1", "pretrain")]
+    claims.register_sweep(engine, "r", "fp", "exp", units)
+    claims.register_sweep(engine, "r", "fp", "exp", units)  # idempotent: queued once, not twice
+    rows = claims.unit_rows(engine, "r")
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"pending"}
+    with pytest.raises(ValueError, match="different definition"):
+        claims.register_sweep(engine, "r", "other", "exp", units)
+    first = claims.try_claim(engine, rows[0], "host-a/1/1.0/a", grace_s=60)
+    assert first is not None and first.epoch == 1
+    assert claims.try_claim(engine, rows[0], "host-b/1/1.0/b", grace_s=60) is None  # the row we read is gone
+    row = claims.unit_rows(engine, "r")[0]
+    assert not claims.claimable(row, time.time())  # a live lease on another host
+    stale = dict(row)
+    assert claims.claimable(stale, row["lease_until"] + 1)
+    # the lease ran out (as seen by a later clock): another worker takes over with a newer epoch
+    with engine.begin() as conn:
+        conn.execute(claims.units.update().where(claims.units.c.cell == 0).values(lease_until=0.0))
+    second = claims.try_claim(engine, claims.unit_rows(engine, "r")[0], "host-b/1/1.0/b", grace_s=60)
+    assert second is not None and second.epoch == 2
+    assert not first.renew() and first.lost.is_set()
+    assert not first.commit("run-first")  # fenced off: the old holder cannot record its result
+    assert second.commit("run-second")
+    assert not second.commit("run-again")  # recorded once: a second result for the unit is refused
+    row = claims.unit_rows(engine, "r")[0]
+    assert (row["state"], row["run_id"]) == ("done", "run-second")
+    assert not claims.claimable(row, time.time() + 1e6)
+    # failures: the unit's own count against max_retries; infrastructure and interruptions do not
+    other = claims.try_claim(engine, claims.unit_rows(engine, "r")[1], "host-a/1/1.0/a", grace_s=60)
+    assert other.release("interrupted", "interrupted", max_retries=1) == "pending"
+    for kind, expected in (("infra", "pending"), ("unit", "pending"), ("unit", "failed")):
+        claim = claims.try_claim(engine, claims.unit_rows(engine, "r")[1], "host-a/1/1.0/a", grace_s=60)
+        assert claim.release(f"{kind} error", kind, max_retries=1) == expected
+    row = claims.unit_rows(engine, "r")[1]
+    assert (row["failures"], row["infra_failures"], row["error"]) == (2, 1, "unit error")
 
-    done = take("ok")
-    failed = take("error")
-    assert {done, failed} == {0, 1}
-    assert reconcile(study, exp) == 1  # the failed cell comes back (1 retry allowed)
-    take("error")
-    assert reconcile(study, exp) == 0  # retries used up
-    # a worker that died without recording an error (killed) does not use up a retry
-    spec2 = dict(spec, name="r2")
-    exp2 = load_experiment(_write(workspace, "r2.yaml", spec2), "sweep")
-    study2 = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}", study_name="q2")
-    reconcile(study2, exp2)
-    for _ in range(2):
-        trial = study2.ask()
-        trial.suggest_int("cell", 0, 1)
-        trial.suggest_int("attempt", 0, 10_000)
-        study2.tell(trial, state=FAIL)
-    assert reconcile(study2, exp2) == 2
 
+def test_a_claim_held_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    from experiments import claims
 
-def _runs(store, experiment="exp-test", filter_string=""):
-    client = MlflowClient(store)
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string) if exp else []
+    dead = subprocess.run([sys.executable, "-c", "from experiments.claims import worker_identity; "
+                           "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
+    assert claims.holder_is_dead(dead) and not claims.holder_is_dead(claims.worker_identity())
+    engine = claims.open_engine(f"sqlite:///{tmp_path / 'claims.db'}")
+    claims.register_sweep(engine, "d", "fp", "exp", [(0, "all/s0", "pretrain")])
+    held = claims.try_claim(engine, claims.unit_rows(engine, "d")[0], dead, grace_s=3600)
+    assert held is not None
+    row = claims.unit_rows(engine, "d")[0]
+    assert claims.claimable(row, time.time())  # an hour of lease left, but its holder is gone
+    assert claims.try_claim(engine, row, claims.worker_identity(), grace_s=60).epoch == 2
 
 
 @pytest.mark.slow
 def test_sweep_killed_midway_resumes_without_losing_or_duplicating(workspace, tmp_path):
-    spec = _sweep_spec("kill")
+    spec = sweep_spec("kill")
     spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    path = _write(workspace, "kill.yaml", spec)
+    path = write_spec(workspace, "kill.yaml", spec)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    queue = f"sqlite:///{tmp_path / 'optuna.db'}"
+    queue = f"sqlite:///{tmp_path / 'sweeps.db'}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "SWEEP_HEARTBEAT_GRACE_S": "60"}
     cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "2", "--quiet",
            "--tracking-uri", store, "--storage", queue]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(_runs(store, filter_string="attributes.status = 'FINISHED' and "
+    while time.time() < deadline and len(tracked_runs(store, filter_string="attributes.status = 'FINISHED' and "
                                                                        "tags.kind = 'cell'")) < 3:
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and both workers, as a crash would
     proc.wait()
-    finished_before = len(_runs(store, filter_string="attributes.status = 'FINISHED' and tags.kind = 'cell'"))
+    finished_before = len(tracked_runs(store, filter_string="attributes.status = 'FINISHED' and tags.kind = 'cell'"))
     assert 3 <= finished_before < 12, "the kill must land midway"
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
-    cells = _runs(store, filter_string="tags.kind = 'cell'")
+    cells = tracked_runs(store, filter_string="tags.kind = 'cell'")
     finished = Counter((r.data.tags["sweep.cell"], r.data.tags["phase"]) for r in cells
                        if r.info.status == "FINISHED")
     assert len(finished) == 12 and set(finished.values()) == {1}, finished  # every cell x phase exactly once
     assert not [r for r in cells if r.info.status == "RUNNING"]
-    parent = _runs(store, filter_string="tags.kind = 'sweep'")
+    parent = tracked_runs(store, filter_string="tags.kind = 'sweep'")
     assert len(parent) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parent[0].info.run_id}
     for r in cells:
@@ -147,7 +125,7 @@ def test_sweep_killed_midway_resumes_without_losing_or_duplicating(workspace, tm
             pre = MlflowClient(store).get_run(r.data.tags["parent_run"])
             assert pre.data.tags["sweep.cell"] == r.data.tags["sweep.cell"] and pre.data.tags["phase"] == "pretrain"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # idempotent: nothing to do
-    assert again.returncode == 0 and len(_runs(store, filter_string="tags.kind = 'cell'")) == len(cells)
+    assert again.returncode == 0 and len(tracked_runs(store, filter_string="tags.kind = 'cell'")) == len(cells)
 
 
 @pytest.mark.slow
@@ -159,7 +137,7 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
                 "data.train.0.filter": {"type": "template", "template": "structure.radius_A <= {rmax}",
                                         "params": {"rmax": {"type": "categorical", "choices": [1.0, 7.0]}}}},
             "n_trials": 6, "pruner": {"kind": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
-    path = _write(workspace, "study.yaml", spec)
+    path = write_spec(workspace, "study.yaml", spec)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = f"journal:{tmp_path / 'journal.log'}"
     res = subprocess.run([sys.executable, "-m", "experiments", "study", "--config", str(path), "--workers", "2",
@@ -171,8 +149,8 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
     study = optuna.load_study(study_name="study:s", storage=storage)
     states = Counter(t.state.name for t in study.trials if t.state.name != "RUNNING")
     assert sum(states.values()) >= 6 and states["COMPLETE"] >= 1
-    trials = _runs(store, filter_string="tags.kind = 'trial'")
-    parent = _runs(store, filter_string="tags.kind = 'study'")
+    trials = tracked_runs(store, filter_string="tags.kind = 'trial'")
+    parent = tracked_runs(store, filter_string="tags.kind = 'study'")
     assert len(parent) == 1 and all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
     completed = [r for r in trials if "objective" in r.data.metrics]
     assert completed and all("trial.optim.lr" in r.data.params for r in completed)
@@ -181,6 +159,230 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
         if t.state.name == "COMPLETE":
             run = next(r for r in trials if r.data.tags["trial"] == str(t.number))
             assert run.data.metrics["objective"] == pytest.approx(t.value)
+    _assert_one_run_per_trial(study, trials)
+
+
+def _journal(path):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def _dead_worker() -> str:
+    """The worker identity of a process that has exited."""
+    return subprocess.run([sys.executable, "-c", "from experiments.claims import worker_identity; "
+                           "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _assert_one_run_per_trial(study, runs):
+    """Every finished trial has the one run its state says, named by its mlflow_run attr; no run RUNNING."""
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(int(r.data.tags["trial"]), []).append(r)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    assert set(by_trial) <= {t.number for t in study.trials}
+    for t in study.trials:
+        mine = by_trial.get(t.number, [])
+        assert len(mine) <= 1, (t.number, [r.info.run_id for r in mine])
+        if t.state.name in ("COMPLETE", "PRUNED"):
+            assert len(mine) == 1 and mine[0].info.status == "FINISHED", (t.number, t.state, mine)
+            assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
+            if t.state.name == "COMPLETE":
+                assert mine[0].data.metrics["objective"] == pytest.approx(t.value)
+            else:
+                assert "stopped_by" in mine[0].data.tags
+        elif t.state.name == "FAIL":
+            # no run only when the trial failed before its run existed (bad data, or killed while preparing)
+            if mine:
+                assert mine[0].info.status in ("FAILED", "KILLED"), (t.number, mine[0].info.status)
+                assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
+            else:
+                assert "mlflow_run" not in t.user_attrs
+        if t.state.name != "RUNNING":
+            assert "worker" in t.user_attrs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path, storage):
+    """SIGKILL of the whole study (driver and both workers) while trials train, then the same command again: the
+    killed trials are settled from their runs, and trials and runs agree one to one. On the default storage (a
+    journal file in ./mlruns) and on an RDB storage (with Optuna heartbeats)."""
+    spec = {"kind": "study", "name": "killed", "base": "base.yaml", "set": {"epochs": 3},
+            "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "n_trials": 5, "pruner": {"kind": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
+    path = write_spec(workspace, "killed.yaml", spec)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "experiments", "study", "--config", str(path), "--workers", "2", "--quiet",
+           "--tracking-uri", store]
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    if storage == "sqlite":
+        cmd += ["--storage", url]
+
+    def optuna_storage():  # the default: mlruns/optuna-journal.log under the working directory
+        return _journal(tmp_path / "mlruns" / "optuna-journal.log") if storage == "journal" else url
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    running, deadline = [], time.time() + 300
+    while time.time() < deadline and not running and proc.poll() is None:
+        time.sleep(0.5)
+        running = tracked_runs(store, filter_string="attributes.status = 'RUNNING' and tags.kind = 'trial'")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and both workers, as a crash would
+    proc.wait()
+    assert running, "the kill must land while a trial trains"
+    study = optuna.load_study(study_name="study:killed", storage=optuna_storage())
+    left = [t for t in study.trials if t.state.name == "RUNNING"]
+    assert left and all("worker" in t.user_attrs for t in left)  # what the next start must settle
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="study:killed", storage=optuna_storage())
+    states = Counter(t.state.name for t in study.trials)
+    assert "RUNNING" not in states and states["COMPLETE"] >= 1, states
+    assert states["COMPLETE"] + states["PRUNED"] + states["FAIL"] >= 5, states
+    runs = tracked_runs(store, filter_string="tags.kind = 'trial'")
+    _assert_one_run_per_trial(study, runs)
+    for t in left:  # the killed trials: failed with the reason, their runs KILLED (or settled from a FINISHED run)
+        t = study.trials[t.number]
+        if t.state.name == "FAIL":
+            assert t.user_attrs["fail_reason"].startswith("worker died")
+    from experiments.study import align_study, study_problems
+
+    exp = load_experiment(path, "study")
+    assert align_study(study, exp, store, fix=False) == [] and study_problems(study, exp, store) == []
+
+
+@pytest.mark.slow
+def test_a_trial_failed_while_it_trains_ends_its_run_killed_and_the_worker_goes_on(workspace, tmp_path):
+    """Another process fails the trial (as stale) while its worker trains: the worker stops, its run ends KILLED
+    tagged superseded (never FINISHED), the trial stays FAIL, and the worker's next trial runs normally."""
+    import threading
+
+    from experiments.claims import worker_identity
+    from experiments.study import COMPLETE, FAIL, _open, align_study, run_trial, study_problems
+
+    spec = {"kind": "study", "name": "taken", "base": "base.yaml", "set": {"epochs": 3},
+            "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "pruner": {"kind": "none"}}
+    exp = load_experiment(write_spec(workspace, "taken.yaml", spec), "study")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    journal = tmp_path / "journal.log"
+    study = _open(exp, _journal(journal), store)
+    failed = []
+
+    def fail_it_while_it_trains():  # as another worker finding the trial stale would, through its own storage
+        other = optuna.load_study(study_name="study:taken", storage=_journal(journal))
+        deadline = time.time() + 300
+        while time.time() < deadline and not tracked_runs(store, filter_string="attributes.status = 'RUNNING' and "
+                                                                         "tags.kind = 'trial'"):
+            time.sleep(0.2)
+        trial = next(t for t in other.get_trials() if t.state.name == "RUNNING")
+        other._storage.set_trial_state_values(trial._trial_id, FAIL)
+        failed.append(trial.number)
+
+    thread = threading.Thread(target=fail_it_while_it_trains)
+    thread.start()
+    frozen = run_trial(study, exp, study.user_attrs["mlflow_parent_run"], store, worker_identity())
+    thread.join()
+    assert failed == [frozen.number] and frozen.state == FAIL
+    (run,) = tracked_runs(store, filter_string="tags.kind = 'trial'")
+    assert run.info.status == "KILLED" and run.data.tags["superseded"] == "true", run.data.tags
+    assert "objective" not in run.data.metrics
+    again = run_trial(study, exp, study.user_attrs["mlflow_parent_run"], store, worker_identity())
+    assert again.state == COMPLETE
+    _assert_one_run_per_trial(study, tracked_runs(store, filter_string="tags.kind = 'trial'"))
+    assert align_study(study, exp, store, fix=False) == [] and study_problems(study, exp, store) == []
+
+
+def test_align_study_settles_stale_trials_and_ends_runs_out_of_line(workspace, tmp_path):
+    """Every rule of align_study on hand-made trials and runs (no training): a dead worker's trials take the state
+    their runs prove, runs end as their trials say, duplicates are only reported."""
+    from experiments.study import COMPLETE, FAIL, PRUNED, _new_trial, _open, align_study, study_problems
+    from experiments.claims import worker_identity
+
+    spec = {"kind": "study", "name": "align", "base": "base.yaml",
+            "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    exp = load_experiment(write_spec(workspace, "align.yaml", spec), "study")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = _open(exp, _journal(tmp_path / "journal.log"), store)
+    client = MlflowClient(store)
+    parent = study.user_attrs["mlflow_parent_run"]
+    exp_id = client.get_run(parent).info.experiment_id
+    dead, alive = _dead_worker(), worker_identity()
+
+    def trial(worker=dead):
+        return _new_trial(study, worker)
+
+    def run(t, status="RUNNING", history=(), objective=None, record=True, **tags):
+        r = client.create_run(exp_id, tags={"study": "align", "kind": "trial", "trial": str(t.number),
+                                             "mlflow.parentRunId": parent, **tags}).info.run_id
+        for step, v in enumerate(history):
+            client.log_metric(r, "ood/mean/dice", v, step=step)
+        if objective is not None:
+            client.log_metric(r, "objective", objective)
+        if status != "RUNNING":
+            client.set_terminated(r, status)
+        if record:
+            t.set_user_attr("mlflow_run", r)
+        return r
+
+    done = trial()
+    r_done = run(done, "FINISHED", [0.1, 0.3], objective=0.3)
+    pruned = trial()
+    r_pruned = run(pruned, "FINISHED", [0.05], stopped_by="TrialPruned: at epoch 0")
+    unscored = trial()  # died between ending its run FINISHED and logging the objective
+    r_unscored = run(unscored, "FINISHED", [0.2, 0.4])
+    training = trial()
+    r_training = run(training, "RUNNING", [0.2])
+    early = trial()  # died before its run existed
+    unrecorded = trial()  # died between creating its run and recording it
+    r_unrecorded = run(unrecorded, record=False)
+    live = trial(alive)
+    r_live = run(live, "RUNNING", [0.1])
+    told = trial(alive)
+    r_told = run(told, "RUNNING", [0.5], objective=0.5)
+    study.tell(told.number, 0.5)
+    told_bare = trial(alive)
+    r_told_bare = run(told_bare, "KILLED")
+    study.tell(told_bare.number, 0.7)
+    failed = trial(alive)  # failed as stale while its worker went on: its run ended FINISHED after that
+    r_failed = run(failed, "FINISHED", [0.9], objective=0.9)
+    study.tell(failed.number, state=FAIL)
+    twice = trial(alive)
+    r_twice = run(twice, "FINISHED", [0.6], objective=0.6)
+    r_twice_2 = run(twice, "FINISHED", [0.6], objective=0.6, record=False)
+    study.tell(twice.number, 0.6)
+
+    before = {r.info.run_id: r.info.status for r in tracked_runs(store, filter_string="tags.kind = 'trial'")}
+    preview = align_study(study, exp, store, fix=False)
+    assert {r.info.run_id: r.info.status for r in tracked_runs(store, filter_string="tags.kind = 'trial'")} == before
+    assert study.trials[training.number].state.name == "RUNNING"
+    changes = align_study(study, exp, store)
+    assert changes == preview, (changes, preview)
+    assert len(changes) == 11, changes
+
+    trials = {t.number: t for t in study.trials}
+    status = {r.info.run_id: r for r in tracked_runs(store, filter_string="tags.kind = 'trial'")}
+    assert trials[done.number].state == COMPLETE and trials[done.number].value == pytest.approx(0.3)
+    assert trials[pruned.number].state == PRUNED and status[r_pruned].info.status == "FINISHED"
+    assert trials[unscored.number].state == COMPLETE and trials[unscored.number].value == pytest.approx(0.4)
+    assert status[r_unscored].data.metrics["objective"] == pytest.approx(0.4)
+    assert trials[training.number].state == FAIL and status[r_training].info.status == "KILLED"
+    assert trials[training.number].user_attrs["fail_reason"].startswith("worker died")
+    assert status[r_training].data.tags["failure_reason"] == "worker died"
+    assert trials[early.number].state == FAIL and "no run recorded" in trials[early.number].user_attrs["fail_reason"]
+    assert trials[unrecorded.number].state == FAIL and status[r_unrecorded].info.status == "KILLED"
+    assert trials[unrecorded.number].user_attrs["mlflow_run"] == r_unrecorded  # linked while settling
+    assert trials[live.number].state.name == "RUNNING" and status[r_live].info.status == "RUNNING"
+    assert status[r_told].info.status == "FINISHED"
+    assert status[r_told_bare].info.status == "KILLED"  # no objective to show for COMPLETE: reported, not changed
+    assert status[r_failed].info.status == "KILLED" and status[r_failed].data.tags["superseded"] == "true"
+    assert {status[r_twice].info.status, status[r_twice_2].info.status} == {"FINISHED"}
+    assert status[r_done].info.status == "FINISHED"
+
+    problems = study_problems(study, exp, store)
+    assert len(problems) == 2, problems
+    assert any(f"trial {twice.number}" in p and r_twice in p and r_twice_2 in p for p in problems)
+    assert any(f"trial {told_bare.number}" in p and r_told_bare in p for p in problems)
+    assert align_study(study, exp, store) == []  # settled: nothing more to do
 
 
 def test_ui_serves_the_same_store(tmp_path):
