@@ -9,7 +9,8 @@ b. one extra imaging condition against one exit-wave simulation (``generation``)
 c. our time per multislice slice against the FFTs a slice needs on the same grid (``generation``);
 d. the training input pipeline against the rate the models consume and against a folder of .npy files
    (``training``);
-e. epoch time with and without MLflow logging and the OOD callback, at the demo's sizes (``training``).
+e. epoch time with and without MLflow logging and the OOD callback, at the demo's sizes (``training``);
+f. throughput of the demo sweep with 2 workers against 1, real ``sweep`` commands on fresh stores (``sweeps``).
 
 Timings are medians (or minima, for micro-benchmarks) of repeated runs; the machine may be shared, so the baseline of
 every ratio is measured next to what it is compared with.

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--only a,b,c,d,e] [--json FILE]``: run the sections, print one table."""
+"""``python -m benchmarks [--quick] [--only a,b,c,d,e,f] [--json FILE]``: run the sections, print one table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = "abcde"
+SECTIONS = "abcdef"
 
 
 def _sections(text: str) -> set[str]:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     warnings.filterwarnings("ignore")
 
-    from . import generation, training
+    from . import generation, sweeps, training
     from .table import render
 
     started = time.perf_counter()
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += generation.run(args.only, args.quick, args.workdir)
     if args.only & set("de"):
         rows += training.run(args.only, args.quick, args.workdir)
+    if "f" in args.only:
+        rows += sweeps.run(args.only, args.quick, args.workdir)
     elapsed = time.perf_counter() - started
     import torch
 

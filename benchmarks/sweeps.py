@@ -1,0 +1,86 @@
+"""Sweeps: (f) throughput of the demo sweep with 2 workers against 1 worker, measured in the same run.
+
+Both runs are the real ``python -m experiments sweep`` command on the demo's sweep definition and data (generated
+here with the demo's recipes, or reused from ``--workdir``), each on a fresh claims database and tracking store, so
+the second pays the same set-up as the first. Throughput is recorded units (cell x phase) per minute; the claims
+cost (queueing, leases, commits, aligning MLflow) is inside both. ``--quick`` runs the first seed only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from .table import Row, at_least
+
+
+def _demo_data(work: Path) -> None:
+    """The demo's datasets under work/demo/data (the demo configs read them relative to the working directory)."""
+    from datagen.pipeline import generate
+    from datagen.recipe import load_recipe
+    from experiments.demo import DATASETS
+
+    for name, recipe, n, seed, overrides in DATASETS:
+        generate(load_recipe(recipe, overrides), n=n, seed=seed, out=work / "demo" / "data" / name,
+                 workers=os.cpu_count() or 1, progress=False, dataset=name)
+
+
+def _sweep_file(work: Path, quick: bool) -> Path:
+    from experiments.demo import CONFIGS, SWEEP
+
+    spec = yaml.safe_load(SWEEP.read_text())
+    if quick:
+        spec["seeds"] = spec["seeds"][:1]
+    shutil.copy(CONFIGS / spec["base"], work / spec["base"])
+    path = work / "bench-sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _timed_sweep(work: Path, path: Path, workers: int) -> tuple[float, int]:
+    """Wall seconds of one sweep command on fresh stores, and the units it recorded."""
+    store = work / f"stores-{workers}"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir()
+    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", str(workers), "--quiet",
+           "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", f"sqlite:///{store / 'sweeps.db'}"]
+    started = time.perf_counter()
+    res = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    seconds = time.perf_counter() - started
+    if res.returncode != 0:
+        raise RuntimeError(f"sweep with {workers} worker(s) failed:\n{res.stderr[-3000:]}")
+    from experiments import claims
+
+    rows = claims.unit_rows(claims.open_engine(f"sqlite:///{store / 'sweeps.db'}"), "demo")
+    return seconds, sum(r["state"] == "done" for r in rows)
+
+
+def sweep_rows(work: Path, quick: bool) -> list[Row]:
+    if not (work / "demo" / "data" / "target-lowdose" / "manifest.json").is_file():
+        _demo_data(work)
+    path = _sweep_file(work, quick)
+    one_s, one_n = _timed_sweep(work, path, 1)
+    two_s, two_n = _timed_sweep(work, path, 2)
+    one_rate, two_rate = one_n / one_s * 60, two_n / two_s * 60
+    settings = f"demo sweep, {one_n} units ({'1 seed' if quick else 'all seeds'}), {os.cpu_count()} cores"
+    ratio = two_rate / one_rate
+    return [Row("f", "sweep throughput, 2 workers vs 1", settings, ours=two_rate, baseline=one_rate, ratio=ratio,
+                goal=">= 1.0x", met=at_least(ratio, 1.0), unit="units/min",
+                notes={"seconds_1_worker": one_s, "seconds_2_workers": two_s, "units": [one_n, two_n]})]
+
+
+def run(sections: set[str], quick: bool, workdir: Path | None = None) -> list[Row]:
+    if "f" not in sections:
+        return []
+    with tempfile.TemporaryDirectory(prefix="hrtem-bench-sweep-") as tmp:
+        work = Path(workdir or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        return sweep_rows(work, quick)
