@@ -75,11 +75,16 @@ def test_claims_record_each_unit_once_and_retry_only_the_units_own_failures(work
     assert (row["failures"], row["infra_failures"], row["error"]) == (2, 1, "unit error")
 
 
+def _dead_worker() -> str:
+    """The worker identity of a process that has exited."""
+    return subprocess.run([sys.executable, "-c", "from experiments.claims import worker_identity; "
+                           "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_a_claim_held_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
     from experiments import claims
 
-    dead = subprocess.run([sys.executable, "-c", "from experiments.claims import worker_identity; "
-                           "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
+    dead = _dead_worker()
     assert claims.holder_is_dead(dead) and not claims.holder_is_dead(claims.worker_identity())
     engine = claims.open_engine(f"sqlite:///{tmp_path / 'claims.db'}")
     claims.register_sweep(engine, "d", "fp", "exp", [(0, "all/s0", "pretrain")])
@@ -164,12 +169,6 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
 
 def _journal(path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-
-
-def _dead_worker() -> str:
-    """The worker identity of a process that has exited."""
-    return subprocess.run([sys.executable, "-c", "from experiments.claims import worker_identity; "
-                           "print(worker_identity())"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _assert_one_run_per_trial(study, runs):
