@@ -271,9 +271,11 @@ def _settled(row: dict, by_key: dict) -> bool:
     return row["phase"] == "finetune" and by_key[(row["cell"], "pretrain")]["state"] == FAILED
 
 
-def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress: bool = False) -> int:
-    """Claim and train units until every one is settled; returns the number this worker recorded."""
-    ctx = open_sweep(exp, storage_url, tracking_uri)
+def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress: bool = False,
+           ctx: SweepContext | None = None) -> int:
+    """Claim and train units until every one is settled; returns the number this worker recorded. ``ctx``: the
+    sweep as this process already opened it."""
+    ctx = ctx or open_sweep(exp, storage_url, tracking_uri)
     me = claims.worker_identity()
     cells = {c.index: c for c in cells_of(exp)}
     align_runs(ctx)
@@ -312,7 +314,7 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     tracking_uri = resolve_tracking_uri(tracking_uri)
     ctx = open_sweep(exp, storage_url, tracking_uri)
     if workers <= 1:
-        worker(exp, storage_url, tracking_uri, progress)
+        worker(exp, storage_url, tracking_uri, progress, ctx)
     else:  # each process loads the definition and joins the same queue, as a worker on another machine would
         run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,
                       f"sweep {exp.name}")
