@@ -168,12 +168,10 @@ def holder_is_dead(holder: str | None) -> bool:
 def _insert_ignoring_duplicates(conn, table: sa.Table, rows: list[dict]) -> None:
     if not rows:
         return
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-        conn.execute(insert(table).on_conflict_do_nothing(), rows)
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(conn.dialect.name)
+    if insert is not None:  # INSERT ... ON CONFLICT DO NOTHING
         conn.execute(insert(table).on_conflict_do_nothing(), rows)
     else:
         for row in rows:

@@ -45,17 +45,18 @@ def _cmd_sweep(args) -> int:
 def report_sweep_problems(summary: dict) -> bool:
     """Print (to stderr) every unit that is missing, recorded twice or descended from the wrong pretrain; True if
     there was any."""
+    from .sweep import record_problems
+
     for line in summary["aligned"]:
         print(f"aligned with the claims: {line}", file=sys.stderr)
     for unit, error in summary["failed"].items():
         print(f"failed beyond its retries: {unit}: {error}", file=sys.stderr)
     if summary["missing"]:
         print(f"not recorded: {', '.join(summary['missing'])}", file=sys.stderr)
-    for unit, ids in summary["duplicates"].items():
-        print(f"recorded more than once: {unit}: FINISHED runs {', '.join(ids)}", file=sys.stderr)
-    for line in summary["lineage"]:
-        print(f"wrong lineage: {line}", file=sys.stderr)
-    return bool(summary["missing"] or summary["duplicates"] or summary["lineage"])
+    problems = record_problems(summary)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return bool(summary["missing"] or problems)
 
 
 def _cmd_study(args) -> int:

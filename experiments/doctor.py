@@ -15,7 +15,7 @@ import time
 from . import claims
 from .claims import CLAIMED
 from .study import doctor_study
-from .sweep import load_sweep, summarize
+from .sweep import load_sweep, record_problems, summarize
 
 
 def doctor_sweep(name: str, storage_url: str | None, tracking_uri: str, fix: bool) -> tuple[list[str], bool]:
@@ -23,7 +23,7 @@ def doctor_sweep(name: str, storage_url: str | None, tracking_uri: str, fix: boo
     ctx = load_sweep(name, storage_url, tracking_uri)
     lines, now = [], time.time()
     held = [r for r in claims.unit_rows(ctx.engine, name) if r["state"] == CLAIMED]
-    stale = [r for r in held if claims.holder_is_dead(r["holder"]) or r["lease_until"] < now]
+    stale = [r for r in held if claims.claimable(r, now)]
     for r in stale:
         why = "its holder is dead" if claims.holder_is_dead(r["holder"]) else \
             f"its lease ran out {now - r['lease_until']:.0f} s ago"
@@ -32,13 +32,12 @@ def doctor_sweep(name: str, storage_url: str | None, tracking_uri: str, fix: boo
                      + (" -> given back" if released else ""))
     summary = summarize(ctx, fix=fix)
     lines += [f"run {line}" for line in summary["aligned"]]
-    lines += [f"recorded more than once: {unit}: FINISHED runs {', '.join(ids)}"
-              for unit, ids in summary["duplicates"].items()]
-    lines += [f"wrong lineage: {line}" for line in summary["lineage"]]
+    problems = record_problems(summary)
+    lines += problems
     live = len(held) - len(stale)
     lines.append(f"sweep {name}: units {summary['units_by_state']} ({live} held by live workers), runs by status "
                  f"{summary['runs_by_status']}")
-    left = bool(summary["duplicates"] or summary["lineage"] or (not fix and (stale or summary["aligned"])))
+    left = bool(problems or (not fix and (stale or summary["aligned"])))
     return lines, left
 
 

@@ -38,7 +38,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplatform.tracking import Superseded, find_runs, get_or_create_experiment, resolve_tracking_uri
+from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment, resolve_tracking_uri
 from mlplatform.train import train
 
 from . import claims
@@ -148,13 +148,6 @@ def _new_trial(study: optuna.Study, me: str) -> optuna.Trial:
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
 
 
-def _end_run(client: MlflowClient, run_id: str, status: str, reason: str, superseded: bool = False) -> None:
-    client.set_tag(run_id, "failure_reason", reason[:1000])
-    if superseded:
-        client.set_tag(run_id, "superseded", "true")
-    client.set_terminated(run_id, status)
-
-
 def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: str, me: str,
               progress: bool = False) -> FrozenTrial:
     """Create one trial, train it, and tell the storage how it ended; never raises for the trial's own failure
@@ -202,7 +195,7 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
             reason, interrupted = "interrupted", exc
     if state == COMPLETE and not math.isfinite(run["value"]):  # Optuna would fail the trial: the run must not count
         state, reason = FAIL, f"objective {run['value']} is not a finite number"
-        _end_run(client, run["id"], "FAILED", reason)
+        close_run(client, run["id"], "FAILED", reason)
     try:
         if state == FAIL:
             storage.set_trial_user_attr(tid, "fail_reason", reason[:1000])
@@ -215,7 +208,7 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
         why = (f"superseded: trial {trial.number} was settled as {frozen.state.name} by another process "
                f"({frozen.user_attrs.get('fail_reason', 'no reason recorded')}) before this worker recorded it")
         print(f"study {exp.name}: {why}; run {run['id']} ends KILLED", file=sys.stderr)
-        _end_run(client, run["id"], "KILLED", why, superseded=True)
+        close_run(client, run["id"], "KILLED", why, superseded=True)
     if interrupted is not None:
         raise interrupted
     return frozen
@@ -306,11 +299,11 @@ def _settle(study: optuna.Study, trial: FrozenTrial, why: str, run, info: _Study
         except ValueError as exc:
             lines.append(f"run {rid} (trial {trial.number}): FINISHED -> FAILED ({exc})")
             if fix:
-                _end_run(client, rid, "FAILED", f"no objective: {exc}")
+                close_run(client, rid, "FAILED", f"no objective: {exc}")
     elif status == "RUNNING":
         lines.append(f"run {rid} (trial {trial.number}): RUNNING -> KILLED ({WORKER_DIED})")
         if fix:
-            _end_run(client, rid, "KILLED", WORKER_DIED)
+            close_run(client, rid, "KILLED", WORKER_DIED)
     if state == FAIL:
         reason = why if run is not None else f"{why}; no run recorded"
         lines.insert(0, f"trial {trial.number}: RUNNING -> FAIL ({reason}{f'; run {rid} {status}' if rid else ''})")
@@ -382,14 +375,14 @@ def align_study(study: optuna.Study, exp: Experiment | None, tracking_uri: str, 
                 lines.append(f"run {rid} (trial {n}): RUNNING -> KILLED (its trial records run "
                              f"{t.user_attrs['mlflow_run']})")
                 if fix:
-                    _end_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
+                    close_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
             continue
         if t.state == FAIL:
             if status in ("RUNNING", "FINISHED"):
                 why = t.user_attrs.get("fail_reason", "no fail_reason recorded")
                 lines.append(f"run {rid} (trial {n}): {status} -> KILLED (trial {n} is FAIL: {why})")
                 if fix:
-                    _end_run(client, rid, "KILLED", f"superseded: trial {n} was failed ({why})" if status ==
+                    close_run(client, rid, "KILLED", f"superseded: trial {n} was failed ({why})" if status ==
                              "FINISHED" else f"trial {n} was failed ({why})", superseded=status == "FINISHED")
             continue
         # COMPLETE or PRUNED
@@ -398,7 +391,7 @@ def align_study(study: optuna.Study, exp: Experiment | None, tracking_uri: str, 
                 lines.append(f"run {rid} (trial {n}): RUNNING -> KILLED (trial {n} is {t.state.name} with run "
                              f"{t.user_attrs.get('mlflow_run')})")
                 if fix:
-                    _end_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
+                    close_run(client, rid, "KILLED", f"superseded: trial {n} records another run", superseded=True)
             continue
         if status == "FINISHED":
             continue

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
-from mlplatform.tracking import (Superseded, find_runs, get_or_create_experiment, is_insert_race,
+from mlplatform.tracking import (Superseded, close_run, find_runs, get_or_create_experiment, is_insert_race,
                                  resolve_tracking_uri)
 from mlplatform.train import train
 
@@ -194,10 +194,7 @@ def align_runs(ctx: SweepContext, fix: bool = True) -> list[str]:
                "its worker died" if row["state"] == CLAIMED else "its worker died or gave the unit back")
         changes.append(f"{rid} ({row['cell_key']}:{row['phase']}): RUNNING -> KILLED ({why})")
         if fix:
-            client.set_tag(rid, "failure_reason", f"closed by the sweep: {why}")
-            if superseded:
-                client.set_tag(rid, "superseded", "true")
-            client.set_terminated(rid, "KILLED")
+            close_run(client, rid, "KILLED", f"closed by the sweep: {why}", superseded)
     return changes
 
 
@@ -319,6 +316,13 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
         run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,
                       f"sweep {exp.name}")
     return summarize(ctx)
+
+
+def record_problems(summary: dict) -> list[str]:
+    """One line per unit recorded more than once or fine-tuned from another pretrain than its cell's recorded one."""
+    return ([f"recorded more than once: {unit}: FINISHED runs {', '.join(ids)}"
+             for unit, ids in summary["duplicates"].items()]
+            + [f"wrong lineage: {line}" for line in summary["lineage"]])
 
 
 def summarize(ctx: SweepContext, fix: bool = True) -> dict:

@@ -161,6 +161,14 @@ def is_insert_race(exc: BaseException) -> bool:
                                    "RESOURCE_ALREADY_EXISTS"))
 
 
+def close_run(client: MlflowClient, run_id: str, status: str, reason: str, superseded: bool = False) -> None:
+    """End a run left open by another process (a dead worker's, a superseded one's), saying why."""
+    client.set_tag(run_id, "failure_reason", _clip(reason, 1000))
+    if superseded:
+        client.set_tag(run_id, "superseded", "true")
+    client.set_terminated(run_id, status)
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal turned into KeyboardInterrupt, so that `finally` blocks and our __exit__ run."""
 
@@ -420,5 +428,5 @@ class TrackedRun:
         return info.model_uri
 
 
-__all__ = ["TrackedRun", "Interrupted", "Superseded", "resolve_tracking_uri", "get_or_create_experiment", "find_runs",
-           "load_model"]
+__all__ = ["TrackedRun", "Interrupted", "Superseded", "close_run", "resolve_tracking_uri",
+           "get_or_create_experiment", "find_runs", "load_model"]
