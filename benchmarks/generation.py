@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
@@ -30,22 +29,22 @@ def _recipe(name: str, overrides: list[str], engine: str):
 
 def _warm_up(factory) -> None:
     """Pay one-time costs (imports, numba, FFT plans, scattering factors) on a one-atom scene of the same grid."""
+    from datagen import image as image_stage
     from datagen.seeding import Streams
     from datagen.simulate import simulate
     from datagen.structures import Scene
-    from datagen import image as image_stage
 
     r = factory.recipe
     L, dz = r.structure.cell.extent_A, r.simulation.slice_thickness_A
     scene = Scene((L, L, 2 * dz), np.array([[L / 2, L / 2, dz / 2]]), np.array([79]), np.array([True]))
     waves = simulate(scene, r.simulation, Streams(SEED, 10**6), factory.backend)
     cond = image_stage.draw_condition(r.imaging, Streams(SEED, 10**6, 0))
-    image_stage.lens_intensity(waves.full, waves.sampling_A, cond, r.simulation.energy_eV)
+    image_stage.ExitWaveLens(waves.full, waves.sampling_A, r.simulation.energy_eV).intensity(cond)
 
 
 def _settings(recipe, n_structures: int, n_slices: list[int]) -> str:
     sim, im = recipe.simulation, recipe.imaging
-    from datagen.simulate import grid_points
+    from datagen.structures import grid_points
 
     n = grid_points(recipe.structure.cell.extent_A, sim.sampling_A)
     slices = f"{min(n_slices)}-{max(n_slices)}" if n_slices and min(n_slices) != max(n_slices) else \
@@ -69,13 +68,12 @@ def noise_free_image(lens, meta: dict, recipe) -> np.ndarray:
 def generation_rows(name: str, overrides: list[str], n_structures: int, workdir: Path) -> tuple[list[Row], dict]:
     """(a) for one recipe: time per sample, fast vs plain, and the accuracy of fast against plain."""
     from datagen.image import ExitWaveLens
-    from datagen.pipeline import SampleFactory
-    from datagen.structures import SubstrateBank
+    from datagen.pipeline import SampleFactory, prepare_substrate
 
     fast_r, plain_r = _recipe(name, overrides, "fast"), _recipe(name, overrides, "plain")
     cache = workdir / f"bank-{name}"
-    t_blocks, _ = timed(SubstrateBank(plain_r, SEED, cache).warm)  # czone blocks: needed by both engines
-    t_waves, _ = timed(SubstrateBank(fast_r, SEED, cache).warm)  # the fast engine's exit-wave bank
+    t_blocks, _ = timed(prepare_substrate, plain_r, SEED, cache)  # czone blocks: needed by both engines
+    t_waves, _ = timed(prepare_substrate, fast_r, SEED, cache)  # the fast engine's exit-wave bank
     fast = SampleFactory(fast_r, SEED, "bench", cache)
     plain = SampleFactory(plain_r, SEED, "bench", cache)
     _warm_up(fast)
@@ -136,39 +134,19 @@ def generation_rows(name: str, overrides: list[str], n_structures: int, workdir:
 def condition_rows(factory, settings: str, repeat: int) -> list[Row]:
     """(b): one more imaging condition (image + mask of a condition, on waves already simulated) against one
     exit-wave simulation (both scenes, all phonons, fast engine) of the same structure."""
-    from datagen import image as image_stage
-    from datagen import mask as mask_stage
-    from datagen.seeding import Streams
     from datagen.simulate import simulate
-    from datagen.structures import build_scene
 
     r = factory.recipe
-    streams = Streams(SEED, 0)
-    scene = build_scene(r, streams, factory.bank)
-    t_sim = min(timed(simulate, scene, r.simulation, streams, factory.backend)[0] for _ in range(repeat))
-    waves = simulate(scene, r.simulation, streams, factory.backend)
-    t_map, smooth = timed(mask_stage.particle_map, waves.particle, waves.sampling_A, r.mask)
-    grid_px = r.image_grid_px
-    pixel = r.structure.cell.extent_A / grid_px
-    meta = scene.metadata
-    centre = (meta["center_A"][1] / pixel, meta["center_A"][0] / pixel) if "center_A" in meta else None
-    radius_px = (meta.get("radius_A", 0.0) + r.structure.particle.margin_A) / pixel
-    per_condition = []
-    for v in range(r.imaging.n_conditions):
-        vs = streams.for_variant(v)
-        start = time.perf_counter()
-        cond = image_stage.draw_condition(r.imaging, vs)
-        intensity = image_stage.lens_intensity(waves.full, waves.sampling_A, cond, r.simulation.energy_eV)
-        crop = image_stage.choose_crop(r, grid_px, centre, radius_px, vs.rng("imaging.crop"))
-        image_stage.make_image(intensity, r, cond, crop, vs)
-        mask_stage.mask_on_image(smooth, r, crop)
-        per_condition.append(time.perf_counter() - start)
-    # the first condition also computes the waves' spectra, shared by all conditions of the structure
-    extra = median(per_condition[1:]) if len(per_condition) > 1 else per_condition[0]
+    structure = factory.simulate_structure(0)
+    t_sim = min(timed(simulate, structure.scene, r.simulation, structure.streams, factory.backend)[0]
+                for _ in range(repeat))
+    # the conditions of a structure share its waves' spectra (the lens) and its particle map, computed with it
+    per_condition = [timed(factory.image_variant, structure, v)[0] for v in range(r.imaging.n_conditions)]
+    extra = median(per_condition)
     return [Row("b", "extra imaging condition (s) vs one exit-wave simulation (s); ratio = ours / baseline",
                 settings, extra, t_sim, extra / t_sim, "<= 0.05", at_most(extra / t_sim, 0.05), "s",
-                notes={"first condition incl. shared spectra, s": per_condition[0],
-                       "particle map (shared by conditions), s": t_map})]
+                notes={"exit-wave spectra (shared by conditions), s": structure.timing_s["lens"],
+                       "particle map (shared by conditions), s": structure.timing_s["mask"]})]
 
 
 def synthetic_scene(extent_A: float, radius_A: float, carbon_A: float, seed: int = 0):
@@ -203,8 +181,10 @@ def slice_rows(quick: bool) -> list[Row]:
     our slices actually do (band-limiting the transmission function, the potential's real transforms, the
     propagation: how FFT-bound we are); plain abTEM against the same floor, for reference."""
     from datagen.recipe import Simulation
-    from datagen.simulate import AbtemBackend, FastEngine, phonon_displacements, slice_thicknesses
     from datagen.seeding import Streams
+    from datagen.simulate.backend import phonon_displacements, slice_thicknesses
+    from datagen.simulate.fast import FastEngine
+    from datagen.simulate.plain import AbtemBackend
 
     extent, radius, carbon, n_ph = (32.0, 8.0, 4.0, 2) if quick else (64.0, 10.0, 4.0, 8)
     sim = Simulation(n_phonons=n_ph, device="cpu")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from hrtem_core.config import read_yaml_mapping
+
 from .table import Row, at_least
 
 
@@ -35,7 +37,7 @@ def _demo_data(work: Path) -> None:
 def _sweep_file(work: Path, quick: bool) -> Path:
     from experiments.demo import CONFIGS, SWEEP
 
-    spec = yaml.safe_load(SWEEP.read_text())
+    spec = read_yaml_mapping(SWEEP, "sweep")
     if quick:
         spec["seeds"] = spec["seeds"][:1]
     shutil.copy(CONFIGS / spec["base"], work / spec["base"])

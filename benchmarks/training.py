@@ -34,7 +34,8 @@ FILTER = "-300 <= imaging.defocus_A <= 300 and structure.radius_A >= 31"
 def synthetic_dataset(root: Path, n: int, size: int = 512, per_shard: int = 22, seed: int = 0) -> Path:
     """A shard dataset of ``n`` samples (float32 counts, uint8 masks, metadata like au-large's) and the same samples
     as a plain folder of .npy and .json files (``root/folder``); returns the dataset folder."""
-    from datagen.shards import content_hash, encode_sample, file_sha256, sample_hash, write_shard
+    from hrtem_core.dataset import (SHARD_PATTERN, build_manifest, encode_sample, file_sha256, sample_hash,
+                                    utc_now, write_manifest, write_shard)
 
     rng = np.random.default_rng(seed)
     ds, folder = root / "shards", root / "folder"
@@ -63,13 +64,13 @@ def synthetic_dataset(root: Path, n: int, size: int = 512, per_shard: int = 22, 
         np.save(folder / f"{key}.mask.npy", mask)
         (folder / f"{key}.json").write_text(json.dumps(meta))
         if len(batch) == per_shard or i == n - 1:
-            name = f"shard-{len(shards):06d}.tar"
+            name = SHARD_PATTERN.format(len(shards))
             write_shard(ds / name, batch)
             shards.append({"name": name, "sha256": file_sha256(ds / name), "n_samples": len(batch),
                            "samples": [list(h) for h in all_hashes[-len(batch):]]})
             batch = []
-    manifest = {"name": "bench-512", "content_hash": content_hash(all_hashes), "n_samples": n, "shards": shards}
-    (ds / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(ds, build_manifest("bench-512", shards, generation={"kind": "benchmark", "seed": seed},
+                                      software={}, created_utc=utc_now()))
     return ds
 
 
@@ -291,12 +292,11 @@ def _timing(target: str, spent: list[float]):
 def epoch_times(data: dict[str, Path], uri: str, epochs: int, tracked: bool, ood: bool) -> dict[str, list[float]]:
     """Epoch seconds of one ``train.train`` run (the first epoch dropped: it pays one-time costs), and the seconds
     spent per epoch in MLflow's metric logging and in the OOD callback."""
-    import yaml
-
+    from hrtem_core.config import read_yaml_mapping
     from mlplatform.config import config_from_dict
     from mlplatform.train import train
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml").read_text())
+    config = read_yaml_mapping(Path(__file__).resolve().parents[1] / "experiments/configs/smoke.yaml")
     config["epochs"] = epochs
     config["data"]["train"][0]["path"] = str(data["tiny-seed1"])
     config["benchmarks"] = [{**b, "path": str(data[b["path"].split("/")[-1]])} for b in config["benchmarks"]] \
@@ -314,7 +314,7 @@ def epoch_times(data: dict[str, Path], uri: str, epochs: int, tracked: bool, ood
 
 
 def epoch_rows(work: Path, quick: bool) -> list[Row]:
-    from datagen.shards import read_manifest
+    from hrtem_core.dataset import read_manifest
 
     data = demo_data(work / "demo", quick)
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sys
 from pathlib import Path
 
-from .recipe import RecipeError, available_recipes, load_recipe
-from .shards import DatasetError
+from hrtem_core.cli import nonneg_int, positive_float, positive_int, run_command
+from hrtem_core.config import read_yaml_mapping
+
+from .recipe import available_recipes, load_recipe
 
 
 def _cmd_recipes(args) -> int:
-    import yaml
-
     for name, path in available_recipes().items():
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml_mapping(path, "recipe")
         print(f"{name:10s} {data.get('description', '').strip().splitlines()[0] if data.get('description') else ''}")
     return 0
 
@@ -49,7 +47,7 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .shards import verify_dataset
+    from hrtem_core.dataset import verify_dataset
 
     summary = verify_dataset(Path(args.dir))
     print(f"OK {args.dir}: {summary['n_samples']} samples in {summary['n_shards']} shards, "
@@ -73,33 +71,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = _nonneg_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m datagen", description="Synthetic HRTEM datasets with exact masks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate (or resume) a dataset")
     g.add_argument("--recipe", required=True, help="preset name (see 'recipes') or path to a YAML recipe")
     g.add_argument("--n", type=positive_int, required=True, help="number of samples (images)")
-    g.add_argument("--seed", type=_nonneg_int, required=True)
+    g.add_argument("--seed", type=nonneg_int, required=True)
     g.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
     g.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
                    help="local processes (default: all cores)")
@@ -149,11 +120,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (RecipeError, DatasetError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, interrupted="interrupted; run the same command again to resume")

@@ -21,11 +21,6 @@ from .distributions import sample
 from .recipe import Imaging, Recipe
 from .seeding import Streams
 
-# abTEM's polar symbols (Å for magnitudes, rad for angles); C10 is set through imaging.defocus_A
-_MAGNITUDES = ["C12", "C21", "C23", "C30", "C32", "C34", "C41", "C43", "C45", "C50", "C52", "C54", "C56"]
-_ANGLES = ["phi12", "phi21", "phi23", "phi32", "phi34", "phi41", "phi43", "phi45", "phi52", "phi54", "phi56"]
-ABERRATION_KEYS = {f"{s}_A" for s in _MAGNITUDES} | {f"{s}_rad" for s in _ANGLES}
-
 
 def fourier_resample(image: np.ndarray, shape: int) -> np.ndarray:
     """Band-limited resampling of a real periodic [row, col] image to ``shape x shape`` (keeps the mean)."""
@@ -92,9 +87,10 @@ def ctf_kwargs(cond: dict, energy_eV: float) -> dict:
 
 
 class ExitWaveLens:
-    """The exit waves of one structure, ready for many imaging conditions.
+    """The exit waves of one structure, ready for many imaging conditions: make one per structure and ask it for the
+    intensity of each condition.
 
-    The waves' spectra are computed once; each condition then costs abTEM's CTF kernel (aberrations, temporal
+    The waves' spectra are computed once, here; each condition then costs abTEM's CTF kernel (aberrations, temporal
     envelope, aperture, evaluated by :class:`abtem.CTF` on abTEM's (x, y) grid), one product and one inverse FFT per
     phonon configuration. FFTs by scipy.fft (pocketfft): deterministic."""
 
@@ -123,7 +119,8 @@ class ExitWaveLens:
         return np.ascontiguousarray(np.asarray(kernel, np.complex64).T)
 
     def intensity(self, cond: dict) -> np.ndarray:
-        """Phonon-averaged image intensity [row, col] on the potential grid, relative to the incident beam."""
+        """Phonon-averaged image intensity [row, col] on the potential grid, relative to the incident beam (vacuum
+        = 1)."""
         import scipy.fft
 
         from abtem.core.complex import abs2
@@ -131,19 +128,6 @@ class ExitWaveLens:
         waves = scipy.fft.ifft2(self.spectra * self.kernel(cond), axes=(-2, -1), workers=1, overwrite_x=True)
         intensity = abs2(waves).reshape(-1, *waves.shape[-2:])
         return intensity.sum(axis=0, dtype=np.float64) / intensity.shape[0]
-
-
-_LAST_LENS: list = []  # [waves, sampling, energy, ExitWaveLens]: the imaging conditions of a structure come in a row
-
-
-def lens_intensity(waves: np.ndarray, sampling_A: float, cond: dict, energy_eV: float) -> np.ndarray:
-    """Phonon-averaged image intensity [row, col] on the potential grid, relative to the incident beam (vacuum=1).
-
-    Consecutive calls with the same ``waves`` array (the conditions of one structure) share its spectra: pass a new
-    array, not one modified in place, for new waves."""
-    if not (_LAST_LENS and _LAST_LENS[0] is waves and _LAST_LENS[1:3] == [sampling_A, energy_eV]):
-        _LAST_LENS[:] = [waves, sampling_A, energy_eV, ExitWaveLens(waves, sampling_A, energy_eV)]
-    return _LAST_LENS[3].intensity(cond)
 
 
 def choose_crop(recipe: Recipe, grid_px: int, centre_px: tuple[float, float] | None, radius_px: float,

@@ -22,28 +22,22 @@ is written like ``generate``'s (shards, then the manifest last) and removed agai
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import defaultdict
-from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .recipe import canonical_json
-from .shards import (MANIFEST, SHARD_PATTERN, DatasetError, content_hash, encode_sample, file_sha256, sample_hash,
-                     write_atomic, write_shard)
+from hrtem_core.config import config_hash
+from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, build_manifest, check_output,
+                                encode_sample, file_sha256, sample_hash, software_versions, utc_now, write_manifest,
+                                write_shard)
+from hrtem_core.errors import InputError
+from hrtem_core.micrographs import SUFFIXES, as_image, as_mask, read_pages
 
-SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 MASK_SUFFIXES = tuple(f"{sep}{tag}" for tag in ("mask", "masks", "label", "labels") for sep in "_-")
 SHARD_BYTES = 256 << 20  # a new shard starts once a shard holds this much encoded sample data
 MAX_LISTED = 20
-
-
-class InputError(ValueError):
-    """Input files that cannot be imported; the message names the files and the problem."""
 
 
 def _names(items: list[str]) -> str:
@@ -116,89 +110,6 @@ def pair_files(images: list[str], masks: list[str]) -> list[tuple[str, str]]:
     return [(rel, claims[_stem(rel)][0]) for rel in images]
 
 
-# ------------------------------------------------------------------------------------------------ reading files
-
-
-def _to_gray(a: np.ndarray, name: str) -> np.ndarray:
-    """[H, W, C] with C = 2 (gray, alpha), 3 (RGB) or 4 (RGBA) -> [H, W] when it is gray; else InputError."""
-    n_colour = 3 if a.shape[-1] >= 3 else 1
-    colour, alpha = a[..., :n_colour], a[..., n_colour:]
-    if alpha.size and np.any(alpha != alpha.flat[0]):
-        raise InputError(f"{name}: has transparent pixels (alpha channel not constant); give a gray image")
-    if np.any(colour != colour[..., :1]):
-        raise InputError(f"{name}: is a colour image (its channels differ); give a gray image")
-    return colour[..., 0]
-
-
-def read_pages(path: Path, name: str) -> tuple[list[np.ndarray], str, bool]:
-    """(pages [H, W] or [H, W, C] as stored, original dtype, whether the file is a stack)."""
-    suffix = path.suffix.lower()
-    # readers raise anything from struct.error to NotImplementedError on a damaged or exotic file: all mean the same
-    try:
-        if suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-            if a.ndim not in (2, 3):
-                raise InputError(f"{name}: a .npy must be 2-D [H, W] or a 3-D stack [N, H, W], got shape {a.shape}")
-            return ([a] if a.ndim == 2 else list(a)), a.dtype.name, a.ndim == 3
-        if suffix == ".png":
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if getattr(im, "n_frames", 1) > 1:
-                    raise InputError(f"{name}: animated PNG ({im.n_frames} frames); give one image per file or a "
-                                     "TIFF stack")
-                im = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette indices are not the values
-                a = np.asarray(im)
-            return [a], a.dtype.name, False
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            pages = [p for p in tif.pages if not p.is_reduced]  # skip thumbnails and pyramid levels
-            out = []
-            for i, page in enumerate(pages):
-                where = f"{name} page {i}" if len(pages) > 1 else name
-                sep, depth, h, w, contig = page.shaped
-                rgb = page.photometric == tifffile.PHOTOMETRIC.RGB
-                gray = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
-                if depth != 1 or not (rgb or (gray and page.samplesperpixel == 1)):
-                    raise InputError(f"{where}: unsupported TIFF layout (photometric {page.photometric.name}, "
-                                     f"{page.samplesperpixel} samples per pixel, depth {depth}); give gray pages")
-                a = np.moveaxis(page.asarray().reshape(page.shaped)[:, 0], 0, -1).reshape(h, w, sep * contig)
-                out.append(a if rgb else a[..., 0])
-            if not out:
-                raise InputError(f"{name}: the TIFF holds no image")
-            return out, out[0].dtype.name, len(out) > 1
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from None
-
-
-def _plane(a: np.ndarray, name: str) -> np.ndarray:
-    if a.ndim == 3 and a.shape[-1] in (2, 3, 4):
-        a = _to_gray(a, name)
-    if a.ndim != 2 or 0 in a.shape:
-        raise InputError(f"{name}: not a 2-D image (shape {a.shape})")
-    if a.dtype.kind not in "biuf":
-        raise InputError(f"{name}: unsupported value type {a.dtype}")
-    return a
-
-
-def as_image(a: np.ndarray, name: str) -> np.ndarray:
-    image = _plane(a, name).astype(np.float32)  # the values as recorded: normalising is the model's business
-    if not np.isfinite(image).all():  # float64 values beyond float32's range become inf here too
-        raise InputError(f"{name}: has non-finite values (NaN or inf as float32)")
-    return image
-
-
-def as_mask(a: np.ndarray, name: str) -> np.ndarray:
-    mask = _plane(a, name)
-    values = np.unique(mask)
-    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-        raise InputError(f"{name}: mask values must be 0/1, 0/255 or bool, found {_names([f'{v:g}' for v in values])}")
-    return (mask != 0).astype(np.uint8)
-
-
 def _layout(stack: bool, n: int) -> str:
     return f"a stack of {n} page(s)" if stack else "a single image"
 
@@ -226,34 +137,6 @@ def read_pair(images_root: Path, image: str, masks_root: Path, mask: str) -> lis
 # ------------------------------------------------------------------------------------------------------- import
 
 
-def _versions() -> dict:
-    from .pipeline import software_versions
-
-    out = software_versions()
-    for dist in ("tifffile", "pillow"):
-        out[dist] = importlib_metadata.version(dist)
-    return out
-
-
-def _check_output(out: Path, ident: dict) -> dict | None:
-    """The manifest when ``out`` holds this very import already, None when ``out`` is free; else refuses."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise DatasetError(f"--out {out}: exists and is not a folder")
-    if (out / MANIFEST).is_file():
-        manifest = json.loads((out / MANIFEST).read_text())
-        found = manifest.get("generation") or {}
-        if found == ident:
-            return manifest
-        diffs = [f"{k}: existing {found.get(k)!r}, requested {ident[k]!r}" for k in ident if found.get(k) != ident[k]]
-        raise DatasetError(f"--out {out} holds a different dataset ({'; '.join(diffs)}); refusing to mix them. "
-                           "Use a new folder.")
-    if any(out.iterdir()):
-        raise DatasetError(f"--out {out}: folder is not empty and holds no dataset; choose a new or empty folder")
-    return None
-
-
 def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, name: str | None = None,
                    dose_e_per_A2: float | None = None, split: str = "test") -> tuple[dict, bool]:
     """Import micrographs and masks as a dataset at ``out``; returns (manifest, whether it was already there)."""
@@ -276,12 +159,10 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
               "mask_sha256": file_sha256(masks_root / m)} for i, m in pairs]
     params = {"pixel_size_A": float(pixel_size_A),
               "dose_e_per_A2": None if dose_e_per_A2 is None else float(dose_e_per_A2), "split": split}
-    from .pipeline import FORMAT_VERSION
-
     ident = {"format_version": FORMAT_VERSION, "kind": "import", "dataset": name, **params,
-             "inputs_sha256": hashlib.sha256(canonical_json(files).encode()).hexdigest()}
-    done = _check_output(out, ident)
-    if done is not None:
+             "inputs_sha256": config_hash(files)}
+    state, done = check_output(out, ident)
+    if state == "done":
         return done, True
 
     # every pair is read and checked before anything is written; the arrays are read again to write them, so
@@ -297,7 +178,7 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
         raise InputError(f"{len(problems)} of {len(pairs)} pair(s) cannot be imported: "
                          + "; ".join(problems[:5]) + more)
 
-    versions, now = _versions(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    versions, now = software_versions(extra=("tifffile", "pillow")), utc_now()
     new_dirs = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -339,25 +220,12 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
                     flush()
         if samples:
             flush()
-        manifest = {
-            "name": name,
-            "format_version": FORMAT_VERSION,
-            "recipe": None,
-            "recipe_hash": None,
-            "seed": None,
-            "n_samples": len(hashes),
-            "n_structures": len(pairs),
-            "content_hash": content_hash([tuple(h) for h in hashes]),
-            "shards": shards,
-            "wave_shards": [],
-            "source": {"kind": "experimental", "images": str(images.resolve()), "masks": str(masks.resolve()),
-                       **params, "import_time_utc": now, "files": files},
-            "generation": ident,
-            "software": versions,
-            "created_utc": now,
-        }
+        manifest = build_manifest(
+            name, shards, generation=ident, software=versions, created_utc=now, n_structures=len(pairs),
+            source={"kind": "experimental", "images": str(images.resolve()), "masks": str(masks.resolve()),
+                    **params, "import_time_utc": now, "files": files})
         written.append(out / MANIFEST)
-        write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_manifest(out, manifest)
     except BaseException:
         # nothing partial stays behind: this run's shards, their temporary files, and the folders it made
         for path in written:

@@ -1,6 +1,6 @@
 """Looking at a dataset: a contact sheet of images with their mask outlines, and metadata distributions.
 
-Both read through :func:`datagen.shards.iter_dataset`, one sample at a time: the contact sheet stops after its
+Both read through :func:`hrtem_core.dataset.iter_dataset`, one sample at a time: the contact sheet stops after its
 panels, and ``dataset_info`` keeps scalars only, never images.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import iter_dataset, read_manifest, write_atomic
+from hrtem_core.dataset import iter_dataset, read_manifest
+from hrtem_core.files import write_atomic
 
 MAX_PANELS = 64
 COLUMNS = 4

@@ -11,40 +11,30 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform as _platform
 import shutil
 import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
+from hrtem_core.config import canonical_json
+from hrtem_core.dataset import (FORMAT_VERSION, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
+                                check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
+                                utc_now, write_atomic, write_manifest, write_shard)
+
 from . import image as image_stage
 from . import mask as mask_stage
-from .recipe import Recipe, canonical_json, recipe_from_dict
+from .recipe import Recipe, recipe_from_dict
 from .seeding import Streams
-from .shards import (MANIFEST, SHARD_PATTERN, WAVE_SHARD_PATTERN, DatasetError, content_hash, encode_sample,
-                     file_sha256, sample_hash, to_jsonable, write_atomic, write_shard)
-from .simulate import get_backend, simulate
-from .structures import SubstrateBank, build_scene
+from .cache import ArrayCache
+from .simulate import ExitWaves, get_backend, simulate, warm_substrate_waves
+from .structures import Scene, SubstrateBank, build_scene
 
 PROGRESS_DIR = ".progress"
-FORMAT_VERSION = 1
-
-
-def software_versions() -> dict:
-    out = {"python": _platform.python_version()}
-    for dist in ("hrtem-curation", "numpy", "scipy", "abTEM", "czone", "ase", "webdataset", "pymatgen"):
-        try:
-            out[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 @dataclass(frozen=True)
@@ -78,20 +68,59 @@ def sample_key(structure: int, variant: int) -> str:
     return f"{structure:07d}_{variant:02d}"
 
 
+@dataclass
+class SimulatedStructure:
+    """One structure after the structure and simulate stages: what its imaging variants share."""
+
+    index: int
+    streams: Streams
+    scene: Scene
+    waves: ExitWaves
+    lens: image_stage.ExitWaveLens
+    particle_map: np.ndarray | None  # smoothed particle indicator on the potential grid (mask.particle_map)
+    centre_px: tuple[float, float] | None  # particle centre on the image grid, [row, col]; None without a particle
+    radius_px: float  # particle radius plus its margin, in image pixels (0 without a particle)
+    timing_s: dict  # seconds: structure, simulate, lens (the waves' spectra), mask (the particle map)
+
+
+@dataclass
+class ImagingVariant:
+    """One imaging condition of a structure: the detected image and its mask, cropped alike."""
+
+    condition: dict
+    crop_px: tuple[int, int]  # top-left corner of the crop on the image grid, [row, col]
+    image: np.ndarray
+    image_meta: dict
+    mask: np.ndarray
+    mask_meta: dict
+    timing_s: dict  # seconds: image, mask
+
+
+def prepare_substrate(recipe: Recipe, seed: int, cache_dir: Path) -> None:
+    """Build the dataset's substrate bank into the cache in ``cache_dir``: its blocks and, for the fast engine, their
+    exit waves. The driver calls this once, before workers start; they read the bank from the cache."""
+    cache = ArrayCache(cache_dir)
+    bank = SubstrateBank(recipe, seed, cache)
+    bank.build_blocks()
+    warm_substrate_waves(bank, cache)
+
+
 class SampleFactory:
-    """Makes the samples of one structure. One per process; holds the backend and the substrate bank."""
+    """Makes the samples of one structure. One per process; holds the backend and the substrate bank, and the cache
+    in ``cache_dir`` (None: memory) that both keep what is computed once per dataset in."""
 
     def __init__(self, recipe: Recipe, seed: int, dataset: str, cache_dir: Path | None):
         self.recipe = recipe
         self.seed = seed
         self.dataset = dataset
         self.recipe_hash = recipe.hash()
-        self.bank = SubstrateBank(recipe, seed, cache_dir)
-        self.backend = get_backend(recipe.simulation.backend)
+        cache = ArrayCache(cache_dir) if cache_dir else None
+        self.bank = SubstrateBank(recipe, seed, cache)
+        self.backend = get_backend(recipe.simulation.backend, cache)
         self.versions = software_versions()
 
-    def structure_samples(self, s: int, n_variants: int, keep_waves: bool = False):
-        """[(key, arrays, metadata)] for the imaging variants of structure ``s`` (and its waves if kept)."""
+    def simulate_structure(self, s: int) -> SimulatedStructure:
+        """Scene, exit waves, lens and particle map of structure ``s``."""
         r = self.recipe
         streams = Streams(self.seed, s)
         t0 = time.perf_counter()
@@ -101,31 +130,50 @@ class SampleFactory:
         t2 = time.perf_counter()
         smooth_mask = mask_stage.particle_map(waves.particle, waves.sampling_A, r.mask)
         t3 = time.perf_counter()
-        st_meta = to_jsonable(scene.metadata)
+        lens = image_stage.ExitWaveLens(waves.full, waves.sampling_A, r.simulation.energy_eV)
+        t4 = time.perf_counter()
         pixel = r.structure.cell.extent_A / r.image_grid_px
-        grid_px = r.image_grid_px
         centre = None
         radius_px = 0.0
-        if "center_A" in st_meta:
-            cx, cy = st_meta["center_A"][0], st_meta["center_A"][1]
+        if scene.particle is not None:
+            cx, cy = scene.particle.center_A[0], scene.particle.center_A[1]
             centre = (cy / pixel, cx / pixel)
-            radius_px = (st_meta["radius_A"] + r.structure.particle.margin_A) / pixel
+            radius_px = (scene.particle.radius_A + r.structure.particle.margin_A) / pixel
+        return SimulatedStructure(s, streams, scene, waves, lens, smooth_mask, centre, radius_px,
+                                  {"structure": t1 - t0, "simulate": t2 - t1, "mask": t3 - t2, "lens": t4 - t3})
+
+    def image_variant(self, structure: SimulatedStructure, v: int) -> ImagingVariant:
+        """Imaging condition ``v`` of a simulated structure: its image and mask."""
+        r = self.recipe
+        vs = structure.streams.for_variant(v)
+        tv0 = time.perf_counter()
+        cond = image_stage.draw_condition(r.imaging, vs)
+        intensity = structure.lens.intensity(cond)
+        crop = image_stage.choose_crop(r, r.image_grid_px, structure.centre_px, structure.radius_px,
+                                       vs.rng("imaging.crop"))
+        img, img_meta = image_stage.make_image(intensity, r, cond, crop, vs)
+        tv1 = time.perf_counter()
+        mask, mask_meta = mask_stage.mask_on_image(structure.particle_map, r, crop)
+        tv2 = time.perf_counter()
+        return ImagingVariant(cond, crop, img, img_meta, mask, mask_meta, {"image": tv1 - tv0, "mask": tv2 - tv1})
+
+    def structure_samples(self, s: int, n_variants: int, keep_waves: bool = False):
+        """[(key, arrays, metadata)] for the imaging variants of structure ``s`` (and its waves if kept)."""
+        r = self.recipe
+        st = self.simulate_structure(s)
+        waves, centre = st.waves, st.centre_px
+        st_meta = to_jsonable(st.scene.metadata)
+        # structure, simulation, the lens and the particle map are shared by the variants: their cost is split
+        shared = {k: v / n_variants for k, v in st.timing_s.items()}
         out = []
         for v in range(n_variants):
-            vs = streams.for_variant(v)
-            tv0 = time.perf_counter()
-            cond = image_stage.draw_condition(r.imaging, vs)
-            intensity = image_stage.lens_intensity(waves.full, waves.sampling_A, cond, r.simulation.energy_eV)
-            crop = image_stage.choose_crop(r, grid_px, centre, radius_px, vs.rng("imaging.crop"))
-            img, img_meta = image_stage.make_image(intensity, r, cond, crop, vs)
-            tv1 = time.perf_counter()
-            mask, mask_meta = mask_stage.mask_on_image(smooth_mask, r, crop)
-            tv2 = time.perf_counter()
+            variant = self.image_variant(st, v)
+            cond, crop = variant.condition, variant.crop_px
             structure = dict(st_meta)
             structure["structure_index"] = s
             if centre is not None:
                 structure["center_px"] = [centre[0] - crop[0], centre[1] - crop[1]]
-            imaging = {**cond, "C10_A": -cond["defocus_A"], **img_meta,
+            imaging = {**cond, "C10_A": -cond["defocus_A"], **variant.image_meta,
                        "focal_spread_convention": "standard deviation"}
             key = sample_key(s, v)
             meta = {
@@ -136,19 +184,19 @@ class SampleFactory:
                 "structure": structure,
                 "simulation": waves.metadata,
                 "imaging": imaging,
-                "mask": mask_meta,
+                "mask": variant.mask_meta,
                 "provenance": {
                     "recipe": r.name,
                     "recipe_hash": self.recipe_hash,
                     "versions": self.versions,
-                    "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created_utc": utc_now(),
                     "host": socket.gethostname(),
-                    # structure and simulation are shared by the variants of a structure: their cost is split
-                    "timing_s": {"structure": (t1 - t0) / n_variants, "simulate": (t2 - t1) / n_variants,
-                                 "image": tv1 - tv0, "mask": (t3 - t2) / n_variants + tv2 - tv1},
+                    "timing_s": {"structure": shared["structure"], "simulate": shared["simulate"],
+                                 "image": shared["lens"] + variant.timing_s["image"],
+                                 "mask": shared["mask"] + variant.timing_s["mask"]},
                 },
             }
-            out.append((key, {"image.npy": img, "mask.npy": mask}, to_jsonable(meta)))
+            out.append((key, {"image.npy": variant.image, "mask.npy": variant.mask}, to_jsonable(meta)))
         wave_record = None
         if keep_waves:
             wave_arrays = {"wave.npy": waves.full}
@@ -225,30 +273,6 @@ def _run_identity(recipe: Recipe, seed: int, n: int, keep_waves: bool, dataset: 
             "seed": seed, "n_samples": n, "keep_waves": keep_waves, "dataset": dataset}
 
 
-def _check_output(out: Path, ident: dict) -> str:
-    """'new', 'resume' or 'done'; refuses a folder that holds something else."""
-    if not out.exists():
-        return "new"
-    if not out.is_dir():
-        raise DatasetError(f"--out {out}: exists and is not a folder")
-    found = None
-    manifest = out / MANIFEST
-    run_file = out / PROGRESS_DIR / "run.json"
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())["generation"]
-    elif run_file.is_file():
-        found = json.loads(run_file.read_text())
-    elif any(out.iterdir()):
-        raise DatasetError(f"--out {out}: folder is not empty and holds no dataset; choose a new or empty folder")
-    else:
-        return "new"
-    diffs = [f"{k}: existing {found.get(k)!r}, requested {ident[k]!r}" for k in ident if found.get(k) != ident[k]]
-    if diffs:
-        raise DatasetError(f"--out {out} holds a dataset from a different recipe, seed or size; refusing to mix "
-                           f"them ({'; '.join(diffs)}). Use a new folder.")
-    return "done" if manifest.is_file() else "resume"
-
-
 def _finished_records(out: Path, plan: Plan) -> dict[int, dict]:
     done = {}
     for shard in range(plan.n_shards):
@@ -274,9 +298,9 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     out = Path(out)
     dataset = dataset or f"{recipe.name}-seed{seed}"  # not the folder name: the same command gives the same hash anywhere
     ident = _run_identity(recipe, seed, n, keep_waves, dataset)
-    state = _check_output(out, ident)
+    state, manifest = check_output(out, ident, progress_file=out / PROGRESS_DIR / "run.json")
     if state == "done":
-        return json.loads((out / MANIFEST).read_text())
+        return manifest
     plan = Plan(n, recipe.imaging.n_conditions, recipe.output.structures_per_shard)
     progress_dir = out / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +319,7 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     try:
         if todo:
             # the substrate bank is built once, here, before workers start; they read it from the cache
-            SubstrateBank(recipe, seed, cache_dir).warm()
+            prepare_substrate(recipe, seed, cache_dir)
         if workers == 1 or len(todo) <= 1:
             factory = SampleFactory(recipe, seed, dataset, cache_dir) if todo else None
             for shard in todo:
@@ -320,26 +344,14 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     elapsed = time.perf_counter() - started
 
     shards = [records[s] for s in range(plan.n_shards)]
-    all_hashes = [tuple(h) for rec in shards for h in rec["samples"]]
+    n_done = sum(rec["n_samples"] for rec in shards)
     timing = {k: sum(rec["timing_s"][k] for rec in shards) for k in shards[0]["timing_s"]}
-    manifest = {
-        "name": dataset,
-        "format_version": FORMAT_VERSION,
-        "recipe": recipe.resolved(),
-        "recipe_hash": recipe.hash(),
-        "seed": seed,
-        "n_samples": len(all_hashes),
-        "n_structures": plan.n_structures,
-        "imaging_conditions_per_structure": plan.variants,
-        "content_hash": content_hash(all_hashes),
-        "shards": [{k: rec[k] for k in ("name", "sha256", "n_samples", "samples")} for rec in shards],
-        "wave_shards": [rec["wave_shard"] for rec in shards if "wave_shard" in rec],
-        "generation": ident,
-        "software": software_versions(),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing_s": {"per_sample_by_stage": {k: v / len(all_hashes) for k, v in timing.items()},
-                     "this_run_wall": elapsed},
-    }
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    manifest = build_manifest(
+        dataset, shards, generation=ident, software=software_versions(), created_utc=utc_now(),
+        recipe=recipe.resolved(), recipe_hash=recipe.hash(), seed=seed, n_structures=plan.n_structures,
+        imaging_conditions_per_structure=plan.variants,
+        wave_shards=[rec["wave_shard"] for rec in shards if "wave_shard" in rec],
+        timing_s={"per_sample_by_stage": {k: v / n_done for k, v in timing.items()}, "this_run_wall": elapsed})
+    write_manifest(out, manifest)
     shutil.rmtree(progress_dir, ignore_errors=True)
     return manifest

@@ -7,21 +7,21 @@ mrad, rad, e/Å²).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hrtem_core.config import apply_overrides, config_hash, read_yaml_mapping, validate
+from hrtem_core.errors import ConfigError
 
 from .distributions import Param, bounds
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe that cannot be used; the message names the key, the value and what is allowed."""
 
 
@@ -163,6 +163,13 @@ class Simulation(_Section):
         return self
 
 
+# abTEM's polar aberration symbols (Å for magnitudes, rad for angles); C10 is set through imaging.defocus_A. The
+# schema of imaging.aberrations: the image stage passes these names to abTEM's CTF.
+ABERRATION_MAGNITUDES = ("C12", "C21", "C23", "C30", "C32", "C34", "C41", "C43", "C45", "C50", "C52", "C54", "C56")
+ABERRATION_ANGLES = ("phi12", "phi21", "phi23", "phi32", "phi34", "phi41", "phi43", "phi45", "phi52", "phi54", "phi56")
+ABERRATION_KEYS = frozenset({f"{s}_A" for s in ABERRATION_MAGNITUDES} | {f"{s}_rad" for s in ABERRATION_ANGLES})
+
+
 class Imaging(_Section):
     n_conditions: int = Field(default=1, ge=1)
     """Imaging conditions (images) per simulated structure, each drawn independently."""
@@ -184,8 +191,6 @@ class Imaging(_Section):
     @field_validator("aberrations")
     @classmethod
     def _check_aberrations(cls, value: dict[str, Any]):
-        from .image import ABERRATION_KEYS  # the allowed names live beside the code that uses them
-
         for key in value:
             if key not in ABERRATION_KEYS:
                 raise ValueError(
@@ -286,82 +291,11 @@ class Recipe(_Section):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.resolved()).encode()).hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return config_hash(self.resolved())
 
 
 def available_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
-
-
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in nested mappings, creating sections; a whole-number part indexes a list (``data.train.0.x``)."""
-    keys = dotted.split(".")
-    node: Any = data
-    for i, key in enumerate(keys):
-        where = ".".join(keys[: i + 1])
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"--set {dotted}: '{where}' indexes a list of {len(node)} items; use 0..{len(node) - 1}")
-            if last:
-                node[int(key)] = value
-            else:
-                node = node[int(key)]
-            continue
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {dotted}: '{'.'.join(keys[:i])}' is a value ({node!r}), not a section with keys")
-        if last:
-            node[key] = value
-        else:
-            if node.get(key) is None:
-                node[key] = {}
-            node = node[key]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``dotted.key=value`` with the value read as YAML (so numbers, lists and ``{dist: ...}`` mappings work)."""
-    if "=" not in text:
-        raise RecipeError(f"--set {text!r}: expected dotted.key=value, e.g. --set imaging.dose_e_per_A2=800")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"--set {text!r}: the key {key!r} is not a dotted key like imaging.dose_e_per_A2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
-    return key, value
-
-
-def format_validation_error(what: str, exc: ValidationError) -> str:
-    """One line per problem: dotted key, what is wrong, the value; ``what`` names the file ("recipe x.yaml")."""
-    lines = [f"invalid {what}:"]
-    for err in exc.errors():
-        # pydantic names union branches in the location ("tagged-union[...]", "uniform"): not recipe keys
-        loc = ".".join(str(p) for p in err["loc"]
-                       if not (isinstance(p, str) and (p in _DIST_TAGS or "[" in p)))
-        value = err.get("input")
-        if isinstance(value, dict) and "dist" in value and err["type"] in ("float_type", "float_parsing"):
-            continue  # a distribution that failed: its own error says why; "not a number" adds nothing
-        if err["type"] == "model_attributes_type" and not isinstance(value, dict):
-            continue  # a scalar where a number or a distribution goes: the number error says it
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the recipe reference")
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        shown = repr(value)
-        if "got" in msg or len(shown) > 120 or not loc:
-            lines.append(f"  {loc + ': ' if loc else ''}{msg}")
-        else:
-            lines.append(f"  {loc}: {msg} (got {shown})")
-    return "\n".join(lines)
-
-
-_DIST_TAGS = {"uniform", "normal", "truncnormal", "loguniform", "choice", "float", "int"}
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -375,20 +309,15 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
             f"recipe {str(name_or_path)!r} is neither a preset ({', '.join(presets)}) nor an existing YAML file"
         )
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "recipe")
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
     return recipe_from_dict(data, overrides, source=str(path))
 
 
 def recipe_from_dict(data: dict, overrides=(), source: str = "<dict>") -> Recipe:
-    data = json.loads(json.dumps(data))  # deep copy, and YAML oddities (dates, sets) fail here, not later
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(data, key, value)
     try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(f"recipe {source}", exc)) from None
+        data = apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
+    return validate(Recipe, data, f"recipe {source}", RecipeError)

@@ -15,8 +15,9 @@ right behind the particle in both scenes: no vacuum propagation blurs it.
 The substrate comes from a small per-dataset bank of periodic amorphous blocks, placed by operations that map the
 simulation grid onto itself: a shift by whole grid pixels, quarter turns about the cell centre and a mirror. A placed
 block's projected potential, and the exit wave of a plane wave through it, are then exactly the block's own, moved
-(see ``simulate.FastEngine``): the expensive part of a substrate is computed once per dataset, not once per structure.
+(see ``simulate.fast``): the expensive part of a substrate is computed once per dataset, not once per structure.
 The scene records where its substrate atoms come from (:class:`SubstratePlacement`) so the simulation can use that.
+The bank's blocks are kept in a cache passed in by the caller (the pipeline's ``ArrayCache``), or in memory.
 
 czone's own defect prefab draws from an unseeded RNG and its amorphous generator from numpy's global RNG. Defect
 planes are therefore chosen here from our seeded stream and assembled with czone's primitives (generators, volumes,
@@ -30,7 +31,6 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -75,6 +75,14 @@ class SubstratePlacement:
         return xy
 
 
+@dataclass(frozen=True)
+class ParticleSphere:
+    """The sphere a scene's particle was cut from: centre (x, y, z) in Å in the scene's cell, radius in Å."""
+
+    center_A: tuple[float, float, float]
+    radius_A: float
+
+
 @dataclass
 class Scene:
     """Atoms of one scene in Å, beam along +z, cell ``[0, Lx) x [0, Ly) x [0, Lz)`` periodic laterally.
@@ -87,10 +95,12 @@ class Scene:
     is_particle: np.ndarray  # (N,) bool
     metadata: dict = field(default_factory=dict)
     substrate: SubstratePlacement | None = None
+    particle: ParticleSphere | None = None  # None: no particle
 
     def particle_only(self) -> "Scene":
         keep = self.is_particle
-        return Scene(self.cell_A, self.positions[keep], self.numbers[keep], keep[keep], self.metadata)
+        return Scene(self.cell_A, self.positions[keep], self.numbers[keep], keep[keep], self.metadata,
+                     particle=self.particle)
 
 
 def _atomic_number(symbol: str) -> int:
@@ -263,7 +273,8 @@ def make_substrate_block(s: Substrate, extent_A: float, thickness_A: float, seed
 
 
 class SubstrateBank:
-    """The dataset's substrate blocks, built once and cached as .npy files (pure function of recipe and seed).
+    """The dataset's substrate blocks, built once (a pure function of recipe and seed) and kept in ``cache`` (an
+    ``ArrayCache``, shared by the processes that make a dataset) or, without one, in memory.
 
     Each block also carries its own frozen-phonon configurations (:meth:`displacements`): a structure's phonon
     configuration ``i`` displaces its substrate atoms by the block's configuration ``i`` (turned with the block), and
@@ -275,36 +286,31 @@ class SubstrateBank:
     through a block is a pure function of (block, configuration) and is computed once per dataset.
     """
 
-    def __init__(self, recipe: Recipe, dataset_seed: int, cache_dir: Path | None):
+    def __init__(self, recipe: Recipe, dataset_seed: int, cache=None):
         self.recipe = recipe
         self.s = recipe.structure.substrate
         self.extent = recipe.structure.cell.extent_A
         self.max_thickness = bounds(self.s.thickness_A)[1]
         self.bank_seed = Streams(dataset_seed, -1).int_seed("substrate.bank")
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache = cache
         self._blocks: dict[int, np.ndarray] = {}
         self._displacements: dict[tuple, np.ndarray] = {}
-        self.simulation_cache: dict = {}  # the simulation stage's per-process state of this bank (exit waves)
 
     def key(self, index: int) -> str:
         return substrate_block_key(self.s, self.extent, self.max_thickness, self.bank_seed, index)
 
     def block(self, index: int) -> np.ndarray:
-        if index in self._blocks:
-            return self._blocks[index]
-        path = self.cache_dir / f"substrate-{self.key(index)}.npy" if self.cache_dir else None
-        if path is not None and path.exists():
-            block = np.load(path)
-        else:
-            block = make_substrate_block(self.s, self.extent, self.max_thickness,
-                                         Streams(self.bank_seed, index).int_seed("substrate.block"))
-            if path is not None:
-                from .shards import npy_bytes, write_atomic
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(path, npy_bytes(block))
-        self._blocks[index] = block
-        return block
+        """Positions (N, 3) in Å of block ``index``, z from 0 to the thickest cut."""
+        if index not in self._blocks:
+            name = f"substrate-{self.key(index)}"
+            block = None if self.cache is None else self.cache.get(name)
+            if block is None:
+                block = make_substrate_block(self.s, self.extent, self.max_thickness,
+                                             Streams(self.bank_seed, index).int_seed("substrate.block"))
+                if self.cache is not None:
+                    self.cache.put(name, block)
+            self._blocks[index] = block
+        return self._blocks[index]
 
     def displacements(self, index: int, n_configs: int, sigma_A: float) -> np.ndarray:
         """Frozen-phonon displacements (config, atom, xyz) in Å of block ``index``: Gaussian, std ``sigma_A`` per
@@ -320,14 +326,11 @@ class SubstrateBank:
             self._displacements[key] = d
         return self._displacements[key]
 
-    def warm(self) -> None:
-        """Build every block (and, for the fast simulation engine, every block's exit waves) before workers start."""
+    def build_blocks(self) -> None:
+        """Build every block (into the cache: called by the driver before workers start)."""
         if self.max_thickness > 0:
             for i in range(self.s.bank_size):
                 self.block(i)
-            from .simulate import warm_substrate_waves  # simulate imports this module: import here
-
-            warm_substrate_waves(self)
 
     def draw(self, thickness_A: float, streams: Streams, grid_px: int) -> tuple[np.ndarray, SubstratePlacement, dict]:
         """A slab of the given thickness from a random block, shifted by whole pixels of the ``grid_px`` simulation
@@ -389,6 +392,7 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
         pmeta["orientation_matrix"] = R.tolist()
         pmeta["embed_A"] = embed
         pmeta["center_A"] = centre.tolist()
+        sphere = ParticleSphere((float(centre[0]), float(centre[1]), float(centre[2])), float(radius))
         pmeta["n_atoms_particle"] = int(len(species))
         meta.update(pmeta)
         bottom = centre[2] + radius
@@ -396,6 +400,7 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
         meta.update({"kind": "none", "n_defects": 0, "has_twin": False, "has_stacking_fault": False,
                      "n_atoms_particle": 0})
         bottom = top
+        sphere = None
 
     placement = None
     if t > 0:
@@ -421,4 +426,4 @@ def build_scene(recipe: Recipe, streams: Streams, bank: SubstrateBank) -> Scene:
     positions = np.concatenate(parts_xyz) if parts_xyz else np.zeros((0, 3))
     numbers = np.concatenate(parts_z) if parts_z else np.zeros(0, int)
     flags = np.concatenate(parts_flag) if parts_flag else np.zeros(0, bool)
-    return Scene((L, L, Lz), positions, numbers.astype(int), flags, meta, placement)
+    return Scene((L, L, Lz), positions, numbers.astype(int), flags, meta, placement, sphere)

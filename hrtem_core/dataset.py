@@ -1,4 +1,8 @@
-"""Stage 5, write: WebDataset shards, per-sample content hashes, the manifest, and verification.
+"""The dataset format that ``datagen`` writes and ``mlplatform`` reads (docs/architecture.md, "A dataset on disk").
+
+A dataset is a folder: ``manifest.json`` plus WebDataset tars ``shard-NNNNNN.tar`` (and ``waves-NNNNNN.tar`` where
+exit waves are kept). A sample is ``<key>.image.npy`` (float32 [H, W]), ``<key>.mask.npy`` (uint8 [H, W], 0/1) and
+``<key>.json`` (metadata).
 
 A sample's hash covers its key, its arrays (dtype, shape, bytes) and its metadata as canonical JSON without the
 volatile fields (timestamps, timings, host). The dataset content hash is the hash of the ``key:sample-hash`` lines in
@@ -12,24 +16,46 @@ import hashlib
 import io
 import json
 import os
+import platform
 import tarfile
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
-from .recipe import canonical_json
+from .config import canonical_json
+from .errors import DatasetError
+from .files import atomic_writer, write_atomic
 
+FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 WAVE_SHARD_PATTERN = "waves-{:06d}.tar"
 VOLATILE = (("provenance", "created_utc"), ("provenance", "timing_s"), ("provenance", "host"),
             ("source", "import_time_utc"))
 ARRAY_FIELDS = ("image.npy", "mask.npy")
+# the packages whose versions a dataset records (in the manifest and in every sample's provenance)
+RECORDED_DISTRIBUTIONS = ("hrtem-curation", "numpy", "scipy", "abTEM", "czone", "ase", "webdataset", "pymatgen")
 
 
-class DatasetError(RuntimeError):
-    """A dataset on disk that is not what its manifest says, or an output folder that cannot be used."""
+def software_versions(extra: Iterable[str] = ()) -> dict:
+    """Python and the installed versions of RECORDED_DISTRIBUTIONS and ``extra`` (absent ones are left out)."""
+    out = {"python": platform.python_version()}
+    for dist in (*RECORDED_DISTRIBUTIONS, *extra):
+        try:
+            out[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------------ samples, hashes
 
 
 def to_jsonable(obj):
@@ -77,9 +103,9 @@ def sample_hash(key: str, arrays: dict[str, np.ndarray], meta: dict) -> str:
     return h.hexdigest()
 
 
-def content_hash(sample_hashes: list[tuple[str, str]]) -> str:
+def content_hash(sample_hashes: Iterable[tuple[str, str]]) -> str:
     h = hashlib.sha256()
-    for key, digest in sorted(sample_hashes):
+    for key, digest in sorted(tuple(s) for s in sample_hashes):
         h.update(f"{key}:{digest}\n".encode())
     return h.hexdigest()
 
@@ -92,33 +118,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_shard(path: Path, samples: list[dict]) -> None:
-    """Write samples ({'__key__', field -> bytes or str}) through webdataset's TarWriter, atomically.
-
-    The tar is built under ``<name>.partial`` and renamed when complete, so no reader ever sees a partial shard. A
-    fixed mtime makes the tar bytes a function of the content.
-    """
-    import webdataset as wds
-
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
-            for s in samples:
-                writer.write(s)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
     out = {"__key__": key, "json": json.dumps(meta, sort_keys=True, allow_nan=False).encode()}
     for name, a in arrays.items():
@@ -126,27 +125,8 @@ def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
     return out
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) in file order; a key's fields are consecutive in a WebDataset tar."""
-    current, fields = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            base = os.path.basename(name)
-            key, _, field = base.partition(".")
-            key = os.path.join(os.path.dirname(name), key) if os.path.dirname(name) else key
-            if key != current:
-                if current is not None:
-                    yield current, fields
-                current, fields = key, {}
-            fields[field] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, fields
-
-
 def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata) of one sample's members, checked against the sample contract (DatasetError if not)."""
     missing = [f for f in (*ARRAY_FIELDS, "json") if f not in fields]
     if missing:
         raise DatasetError(f"sample {key}: missing {', '.join(missing)}")
@@ -163,6 +143,51 @@ def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[dict[str, np.ndar
     return arrays, meta
 
 
+# -------------------------------------------------------------------------------------------------------- shards
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    """Write samples ({'__key__', field -> bytes or str}) through webdataset's TarWriter, atomically.
+
+    The tar is built under ``<name>.<pid>.partial`` and renamed when complete, so no reader ever sees a partial
+    shard. A fixed mtime makes the tar bytes a function of the content.
+    """
+    import webdataset as wds
+
+    with atomic_writer(path) as fh:
+        with wds.TarWriter(fh, encoder=False, mtime=0.0) as writer:
+            for s in samples:
+                writer.write(s)
+
+
+def iter_tar_samples(path: Path, fields: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) in file order; a key's fields are consecutive in a WebDataset tar.
+
+    With ``fields``, only those members are read (the others are seeked over: indexing reads only the metadata).
+    A key with none of the wanted fields is not yielded.
+    """
+    wanted = None if fields is None else set(fields)
+    current, found = None, {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            dirname, base = os.path.split(member.name)
+            key, _, field = base.partition(".")
+            key = f"{dirname}/{key}" if dirname else key
+            if key != current:
+                if current is not None and found:
+                    yield current, found
+                current, found = key, {}
+            if wanted is None or field in wanted:
+                found[field] = tar.extractfile(member).read()
+    if current is not None and found:
+        yield current, found
+
+
+# ------------------------------------------------------------------------------------------------------ manifest
+
+
 def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
@@ -172,6 +197,64 @@ def read_manifest(root: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+
+
+def build_manifest(name: str, shards: list[dict], generation: dict, software: dict, created_utc: str,
+                   **fields) -> dict:
+    """The manifest of a finished dataset from its shard records ({name, sha256, n_samples, samples: [[key,
+    hash]]}); ``fields`` are the writer's own (recipe, seed, source, timing...). Counts and the content hash are
+    computed here, so every writer records them the same way."""
+    hashes = [tuple(h) for rec in shards for h in rec["samples"]]
+    manifest = {
+        "name": name,
+        "format_version": FORMAT_VERSION,
+        "recipe": None, "recipe_hash": None, "seed": None,
+        "n_samples": len(hashes),
+        "content_hash": content_hash(hashes),
+        "shards": [{k: rec[k] for k in ("name", "sha256", "n_samples", "samples")} for rec in shards],
+        "wave_shards": [],
+        "generation": generation,
+        "software": software,
+        "created_utc": created_utc,
+    }
+    manifest.update(fields)
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Written last: a dataset is finished exactly when its manifest exists."""
+    write_atomic(Path(root) / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def check_output(out: Path, ident: dict, progress_file: Path | None = None) -> tuple[str, dict | None]:
+    """What ``out`` holds for a writer identified by ``ident``: ('new', None), ('resume', None) or ('done',
+    manifest). Refuses (DatasetError) a file, a folder holding something else, or a dataset of another identity.
+
+    ``ident`` is recorded as the manifest's ``generation`` (and, while unfinished, in ``progress_file``).
+    """
+    out = Path(out)
+    if not out.exists():
+        return "new", None
+    if not out.is_dir():
+        raise DatasetError(f"--out {out}: exists and is not a folder")
+    manifest = None
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        found = manifest.get("generation") or {}
+    elif progress_file is not None and progress_file.is_file():
+        found = json.loads(progress_file.read_text())
+    elif any(out.iterdir()):
+        raise DatasetError(f"--out {out}: folder is not empty and holds no dataset; choose a new or empty folder")
+    else:
+        return "new", None
+    diffs = [f"{k}: existing {found.get(k)!r}, requested {ident[k]!r}" for k in ident if found.get(k) != ident[k]]
+    if diffs:
+        raise DatasetError(f"--out {out} holds a different dataset ({'; '.join(diffs)}); refusing to mix them. "
+                           "Use a new folder.")
+    return ("done", manifest) if manifest is not None else ("resume", None)
+
+
+# ------------------------------------------------------------------------------------------------------- reading
 
 
 def iter_dataset(root: Path) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
@@ -211,6 +294,8 @@ def verify_dataset(root: Path) -> dict:
                     raise DatasetError(f"shard {shard['name']}, sample {key}: content hash {digest[:12]}… does not "
                                        f"match the manifest's {expected[key][:12]}…")
                 seen.append((key, digest))
+        except DatasetError:
+            raise
         except (tarfile.TarError, ValueError, OSError) as exc:
             raise DatasetError(f"shard {shard['name']}: unreadable ({exc})") from None
         missing = sorted(set(expected) - {k for k, _ in seen})

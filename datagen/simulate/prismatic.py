@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .recipe import Simulation
-from .simulate import Backend, electron_wavelength_A
-from .structures import Scene
+from ..recipe import Simulation
+from ..structures import Scene
+from .backend import Backend, electron_wavelength_A
 
 MAX_ATOMIC_NUMBER = 103  # NUM_SPECIES_KIRKLAND: Prismatic has Kirkland potentials for Z <= 103 only
 POT_BOUND_A = 3.0  # radius within which each atom's projected potential is summed (Prismatic's default, meta.h)
