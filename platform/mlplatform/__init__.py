@@ -3,4 +3,6 @@
 Its source root is ``platform/`` (never a package itself: ``platform`` is a standard-library module).
 """
 
-__version__ = "0.1.0"
+from .provenance import __version__  # defined there, so that the modules recording it need not import the package
+
+__all__ = ["__version__"]

@@ -14,7 +14,8 @@ import lightning as L
 import torch
 
 from .metrics import SegmentationScores, confusion
-from .module import THRESHOLD, gather_counts
+from .model_format import THRESHOLD
+from .module import gather_counts
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def score_loader(module: L.LightningModule, loader) -> dict[str, float]:
     counts = []
     for batch in loader:
         probs = torch.sigmoid(module(batch["image"].to(module.device)))
-        counts.append(confusion(probs > THRESHOLD, batch["mask"].to(module.device) > 0.5).cpu())
+        counts.append(confusion(probs > THRESHOLD, batch["mask"].to(module.device) > THRESHOLD).cpu())
     rows = torch.cat(counts) if counts else torch.zeros((0, 3), dtype=torch.int64)
     return SegmentationScores([gather_counts(module, rows)]).compute()
 

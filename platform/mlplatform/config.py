@@ -6,27 +6,17 @@ the value and what is allowed. Inside the platform the config is trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# the override grammar and error formatting are shared with datagen's recipes: one implementation
-from datagen.recipe import format_validation_error, parse_override, set_dotted
+# the override grammar, YAML reading, error formatting and hashing are shared with recipes and experiments
+from hrtem_core.config import apply_overrides, config_hash, read_yaml_mapping, require_unique, validate
+from hrtem_core.errors import ConfigError
 
-
-def require_unique(names: list[str], what: str) -> None:
-    """Names that label metrics, runs or cells must not repeat."""
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"{what}: names must be unique, repeated: {', '.join(dup)}")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key, the value and what is allowed."""
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "flatten", "require_unique"]
 
 
 class _Section(BaseModel):
@@ -166,7 +156,7 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()
+        return config_hash(self.resolved())
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -184,34 +174,10 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_from_dict(data: dict, overrides=(), source: str = "<dict>") -> TrainConfig:
-    data = json.loads(json.dumps(data))
-    try:
-        for text in overrides:
-            key, value = parse_override(text)
-            set_dotted(data, key, value)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(f"config {source}", exc)) from None
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """A YAML file whose top level is a mapping (a config or an experiment definition), or a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
+    return validate(TrainConfig, apply_overrides(data, overrides), f"config {source}")
 
 
 def load_config(path: str | Path, overrides=()) -> TrainConfig:
-    data = read_yaml_mapping(path)
+    data = read_yaml_mapping(path, "--config")
     # relative dataset paths are relative to the working directory, as on the command line
     return config_from_dict(data, overrides, source=str(path))

@@ -1,6 +1,7 @@
 """Curated subsets of shard datasets: index the sample metadata, filter it, cap it, split it by structure.
 
-The platform knows a dataset only through the sample contract (DESIGN.md, "A dataset on disk"): ``manifest.json``
+The platform knows a dataset only through the sample contract (docs/architecture.md, "A dataset on disk", read
+through :mod:`hrtem_core.dataset`): ``manifest.json``
 plus WebDataset tars whose ``<key>.json`` members hold the metadata. Indexing reads only those JSON members; tarfile
 seeks past the arrays, so indexing costs the metadata and the tar headers, not the pixels.
 
@@ -35,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from hrtem_core.dataset import MANIFEST, iter_tar_samples, read_manifest
+from hrtem_core.errors import DatasetError, InputError
 
-class CurationError(ValueError):
+
+class CurationError(InputError):
     """A dataset, filter or selection that cannot be used; the message names what and where."""
 
 
@@ -89,33 +93,27 @@ def _structure_id(content_hash: str, key: str, meta: dict) -> str:
 def scan_dataset(path: str | os.PathLike) -> DatasetIndex:
     """Index a finished dataset from its manifest and the ``.json`` members of its shards (arrays are not read)."""
     root = Path(path).resolve()
-    mpath = root / "manifest.json"
+    mpath = root / MANIFEST
     if not mpath.is_file():
-        raise CurationError(f"{path}: no manifest.json; not a finished dataset")
+        raise CurationError(f"{path}: no {MANIFEST}; not a finished dataset")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = read_manifest(root)
         name, chash, shards = manifest["name"], manifest["content_hash"], manifest["shards"]
-    except (json.JSONDecodeError, KeyError, TypeError, OSError) as exc:
+    except (DatasetError, KeyError, TypeError, OSError) as exc:
         raise CurationError(f"{mpath}: not a valid dataset manifest ({type(exc).__name__}: {exc})") from None
     records: list[SampleRecord] = []
     for shard in shards:
         spath = root / shard["name"]
         found = 0
         try:
-            with tarfile.open(spath, "r") as tar:
-                for member in tar:  # iterating reads headers only; data of skipped members is seeked over
-                    dirname, base = os.path.split(member.name)
-                    key, _, ext = base.partition(".")
-                    if not member.isfile() or ext != "json":
-                        continue
-                    key = f"{dirname}/{key}" if dirname else key
-                    try:
-                        meta = json.loads(tar.extractfile(member).read())
-                    except ValueError as exc:
-                        raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
-                    records.append(SampleRecord(name, str(root), chash, str(spath), key,
-                                                _structure_id(chash, key, meta), meta))
-                    found += 1
+            for key, fields in iter_tar_samples(spath, fields=("json",)):  # the arrays are seeked over
+                try:
+                    meta = json.loads(fields["json"])
+                except ValueError as exc:
+                    raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
+                records.append(SampleRecord(name, str(root), chash, str(spath), key,
+                                            _structure_id(chash, key, meta), meta))
+                found += 1
         except (tarfile.TarError, OSError) as exc:
             raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
         if "n_samples" in shard and found != shard["n_samples"]:
@@ -403,7 +401,7 @@ def subset_name(refs: Sequence[Any], seed: int | None = None, max_len: int = 60)
     for ref in refs:
         path = str(_ref_get(ref, "path"))
         try:
-            manifest = json.loads((Path(path) / "manifest.json").read_text())
+            manifest = read_manifest(Path(path))
         except (OSError, ValueError):
             manifest = {}
         label = _ref_get(ref, "name") or manifest.get("name") or Path(path).name

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from functools import partial
 from collections import Counter
@@ -25,6 +24,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hrtem_core.dataset import load_npy
+from hrtem_core.errors import InputError
+
 from .config import DataConfig, DatasetRef, TrainConfig
 from .curation import SampleRecord, scan_dataset, select, split_by_structure, subset_name
 from .transforms import build_augmentation, normalize
@@ -33,7 +35,7 @@ from .transforms import build_augmentation, normalize
 BENCHMARK_SEED = 0
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used as configured; the message names the dataset and the problem."""
 
 
@@ -126,9 +128,7 @@ def curate(config: TrainConfig) -> CuratedData:
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    image = np.load(io.BytesIO(sample["image.npy"]), allow_pickle=False)
-    mask = np.load(io.BytesIO(sample["mask.npy"]), allow_pickle=False)
-    return image, mask
+    return load_npy(sample["image.npy"]), load_npy(sample["mask.npy"])
 
 
 def _rank_world() -> tuple[int, int]:

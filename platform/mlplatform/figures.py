@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .module import THRESHOLD
+from .model_format import THRESHOLD
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def prediction_figure(module, loader, title: str, n: int):
         probs = torch.sigmoid(module(batch["image"].to(module.device))).cpu()
         for i in range(len(batch["key"])):
             images.append(batch["image"][i, 0].numpy())
-            truths.append(batch["mask"][i, 0].numpy() > 0.5)
+            truths.append(batch["mask"][i, 0].numpy() > THRESHOLD)
             preds.append(probs[i, 0].numpy() > THRESHOLD)
             keys.append(batch["key"][i])
             if len(images) == n:

@@ -13,9 +13,8 @@ from monai.losses import DiceCELoss
 
 from .config import TrainConfig
 from .metrics import SegmentationScores, confusion
+from .model_format import THRESHOLD
 from .models import build_model, encoder_parameters
-
-THRESHOLD = 0.5  # probability above which a pixel is particle: training, evaluation and predict alike
 
 
 def gather_counts(module: L.LightningModule, counts: torch.Tensor) -> torch.Tensor:
@@ -70,7 +69,7 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         probs = torch.sigmoid(self(batch["image"]))
-        self._val_counts.append(confusion(probs > THRESHOLD, batch["mask"] > 0.5).cpu())
+        self._val_counts.append(confusion(probs > THRESHOLD, batch["mask"] > THRESHOLD).cpu())
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:

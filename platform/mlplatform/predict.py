@@ -1,5 +1,8 @@
 """Segment micrographs with a logged model: read, rescale to the model's pixel size, normalise, predict, write.
 
+Reading is :mod:`hrtem_core.micrographs`, the same reader as ``datagen import`` (gray images only; a .npy or TIFF
+stack gives one prediction per page).
+
 Resampling. The image is resampled to the model's pixel size by Fourier (DCT) cropping or padding: the training
 images were band-limited the same way (``datagen.image.fourier_resample``), so a finer micrograph keeps its lattice
 fringes up to the model's Nyquist frequency and nothing above it aliases into spurious low-frequency fringes, which
@@ -11,7 +14,6 @@ interpolation of a sharp map would. Both use the pixel-centred convention (the t
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -20,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from scipy.fft import dctn, idctn
 
+from hrtem_core.errors import InputError
+from hrtem_core.files import atomic_writer
+from hrtem_core.micrographs import SUFFIXES, read_images
+from mlplatform.model_format import THRESHOLD
+from mlplatform.serving import load_model
 from mlplatform.transforms import normalize
 
-SUFFIXES = (".npy", ".tif", ".tiff", ".png")
-
-
-class InputError(ValueError):
-    """An input that cannot be segmented; the message names the file."""
+__all__ = ["InputError", "fourier_rescale", "model_grid", "predict_array", "predict_path", "read_images"]
 
 
 def fourier_rescale(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -71,59 +74,6 @@ def predict_array(model: torch.nn.Module, meta: dict, image: np.ndarray, pixel_s
     return prob[0, 0].cpu().numpy().astype(np.float32)
 
 
-def _check(image, where: str) -> np.ndarray:
-    a = np.asarray(image)
-    if a.dtype.kind not in "biuf":
-        raise InputError(f"{where}: data type {a.dtype} is not a real-valued image")
-    if a.ndim != 2:
-        raise InputError(f"{where}: expected one 2-D image [H, W], got shape {a.shape}")
-    if a.size == 0:
-        raise InputError(f"{where}: empty image (shape {a.shape})")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise InputError(f"{where}: {int((~np.isfinite(a)).sum())} non-finite pixel values (NaN or inf)")
-    return a
-
-
-def _gray(a: np.ndarray) -> np.ndarray:
-    """RGB(A) [H, W, 3|4] -> luminance (ITU-R 601, as Pillow's 'L'); anything else unchanged."""
-    if a.ndim == 3 and a.shape[-1] in (3, 4):
-        return a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return a
-
-
-def read_images(file: Path) -> list[tuple[int | None, np.ndarray]]:
-    """[(page or None, float32 [H, W])] from one .npy, .png or (multi-page) .tif file; clear errors name the file."""
-    suffix = file.suffix.lower()
-    try:
-        if suffix == ".npy":
-            a = np.load(file, allow_pickle=False)
-            if a.ndim != 2:
-                raise InputError(f"{file}: .npy inputs must hold one 2-D image [H, W], got shape {a.shape} "
-                                 "(save a stack as a multi-page .tif, or one .npy per image)")
-            return [(None, _check(a, str(file)))]
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(file) as tif:
-                pages = [_gray(p.asarray()) for p in tif.pages]
-            if len(pages) == 1:
-                return [(None, _check(pages[0], str(file)))]
-            return [(i, _check(p, f"{file} page {i}")) for i, p in enumerate(pages)]
-        if suffix == ".png":
-            from PIL import Image
-
-            with Image.open(file) as img:
-                keep = img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16")  # gray: keep 16-bit depth
-                a = np.asarray(img if keep else img.convert("L"))
-            return [(None, _check(a, str(file)))]
-    except InputError:
-        raise
-    except Exception as exc:  # a truncated or mislabelled file: say which and why
-        raise InputError(f"{file}: cannot be read as {suffix}: {type(exc).__name__}: {exc}") from None
-    raise InputError(f"{file}: unsupported file type {suffix or '(none)'}; supported: {', '.join(SUFFIXES)}")
-
-
 def list_inputs(input_path: str | Path) -> list[Path]:
     """One file, or the supported files directly in a folder (sorted); others in a folder are skipped."""
     path = Path(input_path)
@@ -138,17 +88,6 @@ def list_inputs(input_path: str | Path) -> list[Path]:
     return files
 
 
-def _write(path: Path, write) -> None:
-    """Atomic: a reader never sees a half-written output, and an interrupted run leaves no truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pixel_size_A: float | None,
                  tracking_uri: str | None = None, threshold: float | None = None) -> list[dict]:
     """Segment every micrograph in ``input_path``; write <stem>_mask.png, <stem>_mask.npy, <stem>_prob.npy.
@@ -156,8 +95,6 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
     Returns one record per image (per page of a multi-page TIFF).
     """
     from PIL import Image
-
-    from mlplatform.serving import load_model
 
     if pixel_size_A is not None and not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
         raise InputError(f"pixel_size_A={pixel_size_A}: must be a positive number of Å")
@@ -167,7 +104,7 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
     model, meta = load_model(model_ref, tracking_uri)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     model_px = float(meta["pixel_size_A"])
-    thr = float(meta.get("threshold", 0.5) if threshold is None else threshold)
+    thr = float(meta.get("threshold", THRESHOLD) if threshold is None else threshold)
     note = None
     if pixel_size_A is None:
         note = f"no pixel size given: assuming the model's training pixel size, {model_px} Å"
@@ -182,12 +119,15 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
         for page, image in read_images(file):
             name = stem if page is None else f"{stem}_p{page:03d}"
             prob = predict_array(model, meta, image, pixel_size_A)
-            mask = (prob > thr).astype(np.uint8)  # prob > 0.5 <=> logit > 0, as in training
+            mask = (prob > thr).astype(np.uint8)  # the default, model_format.THRESHOLD, is the one of training
             paths = {"mask_png": out / f"{name}_mask.png", "mask_npy": out / f"{name}_mask.npy",
                      "prob_npy": out / f"{name}_prob.npy"}
-            _write(paths["mask_png"], lambda fh: Image.fromarray(mask * 255).save(fh, format="PNG"))
-            _write(paths["mask_npy"], lambda fh: np.save(fh, mask))
-            _write(paths["prob_npy"], lambda fh: np.save(fh, prob))
+            with atomic_writer(paths["mask_png"]) as fh:
+                Image.fromarray(mask * 255).save(fh, format="PNG")
+            with atomic_writer(paths["mask_npy"]) as fh:
+                np.save(fh, mask)
+            with atomic_writer(paths["prob_npy"]) as fh:
+                np.save(fh, prob)
             records.append({
                 "input": str(file), "page": page, "outputs": {k: str(v) for k, v in paths.items()},
                 "shape": list(image.shape), "model_shape": list(model_grid(image.shape, pixel_size_A, model_px)),

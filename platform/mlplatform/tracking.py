@@ -1,25 +1,24 @@
 """One tracked run in MLflow: created and ended here (not by Lightning's logger), never left RUNNING.
 
-Local default: a SQLite store ``mlruns/mlflow.db`` with artifacts in ``mlruns/artifacts`` (MLflow >= 3 refuses the
-plain file store). At scale, point ``tracking_uri`` / ``MLFLOW_TRACKING_URI`` at a tracking server; nothing else
-changes. Inside a :class:`TrackedRun` the process's MLflow tracking URI is the run's (MLflow's model logging reads it
+Where the store is and how it is opened is ``store``'s business (a local SQLite file by default, or a tracking
+server). Inside a :class:`TrackedRun` the process's MLflow tracking URI is the run's (MLflow's model logging reads it
 from there); it is put back when the run ends.
+
+``resolve_tracking_uri`` and ``load_model`` are re-exported: models logged before ``pyfunc_model.py`` existed carry a
+copy of the old serving.py, which imports ``mlplatform.tracking.resolve_tracking_uri``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import mlflow
@@ -27,9 +26,15 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-import mlplatform
-from mlplatform import serving
-from mlplatform.serving import REQUIRED_METADATA, load_model  # noqa: F401  (load_model re-exported)
+from mlplatform.model_format import METADATA, REQUIRED_METADATA, THRESHOLD, WEIGHTS
+from mlplatform.models import build_model
+from mlplatform.provenance import __version__, git_tags, package_versions
+from mlplatform.serving import load_model  # noqa: F401  (re-exported, see the module docstring)
+from mlplatform.store import (artifact_location, ensure_store, has_scheme, process_tracking_uri, quiet_mlflow,
+                              resolve_tracking_uri)
+
+# the pyfunc's code: MLflow stores a copy with each model and executes it on load (never imported here, see the file)
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 # MLflow's limits (mlflow.utils.validation): longer values are refused, and a refused param would crash the run
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_INPUT_TAG_VALUE, MAX_DIGEST = 6000, 8000, 500, 36
@@ -38,67 +43,6 @@ _TRUNCATED = " ...[truncated; full value in params.json]"
 
 def _clip(text: str, limit: int, note: str = " ...[truncated]") -> str:
     return text if len(text) <= limit else text[: limit - len(note)] + note
-
-
-def _has_scheme(uri: str) -> bool:
-    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", uri)) or uri.startswith("databricks")
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The argument, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db (created).
-
-    A plain path is taken as a local store: ``x.db`` is the database itself, anything else a folder for mlflow.db.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and _has_scheme(uri):
-        return uri
-    db = Path(uri or "mlruns").expanduser().absolute()
-    if db.suffix != ".db":
-        db = db / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
-
-
-def _artifact_location(tracking_uri: str) -> str | None:
-    """<folder of the SQLite file>/artifacts for a local store; a server or database chooses its own."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
-    return (db.absolute().parent / "artifacts").as_uri()
-
-
-@lru_cache(maxsize=8)
-def ensure_store(uri: str) -> None:
-    """Open the tracking store once per process, creating its schema under a lock when it is new.
-
-    MLflow creates a fresh database's tables on first use, without a lock: processes that start at the same instant
-    (a sweep launched on three machines) crash inside its migrations ("table ... already exists"). An SQLite store is
-    opened under an exclusive lock on a file beside it; a PostgreSQL store under an advisory lock; a tracking server
-    initialises its own database once.
-    """
-    def touch():
-        MlflowClient(uri).search_experiments(max_results=1)
-
-    if uri.startswith("sqlite:///"):
-        import fcntl
-
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        with open(db.parent / (db.name + ".init-lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            touch()
-    elif uri.startswith(("postgresql:", "postgresql+")):
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(uri, poolclass=sa.pool.NullPool)
-        with engine.connect() as conn:  # held until the schema exists; released with the session
-            conn.execute(sa.text("SELECT pg_advisory_lock(7342001)"))
-            try:
-                touch()
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(7342001)"))
-        engine.dispose()
-    else:
-        touch()
 
 
 def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
@@ -114,28 +58,11 @@ def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
                                       "(MlflowClient().restore_experiment) or remove it for good (mlflow gc)")
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri))
+            return client.create_experiment(name, artifact_location=artifact_location(uri))
         except MlflowException as exc:  # another worker created it between our two calls: read it back
             if attempt or "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
     raise AssertionError("unreachable")
-
-
-@lru_cache(maxsize=1)
-def _git_tags() -> dict[str, str]:
-    """git.commit / git.dirty of the checkout holding mlplatform (absent outside a git checkout)."""
-    where = Path(mlplatform.__file__).resolve().parent
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        # tracked changes only: scratch files in the tree do not change what the platform computes
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
 def find_runs(tracking_uri: str | None, experiment: str, filter_string: str = "") -> list:
@@ -179,7 +106,7 @@ class Superseded(Exception):
 
 
 class TrackedRun:
-    """Context manager around one MLflow run; see the module docstring and DESIGN.md "A tracked run"."""
+    """Context manager around one MLflow run; see the module docstring and docs/architecture.md "A tracked run"."""
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, params: dict, tags: dict,
                  parent_run_id: str | None = None, system_metrics: bool = True,
@@ -210,7 +137,7 @@ class TrackedRun:
     # lifecycle
     def __enter__(self) -> TrackedRun:
         self._signal, self._datasets = None, set()
-        self._uri_scope = serving.process_tracking_uri(self.tracking_uri)  # MLflow's model logging reads it there
+        self._uri_scope = process_tracking_uri(self.tracking_uri)  # MLflow's model logging reads it there
         self._uri_scope.__enter__()
         try:
             return self._start()
@@ -226,8 +153,8 @@ class TrackedRun:
     def _start(self) -> TrackedRun:
         experiment_id = get_or_create_experiment(self.experiment, self.tracking_uri)
         tags = {str(k): _clip(str(v), MAX_TAG_VALUE) for k, v in self.tags.items()}
-        tags.update(_git_tags())
-        tags["platform.version"] = mlplatform.__version__
+        tags.update(git_tags())
+        tags["platform.version"] = __version__
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # nesting in the UI; lineage is the caller's parent_run tag
         # nested only when another run is active in this thread (fluent MLflow refuses a second top-level run)
@@ -345,7 +272,7 @@ class TrackedRun:
         from mlflow.data.meta_dataset import MetaDataset
 
         path = str(path)
-        local = str(Path(path).absolute()) if not _has_scheme(path) else path
+        local = str(Path(path).absolute()) if not has_scheme(path) else path
         try:
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": all candidates are local
                 warnings.simplefilter("ignore")
@@ -388,16 +315,13 @@ class TrackedRun:
         self.client.log_figure(self.run_id, fig, artifact_file)
 
     def log_model(self, model, metadata: dict, artifact_path: str = "model") -> str:
-        """Log the network as a models-from-code pyfunc (serving.py + weights.pt + metadata.json); its models:/ URI.
+        """Log the network as a models-from-code pyfunc (pyfunc_model.py + weights.pt + metadata.json); its models:/
+        URI.
 
-        ``metadata`` needs at least preset, pixel_size_A and normalization; threshold defaults to 0.5 and package
-        versions are added. The weights are checked against build_model(preset) here, not at first load.
+        ``metadata`` needs at least preset, pixel_size_A and normalization; threshold defaults to
+        ``model_format.THRESHOLD`` and package versions are added. The weights are checked against build_model(preset) here, not at first load.
         """
-        import monai
-        import numpy
         import torch
-
-        from mlplatform.models import build_model
 
         missing = [k for k in REQUIRED_METADATA if k not in metadata]
         if missing:
@@ -406,22 +330,22 @@ class TrackedRun:
         if active is None or active.info.run_id != self.run_id:
             raise RuntimeError("log_model must be called in the thread that entered the TrackedRun, with no other "
                                "run started inside it: MLflow attaches models to the thread's active run")
-        versions = {"mlplatform": mlplatform.__version__, "torch": torch.__version__, "mlflow": mlflow.__version__,
-                    "monai": monai.__version__, "numpy": numpy.__version__, **_git_tags()}
-        meta = {"threshold": serving.DEFAULT_THRESHOLD, **metadata,
+        packages = package_versions()
+        versions = {**packages, **git_tags()}
+        meta = {"threshold": THRESHOLD, **metadata,
                 "versions": {**versions, **metadata.get("versions", {})}}
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         build_model(meta["preset"]).load_state_dict(state)  # fails now, with torch's key list, if they differ
         with tempfile.TemporaryDirectory() as tmp:
-            weights, meta_file = Path(tmp) / serving.WEIGHTS, Path(tmp) / serving.METADATA
+            weights, meta_file = Path(tmp) / WEIGHTS, Path(tmp) / METADATA
             torch.save(state, weights)
             meta_file.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             # explicit requirements: inferring them would load the model in a subprocess (slow); mlplatform itself
             # is not on PyPI and must be installed from this repository (git.commit in the metadata)
-            reqs = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-                    f"monai=={monai.__version__}", f"numpy=={numpy.__version__}", "scipy"]
-            with serving.quiet_mlflow():
-                info = mlflow.pyfunc.log_model(name=artifact_path, python_model=serving.__file__,
+            reqs = [f"mlflow=={packages['mlflow']}", f"torch=={packages['torch'].split('+')[0]}",
+                    f"monai=={packages['monai']}", f"numpy=={packages['numpy']}", "scipy"]
+            with quiet_mlflow():
+                info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
                                                artifacts={"weights": str(weights), "metadata": str(meta_file)},
                                                pip_requirements=reqs)
         self.set_tags({f"{artifact_path}.uri": info.model_uri})

@@ -13,23 +13,26 @@ import tempfile
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from . import __version__
 from .callbacks import EpochTracking, OODEvaluation
 from .config import TrainConfig, flatten
 from .data import DataError, SegmentationDataModule, curate
 from .figures import prediction_figure
+from .model_format import RUN_ID, THRESHOLD
 from .models import count_parameters
-from .module import THRESHOLD, SegmentationModule
-from .tracking import TrackedRun, load_model, resolve_tracking_uri
+from .module import SegmentationModule
+from .provenance import __version__
+from .serving import load_model
+from .store import resolve_tracking_uri
+from .tracking import TrackedRun
 
 PHASES = ("pretrain", "finetune")
 
 
 def parent_run_id(ref: str) -> str | None:
     """The run a model reference points into, where the reference says (a run id or a runs:/ URI)."""
-    if re.fullmatch(r"[0-9a-f]{32}", ref):
+    if RUN_ID.fullmatch(ref):
         return ref
-    m = re.match(r"runs:/([0-9a-f]{32})(/|$)", ref)
+    m = re.match(rf"runs:/({RUN_ID.pattern})(/|$)", ref)
     return m.group(1) if m else None
 
 

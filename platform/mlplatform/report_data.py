@@ -1,0 +1,338 @@
+"""Sweep and study records as tables: MLflow runs (and the Optuna study) -> pandas DataFrames, and the tables and
+values derived from them for a report.
+
+A sweep is a parent run tagged ``sweep=<name>, kind=sweep`` whose children (``mlflow.parentRunId``) are cells tagged
+``kind=cell, sweep.subset, seed, phase`` (fine-tunes also ``parent_run`` = their pretrain run). A study is a parent
+run tagged ``study=<name>, kind=study`` (plus ``optuna.storage`` and ``optuna.study_name``) whose children are trials
+tagged ``kind=trial, trial=<number>`` with params ``trial.<name>`` and the metric ``objective``.
+
+Only ``collect_sweep`` and ``collect_study`` read anything: every MLflow call goes through an MlflowClient bound to
+the resolved URI (the process-wide tracking URI is neither read nor changed). The functions below them are pure.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from . import analysis
+from .store import resolve_tracking_uri
+
+PHASES = ("pretrain", "finetune")
+MEASURES = {"final": "final epoch", "best": "best epoch (max over epochs)"}
+MIN_IMPORTANCE_TRIALS = 2
+_OOD_DICE = re.compile(r"^ood/(.+)/dice$")
+RUN_COLUMNS = ["run_id", "subset", "seed", "phase", "status", "parent_run", "epochs"]
+HISTORY_COLUMNS = ["run_id", "subset", "seed", "phase", "benchmark", "epoch", "dice", "t"]
+
+
+# ---------------------------------------------------------------------------------------------------- MLflow reads
+def _client(tracking_uri: str | None) -> tuple[str, MlflowClient]:
+    uri = resolve_tracking_uri(tracking_uri)
+    return uri, MlflowClient(uri)
+
+
+def _search(client: MlflowClient, filter_string: str) -> list:
+    """Runs matching the filter in every active experiment, newest first (a sweep's name is global, not per
+    experiment)."""
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token)
+        ids += [e.experiment_id for e in page]
+        if not (token := page.token):
+            break
+    runs = []
+    while ids:
+        page = client.search_runs(ids, filter_string, max_results=1000, order_by=["attributes.start_time DESC"],
+                                  page_token=token)
+        runs += page
+        if not (token := page.token):
+            break
+    return runs
+
+
+def _literal(value: str) -> str:
+    if "'" in value or "\\" in value:  # MLflow's filter grammar has no escape for them
+        raise ValueError(f"name {value!r}: quotes and backslashes are not supported in sweep/study names")
+    return f"'{value}'"
+
+
+def _parent(client: MlflowClient, uri: str, kind: str, name: str):
+    parents = _search(client, f"tags.{kind} = {_literal(name)} AND tags.kind = '{kind}'")
+    if not parents:
+        known = sorted({r.data.tags.get(kind, "?") for r in _search(client, f"tags.kind = '{kind}'")})
+        raise ValueError(f"no {kind} named {name!r} in {uri}: no run is tagged {kind}={name}, kind={kind}; "
+                         f"{'studies' if kind == 'study' else 'sweeps'} found there: {', '.join(known) or 'none'}")
+    if len(parents) > 1:  # a relaunch under the same name: the newest parent is the one being reported
+        warnings.warn(f"{len(parents)} parent runs are tagged {kind}={name!r}; reporting the newest, "
+                      f"{parents[0].info.run_id} (others: {', '.join(r.info.run_id for r in parents[1:])})")
+    return parents[0]
+
+
+def _children(client: MlflowClient, parent, kind: str, child_kind: str, name: str) -> tuple[list, Counter]:
+    """All the parent's children of this kind and their status counts; ValueError unless one FINISHED."""
+    pid = parent.info.run_id
+    runs = _search(client, f"tags.mlflow.parentRunId = '{pid}' AND tags.kind = '{child_kind}'")
+    statuses = Counter(r.info.status for r in runs)
+    if not statuses["FINISHED"]:
+        found = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or f"no {child_kind} runs at all"
+        raise ValueError(f"{kind} {name!r} (parent run {pid}) has no FINISHED {child_kind} runs: found {found}")
+    return runs, statuses
+
+
+def _int_or_none(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """step -> value; a step logged twice keeps its latest value."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {int(m.step): float(m.value) for m in points}
+
+
+def _epochs(client: MlflowClient, run, steps: list[int] | None = None) -> int | None:
+    """Epochs a run trained: its ``epochs`` param (the config), else its last logged step + 1."""
+    n = _int_or_none(run.data.params.get("epochs"))
+    if n is not None:
+        return n
+    if steps is None:
+        steps = list(_history(client, run.info.run_id, "train/loss"))
+    return max(steps) + 1 if steps else None
+
+
+def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, history) of a sweep's FINISHED cell runs.
+
+    runs: one row per run: run_id, subset (tag ``sweep.subset``), seed (int), phase, status, parent_run (pretrain run
+    of a fine-tune, else None), epochs, and per benchmark ``final/<b>`` (ood/<b>/dice at the last logged epoch),
+    ``best/<b>`` (its maximum over epochs) and ``best_epoch/<b>``.
+    history: long format, one row per run, benchmark and logged epoch: run_id, subset, seed, phase, benchmark, epoch,
+    dice, t — t is the epoch for a pretrain and (its parent's pretrain epochs) + epoch for a fine-tune, so both phases
+    share one axis (NaN, with a warning, when the parent is unknown).
+    Benchmarks are whatever ``ood/<b>/dice`` metrics the runs logged, ``mean`` (ood/mean/dice) included. A cell with
+    several FINISHED runs is an error naming them: a seed counted twice would shift every statistic.
+    ``runs.attrs``: parent_run_id, tracking_uri, cell_statuses (status -> count over all cells, finished or not).
+    """
+    uri, client = _client(tracking_uri)
+    parent = _parent(client, uri, "sweep", name)
+    cells, statuses = _children(client, parent, "sweep", "cell", name)
+    cells = [r for r in cells if r.info.status == "FINISHED"]
+    duplicates = _duplicated_cells(cells)
+    if duplicates:  # one seed counted twice would shift every statistic: no report until the record is repaired
+        raise ValueError(f"sweep {name!r} has more than one FINISHED run for a (subset, seed, phase): " + "; ".join(
+            f"{subset}/s{seed}:{phase}: {', '.join(ids)}" for (subset, seed, phase), ids in duplicates.items())
+            + f". `python -m experiments doctor --sweep {name}` lists them; end the runs that must not count "
+            "(e.g. MlflowClient().set_terminated(run_id, 'KILLED')) and report again")
+    by_id = {r.info.run_id: r for r in cells}
+    rows, hist, epochs = [], [], {}
+    for r in cells:
+        tags = r.data.tags
+        row = dict(run_id=r.info.run_id, subset=tags.get("sweep.subset", tags.get("subset")),
+                   seed=_int_or_none(tags.get("seed")), phase=tags.get("phase"), status=r.info.status,
+                   parent_run=tags.get("parent_run") if tags.get("phase") == "finetune" else None)
+        steps = []
+        for b in sorted(m.group(1) for k in r.data.metrics if (m := _OOD_DICE.match(k))):
+            points = _history(client, r.info.run_id, f"ood/{b}/dice")
+            if not points:
+                continue
+            steps += points
+            last, best = max(points), max(points, key=lambda s: (points[s], -s))  # earliest epoch among ties
+            row.update({f"final/{b}": points[last], f"best/{b}": points[best], f"best_epoch/{b}": best})
+            hist += [dict(run_id=r.info.run_id, subset=row["subset"], seed=row["seed"], phase=row["phase"],
+                          benchmark=b, epoch=s, dice=v) for s, v in points.items()]
+        row["epochs"] = epochs[r.info.run_id] = _epochs(client, r, steps)
+        rows.append(row)
+
+    def offset(run_id: str) -> float:
+        """Where a fine-tune's epoch 0 lies on the t axis: after all of its parent's epochs."""
+        parent_id = by_id[run_id].data.tags.get("parent_run")
+        if not parent_id:
+            return np.nan
+        if parent_id not in epochs:  # the pretrain is not a finished cell of this sweep: ask MLflow
+            try:
+                epochs[parent_id] = _epochs(client, client.get_run(parent_id))
+            except Exception:  # noqa: BLE001  deleted or unreadable: t unknown, said below
+                epochs[parent_id] = None
+        return np.nan if epochs[parent_id] is None else float(epochs[parent_id])
+
+    runs = pd.DataFrame(rows)
+    for c in RUN_COLUMNS:
+        runs[c] = runs.get(c)
+    found = sorted({c.split("/", 1)[1] for c in runs.columns if c.startswith("final/")})
+    metric_cols = [f"{m}/{b}" for b in found for m in ("final", "best", "best_epoch")]
+    runs = _order(runs[RUN_COLUMNS + metric_cols])
+    history = pd.DataFrame(hist, columns=HISTORY_COLUMNS[:-1])
+    offsets = {rid: 0.0 if by_id[rid].data.tags.get("phase") != "finetune" else offset(rid) for rid in by_id}
+    history["t"] = history["epoch"] + history["run_id"].map(offsets).astype(float)
+    lost = sorted(history.loc[history["t"].isna(), "run_id"].unique())
+    if lost:
+        warnings.warn(f"fine-tune runs without a readable parent pretrain, left off the time axis: {', '.join(lost)}")
+    history = _order(history)  # stable: each run's rows stay by benchmark, then epoch
+    runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses))
+    return runs, history
+
+
+def _duplicated_cells(runs: list) -> dict[tuple, list[str]]:
+    """(subset, seed, phase) -> run ids, for every cell with more than one of the given runs."""
+    by_cell: dict[tuple, list[str]] = {}
+    for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
+        t = r.data.tags
+        by_cell.setdefault((t.get("sweep.subset", t.get("subset")), t.get("seed"), t.get("phase")), []).append(
+            r.info.run_id)
+    return {k: ids for k, ids in by_cell.items() if len(ids) > 1}
+
+
+
+def _order(df: pd.DataFrame) -> pd.DataFrame:
+    """subset, then pretrain before finetune, then seed."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    rank = df["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
+    return (df.assign(_rank=rank).sort_values(["subset", "_rank", "seed"], kind="stable", na_position="last")
+            .drop(columns="_rank").reset_index(drop=True))
+
+
+def collect_study(tracking_uri: str | None, name: str):
+    """(trials, optuna_study) of a study.
+
+    trials: one row per trial run (any status), ordered by trial number: run_id, trial, status (MLflow), state
+    (Optuna's, when the study loads), objective (metric ``objective``; NaN if not logged), then the ``trial.*``
+    params (numbers where they parse). optuna_study: the Optuna study loaded from the parent's ``optuna.storage`` /
+    ``optuna.study_name`` tags, or None when it cannot be loaded (the reason is in ``trials.attrs['notes']``).
+    ``trials.attrs``: parent_run_id, tracking_uri, direction ('maximize'/'minimize'/None), notes.
+    Raises ValueError unless at least one FINISHED trial run logged an objective.
+    """
+    import optuna
+
+    uri, client = _client(tracking_uri)
+    parent = _parent(client, uri, "study", name)
+    runs, _ = _children(client, parent, "study", "trial", name)
+    trials = pd.DataFrame([dict(run_id=r.info.run_id, trial=_int_or_none(r.data.tags.get("trial")),
+                                status=r.info.status, objective=r.data.metrics.get("objective", np.nan),
+                                **{k: v for k, v in r.data.params.items() if k.startswith("trial.")})
+                           for r in runs])
+    for c in [c for c in trials.columns if c.startswith("trial.")]:
+        try:
+            trials[c] = pd.to_numeric(trials[c])
+        except (ValueError, TypeError):
+            pass  # categorical parameter: keep the strings
+    trials = trials.sort_values(["trial", "run_id"], kind="stable", na_position="last").reset_index(drop=True)
+    if not (trials["status"].eq("FINISHED") & trials["objective"].notna()).any():
+        raise ValueError(f"study {name!r} (parent run {parent.info.run_id}) has FINISHED trial runs but none "
+                         f"logged the metric 'objective'")
+    notes, study, direction = [], None, None
+    storage, study_name = parent.data.tags.get("optuna.storage"), parent.data.tags.get("optuna.study_name")
+    if storage and study_name:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except Exception as exc:  # noqa: BLE001  e.g. a storage only the launching machine can reach
+            notes.append(f"the Optuna study {study_name!r} could not be loaded from {storage}: "
+                         f"{type(exc).__name__}: {exc}")
+    else:
+        notes.append("the study parent run has no optuna.storage / optuna.study_name tags")
+    trials.insert(3, "state", None)
+    if study is not None:
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        trials["state"] = trials["trial"].map(states)
+        if len(study.directions) == 1:
+            direction = study.direction.name.lower()
+        else:
+            notes.append(f"multi-objective study ({len(study.directions)} objectives): no best-so-far line")
+    trials.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, direction=direction, notes=notes,
+                        storage=storage, study_name=study_name)
+    return trials, study
+
+
+
+# ---------------------------------------------------------------------------------------------------- derived (pure)
+def benchmarks(runs: pd.DataFrame) -> list[str]:
+    """The benchmarks of a sweep's runs table: ``mean`` (ood/mean/dice, the sweep's default objective) first."""
+    return sorted((c.split("/", 1)[1] for c in runs.columns if c.startswith("final/")), key=lambda b: (b != "mean", b))
+
+
+def benchmark_tables(runs: pd.DataFrame, benchmark: str, method: str, correction: str
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, tests) of one benchmark, for each measure (final, best).
+
+    summary: one row per (measure, subset, phase), the columns of ``analysis.summarize`` over seeds. tests: the
+    pairwise comparisons between subsets within each phase and measure (``analysis.pairwise_tests`` with ``method``
+    and ``correction``), with the two medians; empty when there is nothing to compare.
+    """
+    summary, tests = [], []
+    for measure in MEASURES:
+        col = f"{measure}/{benchmark}"
+        for (subset, phase), g in runs.groupby(["subset", "phase"], sort=False):
+            summary.append(dict(benchmark=benchmark, measure=measure, subset=subset, phase=phase,
+                                **analysis.summarize(g[col])))
+        for phase in [p for p in PHASES if (runs["phase"] == p).any()]:
+            sel = runs[runs["phase"] == phase]
+            groups = {s: sel.loc[sel["subset"] == s, col] for s in sorted(sel["subset"].dropna().unique())}
+            t = analysis.pairwise_tests(groups, method=method, correction=correction)
+            t.insert(0, "measure", measure)
+            t.insert(0, "phase", phase)
+            t.insert(0, "benchmark", benchmark)
+            t.insert(t.columns.get_loc("n_b") + 1, "median_a", [np.nanmedian(groups[a]) for a in t["a"]])
+            t.insert(t.columns.get_loc("median_a") + 1, "median_b", [np.nanmedian(groups[x]) for x in t["b"]])
+            tests.append(t)
+    return pd.DataFrame(summary), pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()
+
+
+def underpowered(tests: pd.DataFrame) -> list[tuple[int, int]]:
+    """The (n_a, n_b) seed counts among the tests for which no exact two-sided test can reach ``analysis.ALPHA``."""
+    if not len(tests):
+        return []
+    return sorted({(int(r.n_a), int(r.n_b)) for r in tests.itertuples()
+                   if r.n_a and r.n_b and analysis.min_attainable_p(r.n_a, r.n_b) >= analysis.ALPHA})
+
+
+def completed(trials: pd.DataFrame) -> pd.Series:
+    """Finished runs with an objective, and COMPLETE in Optuna where that is known (a pruned trial's run FINISHES)."""
+    return (trials["status"].eq("FINISHED") & trials["objective"].notna()
+            & (trials["state"].isna() | trials["state"].eq("COMPLETE")))
+
+
+
+def best_trial(trials: pd.DataFrame) -> pd.Series | None:
+    """The completed trial with the best objective, when the study's direction is known."""
+    done = trials[completed(trials)]
+    direction = trials.attrs.get("direction")
+    if direction not in ("maximize", "minimize") or not len(done):
+        return None
+    return done.loc[done["objective"].idxmax() if direction == "maximize" else done["objective"].idxmin()]
+
+
+def param_importances(study, min_trials: int = MIN_IMPORTANCE_TRIALS) -> tuple[dict[str, float], str | None]:
+    """(importances, None), or ({}, why not) when they cannot be computed meaningfully."""
+    import optuna
+
+    if study is None:
+        return {}, "no Optuna study loaded"
+    n = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    if n < min_trials:
+        return {}, f"{n} completed trial{'s' if n != 1 else ''}; at least {min_trials} are needed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except Exception as exc:  # noqa: BLE001  e.g. no parameters shared by the completed trials
+            return {}, f"{type(exc).__name__}: {exc}"
+    equal = [str(w.message) for w in caught if "importances will be equal" in str(w.message).lower()]
+    if equal:  # Optuna's fallback is a uniform answer, which would look like a result
+        return {}, equal[0]
+    if not importances:
+        return {}, "the completed trials have no parameters"
+    return importances, None
+
+
+
+__all__ = ["collect_sweep", "collect_study", "benchmarks", "benchmark_tables", "underpowered", "completed",
+           "best_trial", "param_importances"]
