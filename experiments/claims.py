@@ -183,12 +183,18 @@ def _insert_ignoring_duplicates(conn, table: sa.Table, rows: list[dict]) -> None
 
 
 def register_sweep(engine: sa.Engine, name: str, fingerprint: str, experiment: str,
-                   unit_keys: list[tuple[int, str, str]]) -> dict:
+                   unit_keys: list[tuple[int, str, str]], previous_fingerprint: str | None = None) -> dict:
     """Queue a sweep's units (idempotent: any number of processes may do it at once, and a half-done registration
-    is completed). Returns the sweep's row; ValueError if the name is taken by another definition."""
+    is completed). Returns the sweep's row; ValueError if the name is taken by another definition.
+
+    ``previous_fingerprint`` is the same definition's identity under an older hashing convention: a sweep
+    registered with it is the same sweep, and its row is brought up to date."""
     with engine.begin() as conn:
         _insert_ignoring_duplicates(conn, sweeps, [dict(name=name, fingerprint=fingerprint, experiment=experiment,
                                                               created=_now())])
+        if previous_fingerprint is not None:
+            conn.execute(sweeps.update().where(sweeps.c.name == name, sweeps.c.fingerprint == previous_fingerprint)
+                         .values(fingerprint=fingerprint))
     row = sweep_row(engine, name)
     if row["fingerprint"] != fingerprint:
         raise ValueError(f"sweep {name!r} already exists in {redact(str(engine.url))} with a different definition; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datagen.cli import positive_float, positive_int
+from hrtem_core.cli import positive_float, positive_int, run_command
 
 
 def _cmd_train(args) -> int:
@@ -76,7 +76,7 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from mlplatform.tracking import resolve_tracking_uri
+    from mlplatform.store import resolve_tracking_uri
 
     from .doctor import doctor
 
@@ -91,7 +91,7 @@ def _cmd_doctor(args) -> int:
 
 def _cmd_report(args) -> int:
     from mlplatform.report import write_report
-    from mlplatform.tracking import resolve_tracking_uri
+    from mlplatform.store import resolve_tracking_uri
 
     kind, name = ("sweep", args.sweep) if args.sweep else ("study", args.study)
     index = write_report(kind, name, resolve_tracking_uri(args.tracking_uri), args.out)
@@ -102,7 +102,7 @@ def _cmd_report(args) -> int:
 def _cmd_ui(args) -> int:
     import os
 
-    from mlplatform.tracking import resolve_tracking_uri
+    from mlplatform.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
@@ -191,11 +191,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as exc:  # config, data and model-reference errors all say what is wrong
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args)

@@ -31,7 +31,7 @@ DATASETS = (
 
 def run_demo(out: str | Path = "demo", workers: int = 2, tracking_uri: str | None = None) -> dict:
     from mlplatform.report import write_report
-    from mlplatform.tracking import resolve_tracking_uri
+    from mlplatform.store import resolve_tracking_uri
 
     from .sweep import run_sweep
 

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from datagen.recipe import format_validation_error, parse_override, set_dotted
-from mlplatform.config import ConfigError, TrainConfig, config_from_dict, read_yaml_mapping, require_unique
+from hrtem_core.config import config_hash, parse_override, read_yaml_mapping, require_unique, set_dotted, validate
+from hrtem_core.errors import ConfigError
+from mlplatform.config import TrainConfig, config_from_dict
 
 
 class _Spec(BaseModel):
@@ -148,27 +149,30 @@ class Experiment:
             raise ConfigError(f"{self.source}: {exc}") from None
         return config_from_dict(data, self.cli_sets, source=f"{self.source} (base {self.spec.base})")
 
+    def _definition(self) -> dict:
+        return {"spec": self.spec.model_dump(mode="json"), "base": self.base, "set": self.cli_sets}
+
     def fingerprint(self) -> str:
         """Identity of the definition: a sweep of the same name with another definition is refused."""
-        text = json.dumps({"spec": self.spec.model_dump(mode="json"), "base": self.base, "set": self.cli_sets},
-                          sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return config_hash(self._definition())
+
+    def legacy_fingerprint(self) -> str:
+        """The identity as sweeps and studies recorded it before configs had one hashing convention (JSON with
+        default separators): a sweep or study started then is still recognised, and its record updated."""
+        return hashlib.sha256(json.dumps(self._definition(), sort_keys=True).encode()).hexdigest()
 
 
 def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    raw = read_yaml_mapping(path, kind)
     if raw.get("kind") != kind:
         raise ConfigError(f"{path}: expected a {kind} definition (kind: {kind}), found kind {raw.get('kind')!r}")
     model = SweepSpec if kind == "sweep" else StudySpec
-    try:
-        spec = model.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(f"{kind} {path}", exc)) from None
+    spec = validate(model, raw, f"{kind} {path}")
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise ConfigError(f"{path}: base {spec.base!r} not found (looked at {base_path})")
-    base = read_yaml_mapping(base_path)
+    base = read_yaml_mapping(base_path, "base config")
     for text in cli_sets:
         parse_override(text)  # syntax errors now, before anything else
     exp = Experiment(spec, base, path, cli_sets)

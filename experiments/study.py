@@ -38,7 +38,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment, resolve_tracking_uri
+from mlplatform.store import resolve_tracking_uri
+from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment
 from mlplatform.train import train
 
 from . import claims
@@ -100,6 +101,8 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
         client.log_dict(parent.info.run_id, spec.model_dump(mode="json"), "study/definition.yaml")
         client.set_terminated(parent.info.run_id, "FINISHED")  # a container: the trials are its children
         study.set_user_attr("mlflow_parent_run", parent.info.run_id)
+        study.set_user_attr("fingerprint", exp.fingerprint())
+    if study.user_attrs.get("fingerprint") == exp.legacy_fingerprint():  # recorded before one hashing convention
         study.set_user_attr("fingerprint", exp.fingerprint())
     if study.user_attrs.get("fingerprint") != exp.fingerprint():
         raise ValueError(f"study {exp.name!r} already exists in {storage_url(storage)} with a different definition; "

@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
-from mlplatform.tracking import (Superseded, close_run, find_runs, get_or_create_experiment, is_insert_race,
-                                 resolve_tracking_uri)
+from mlplatform.store import resolve_tracking_uri
+from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment, is_insert_race
 from mlplatform.train import train
 
 from . import claims
@@ -82,7 +82,8 @@ def open_sweep(exp: Experiment, storage_url: str | None, tracking_uri: str) -> S
     """Queue the sweep's units and make sure its parent run exists; any step a killed process left undone is done."""
     engine = claims.open_engine(storage_url)
     units = [(c.index, c.key, p) for c in cells_of(exp) for p in phases_of(exp)]
-    row = claims.register_sweep(engine, exp.name, exp.fingerprint(), _experiment_name(exp), units)
+    row = claims.register_sweep(engine, exp.name, exp.fingerprint(), _experiment_name(exp), units,
+                                previous_fingerprint=exp.legacy_fingerprint())
     exp_id = get_or_create_experiment(row["experiment"], tracking_uri)
     client = MlflowClient(tracking_uri)
     parent = row["parent_run"] or _legacy_parent(exp, tracking_uri)
@@ -105,7 +106,7 @@ def _legacy_parent(exp: Experiment, tracking_uri: str) -> str | None:
     parents = find_runs(tracking_uri, _experiment_name(exp), f"tags.kind = 'sweep' and tags.sweep = '{exp.name}'")
     if not parents:
         return None
-    if parents[-1].data.tags.get("sweep.fingerprint") != exp.fingerprint():
+    if parents[-1].data.tags.get("sweep.fingerprint") not in (exp.fingerprint(), exp.legacy_fingerprint()):
         raise ValueError(f"sweep {exp.name!r} already exists in {tracking_uri} (run {parents[-1].info.run_id}) with "
                          "a different definition; give the changed sweep a new name")
     return parents[-1].info.run_id  # the first one made: the one its cells were reused under
