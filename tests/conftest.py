@@ -1,5 +1,5 @@
-"""Shared fixtures: a real, throwaway PostgreSQL server for tests that must also run against PostgreSQL, and the tiny
-datasets of the sweep and study tests (``workspace``).
+"""Shared fixtures: a real, throwaway PostgreSQL server for tests that must also run against PostgreSQL, the tiny
+simulated datasets (``tiny_dataset``), and the workspace of the sweep and study tests (``workspace``).
 
 ``postgres_server`` (session) starts one private cluster from Debian's server binaries (package ``postgresql``),
 listening on 127.0.0.1 and a socket directory inside its own temporary directory, and stops and deletes it at the end
@@ -244,10 +244,35 @@ def postgres_url(postgres_server, request) -> str:
     return postgres_server.new_database(request.node.name)
 
 
-# -- the small simulated datasets and base config of the sweep and study tests ----------------------------------------
+# -- the tiny simulated datasets shared by the tests ---------------------------------------------------------------
 
-TINY = ["imaging.crop_px=64", "structure.particle.radius_A={dist: uniform, low: 5, high: 6.5}",
-        "simulation.n_phonons=1", "output.structures_per_shard=2"]
+# the "tiny" preset made smaller still: 64 px images of 10-13 Å particles, one phonon configuration
+TINY = ("imaging.crop_px=64", "structure.particle.radius_A={dist: uniform, low: 5, high: 6.5}",
+        "simulation.n_phonons=1", "output.structures_per_shard=2")
+
+
+def generate_tiny(out: Path, n: int, seed: int, *overrides: str, base=TINY) -> Path:
+    """A tiny simulated dataset at ``out`` (the tiny preset, ``base`` overrides, then ``overrides``)."""
+    from datagen.pipeline import generate
+    from datagen.recipe import load_recipe
+
+    generate(load_recipe("tiny", [*base, *overrides]), n=n, seed=seed, out=out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """``make(n, seed, *overrides, base=TINY)``: the path of a tiny simulated dataset, generated once per session for
+    each distinct set of arguments (tests only read it)."""
+    root, made = tmp_path_factory.mktemp("tiny"), {}
+
+    def make(n: int, seed: int, *overrides: str, base=TINY) -> Path:
+        key = (n, seed, tuple(base), overrides)
+        if key not in made:
+            made[key] = generate_tiny(root / f"ds{len(made)}-seed{seed}", n, seed, *overrides, base=base)
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -256,13 +281,10 @@ def workspace(tmp_path_factory):
     written next to it (``sweep_helpers.write_spec``) override."""
     import yaml
 
-    from datagen.pipeline import generate
-    from datagen.recipe import load_recipe
-
     root = tmp_path_factory.mktemp("exp")
     for name, n, seed, extra in (("train", 12, 1, []), ("bench", 4, 2, []),
                                  ("target", 8, 3, ["imaging.dose_e_per_A2=150"])):
-        generate(load_recipe("tiny", TINY + extra), n=n, seed=seed, out=root / name, workers=1, progress=False)
+        generate_tiny(root / name, n, seed, *extra)
     base = {
         "seed": 0, "epochs": 1,
         "data": {"train": [{"path": str(root / "train")}], "val_fraction": 0.34, "crop_px": 32, "batch_size": 4,

@@ -8,18 +8,13 @@ import tarfile
 
 import pytest
 
-from datagen.pipeline import generate
-from datagen.recipe import load_recipe
 from mlplatform.curation import (CurationError, FilterError, SampleRecord, compile_filter, known_fields,
                                  scan_dataset, select, split_by_structure, subset_name)
 
 
 @pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cur") / "ds"
-    generate(load_recipe("tiny", ["output.structures_per_shard=2"]), n=12, seed=3, out=out, workers=1,
-             progress=False)
-    return out
+def ds(tiny_dataset):
+    return tiny_dataset(12, 3, base=["output.structures_per_shard=2"])  # the preset's 96 px images
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,26 @@
 
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datagen.pipeline import generate
-from datagen.recipe import load_recipe
 from mlplatform.config import config_from_dict
 from mlplatform.data import EvalStream, TrainStream, curate
 from mlplatform.metrics import SegmentationScores, confusion
 from mlplatform.models import build_model, count_parameters, encoder_parameters
 
-TINY = ["imaging.crop_px=64", "structure.particle.radius_A={dist: uniform, low: 5, high: 6.5}",
-        "simulation.n_phonons=1", "output.structures_per_shard=1"]
+ONE_PER_SHARD = "output.structures_per_shard=1"  # 6 shards each: enough to split between loader workers
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(load_recipe("tiny", TINY), n=12, seed=1, out=root / "a", workers=1, progress=False)
-    generate(load_recipe("tiny", TINY + ["imaging.dose_e_per_A2=100"]), n=12, seed=2, out=root / "b", workers=1,
-             progress=False)
+def config(tiny_dataset):
+    a = tiny_dataset(12, 1, ONE_PER_SHARD)
+    b = tiny_dataset(12, 2, ONE_PER_SHARD, "imaging.dose_e_per_A2=100")
     return config_from_dict({
-        "data": {"train": [{"path": str(root / "a"), "weight": 3}, {"path": str(root / "b"), "weight": 1}],
+        "data": {"train": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}],
                  "val_fraction": 0.34, "crop_px": 32, "batch_size": 4, "eval_batch_size": 5},
-        "benchmarks": [{"name": "b", "path": str(root / "b"), "max_samples": 7}],
+        "benchmarks": [{"name": "b", "path": str(b), "max_samples": 7}],
     })
 
 
@@ -82,7 +76,8 @@ def test_training_stream_mixes_datasets_by_weight(config):
     import random
 
     draws = [u["url"] for u, _ in zip(stream._shards(random.Random(0)), range(4000))]
-    from_a = sum("/a/" in d for d in draws) / len(draws)
+    a = str(config.data.train[0].path)  # the weight-3 dataset
+    from_a = sum(d.startswith(a + "/") for d in draws) / len(draws)
     assert from_a == pytest.approx(0.75, abs=0.03)
 
 

@@ -34,6 +34,24 @@ def test_definitions_are_validated_before_any_work(workspace):
         load_experiment(write_spec(workspace, "idx.yaml", dict(spec, set={"data.train.5.filter": "x"})), "sweep")
 
 
+def test_a_sweep_registered_before_config_hash_is_the_same_sweep(workspace, tmp_path):
+    """Fingerprints moved to hrtem_core.config.config_hash: a claims database written with the previous form of the
+    same definition (make demo run before the change) resumes, and is updated; another definition is still refused."""
+    from experiments import claims
+    from experiments.specs import load_experiment
+
+    exp = load_experiment(write_spec(workspace, f"fp-{tmp_path.name}.yaml", sweep_spec("fp", seeds=(0,))), "sweep")
+    assert exp.fingerprint() != exp.legacy_fingerprint()
+    engine = claims.open_engine(f"sqlite:///{tmp_path / 'claims.db'}")
+    units = [(0, "all/s0", "pretrain")]
+    claims.register_sweep(engine, "fp", exp.legacy_fingerprint(), "exp", units)  # as the previous version did
+    row = claims.register_sweep(engine, "fp", exp.fingerprint(), "exp", units,
+                                previous_fingerprint=exp.legacy_fingerprint())
+    assert row["fingerprint"] == exp.fingerprint() and len(claims.unit_rows(engine, "fp")) == 1
+    with pytest.raises(ValueError, match="different definition"):
+        claims.register_sweep(engine, "fp", "other", "exp", units, previous_fingerprint="another")
+
+
 def test_claims_record_each_unit_once_and_retry_only_the_units_own_failures(workspace, tmp_path):
     """The claim statements themselves, on one process: race, takeover, fencing of the old holder, retries."""
     from experiments import claims
@@ -384,6 +402,7 @@ def test_align_study_settles_stale_trials_and_ends_runs_out_of_line(workspace, t
     assert align_study(study, exp, store) == []  # settled: nothing more to do
 
 
+@pytest.mark.slow
 def test_ui_serves_the_same_store(tmp_path):
     import json
     import socket

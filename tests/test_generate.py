@@ -15,7 +15,8 @@ import webdataset as wds
 
 from datagen.pipeline import PROGRESS_DIR, generate
 from datagen.recipe import load_recipe
-from datagen.shards import DatasetError, iter_dataset, verify_dataset
+from hrtem_core.dataset import iter_dataset, verify_dataset
+from hrtem_core.errors import DatasetError
 
 # a small, fast variant of the tiny preset: 64 px images, one structure a shard
 FAST = ["imaging.crop_px=64", "output.structures_per_shard=1", "simulation.n_phonons=1",
@@ -69,6 +70,7 @@ def test_shards_read_back_through_webdataset(reference):
     assert keys == [k for s in manifest["shards"] for k, _ in s["samples"]]
 
 
+@pytest.mark.slow
 def test_same_seed_same_hash_in_parallel(reference, tmp_path):
     _, manifest = reference
     again = generate(load_recipe("tiny", FAST), n=6, seed=5, out=tmp_path / "par", workers=2, progress=False)

@@ -10,9 +10,11 @@ import tifffile
 from PIL import Image
 
 from datagen import importer
-from datagen.importer import InputError, import_dataset, pair_files
+from datagen.importer import import_dataset, pair_files
+from hrtem_core.errors import InputError
 from datagen.inspect import contact_sheet, dataset_info
-from datagen.shards import DatasetError, iter_dataset, sample_hash, verify_dataset
+from hrtem_core.dataset import iter_dataset, sample_hash, verify_dataset
+from hrtem_core.errors import DatasetError
 from mlplatform.config import config_from_dict
 from mlplatform.curation import compile_filter, known_fields, scan_dataset, select
 from mlplatform.data import EvalStream, TrainStream, curate

@@ -12,18 +12,14 @@ import pytest
 from PIL import Image
 
 from datagen.inspect import contact_sheet, dataset_info
-from datagen.pipeline import generate
-from datagen.recipe import load_recipe
-from datagen.shards import DatasetError, iter_dataset, read_manifest
+from hrtem_core.dataset import iter_dataset, read_manifest
+from hrtem_core.errors import DatasetError
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tiny_dataset):
     # tiny's 96 px crop is kept: 64 px (16 Å) is refused by the recipe check, its particles need up to 22 Å
-    recipe = load_recipe("tiny", ["output.structures_per_shard=2"])
-    root = tmp_path_factory.mktemp("inspect") / "tiny"
-    generate(recipe, n=6, seed=0, out=root, workers=1, progress=False)
-    return root
+    return tiny_dataset(6, 0, base=["output.structures_per_shard=2"])
 
 
 def run_cli(*args):

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from mlplatform.models import build_model
-from mlplatform.predict import InputError, fourier_rescale, predict_array, predict_path
+from hrtem_core.errors import InputError
+from mlplatform.predict import fourier_rescale, predict_array, predict_path
 from mlplatform.tracking import TrackedRun
 
 META = {"preset": "compact", "pixel_size_A": 0.2, "normalization": {"kind": "per_image_zscore"}}
@@ -27,7 +28,8 @@ def micrographs(folder):
     rng = np.random.default_rng(0)
     folder.mkdir()
     np.save(folder / "a.npy", rng.normal(100, 10, (64, 48)).astype(np.float32))
-    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(folder / "b.png")  # RGB -> gray
+    gray = rng.integers(0, 255, (40, 56, 1), dtype=np.uint8)
+    Image.fromarray(np.repeat(gray, 3, axis=2)).save(folder / "b.png")  # gray stored as RGB: read as gray
     tifffile.imwrite(folder / "c.tif", rng.normal(size=(2, 32, 36)).astype(np.float32))  # two pages
     (folder / "notes.txt").write_text("not an image; skipped in a folder")
     return folder
@@ -85,8 +87,10 @@ def test_bad_inputs_give_clear_errors(logged, tmp_path):
         with pytest.raises(InputError, match=match):
             predict_path(run_id, path, tmp_path / "out", 0.2, tracking_uri=uri)
 
-    np.save(tmp_path / "cube.npy", np.zeros((3, 8, 8), np.float32))
-    fails(tmp_path / "cube.npy", r"cube\.npy.*2-D image.*\(3, 8, 8\)")
+    np.save(tmp_path / "cube.npy", np.zeros((2, 3, 8, 8), np.float32))
+    fails(tmp_path / "cube.npy", r"cube\.npy.*2-D \[H, W\] or a 3-D stack.*\(2, 3, 8, 8\)")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    fails(tmp_path / "rgb.png", r"rgb\.png: is a colour image")  # the same reader and rule as datagen import
     bad = np.ones((8, 8), np.float32)
     bad[2, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
@@ -96,7 +100,7 @@ def test_bad_inputs_give_clear_errors(logged, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     fails(tmp_path / "notes.txt", r"notes\.txt.*unsupported file type")
     (tmp_path / "fake.png").write_text("not a png")
-    fails(tmp_path / "fake.png", r"fake\.png.*cannot be read")
+    fails(tmp_path / "fake.png", r"fake\.png.*unreadable")
     fails(tmp_path / "missing", r"missing.*no such file or folder")
     (tmp_path / "nothing").mkdir()
     fails(tmp_path / "nothing", "no micrographs")

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datagen import prismatic as pr
+from datagen.simulate import prismatic as pr
 from datagen.recipe import Simulation
 from datagen.simulate import electron_wavelength_A, get_backend
 from datagen.structures import Scene

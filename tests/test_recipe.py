@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from datagen.distributions import Choice, LogUniform, TruncNormal, Uniform, bounds, sample
-from datagen.recipe import RecipeError, available_recipes, load_recipe, parse_override
+from datagen.recipe import RecipeError, available_recipes, load_recipe
+from hrtem_core.config import parse_override
 from datagen.seeding import Streams
 
 

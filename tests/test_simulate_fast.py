@@ -16,8 +16,10 @@ from datagen.image import ExitWaveLens, fourier_resample
 from datagen.pipeline import SampleFactory
 from datagen.recipe import RecipeError, Simulation, recipe_from_dict
 from datagen.seeding import Streams
-from datagen.simulate import (AbtemBackend, FastEngine, phonon_displacements, place_on_grid, simulate,
-                              slice_thicknesses, substrate_waves)
+from datagen.simulate import simulate
+from datagen.simulate.backend import phonon_displacements, slice_thicknesses
+from datagen.simulate.fast import FastEngine, place_on_grid
+from datagen.simulate.plain import AbtemBackend
 from datagen.structures import build_scene
 
 pytestmark = pytest.mark.filterwarnings("ignore:ensemble_mean=False:UserWarning")
@@ -91,12 +93,12 @@ def test_fast_engine_starts_from_the_bank_and_skips_vacuum():
     scene = build_scene(r, streams, factory.bank)
     disp = phonon_displacements(scene, r.simulation, streams)
     engine = factory.backend.engine(r.simulation, 32.0, 320, "cpu")
-    bank = substrate_waves(engine, factory.bank, r.simulation)
+    bank = factory.backend.substrate_waves(engine, factory.bank, r.simulation)
     n_slices = len(slice_thicknesses(scene.cell_A[2], 2.0))
     first_particle = int(np.floor((scene.positions[scene.is_particle, 2] + disp[:, scene.is_particle, 2]).min() / 2))
-    engine.scene_exit_waves(scene, disp, r.simulation)  # computes the bank's waves (in memory here)
+    engine.scene_exit_waves(scene, disp, r.simulation, bank)  # computes the bank's waves (in memory here)
     engine.counts.clear()
-    engine.scene_exit_waves(scene, disp, r.simulation)
+    engine.scene_exit_waves(scene, disp, r.simulation, bank)
     assert bank.checkpoints and min(bank.checkpoints) > 1
     # particle-only: one wave per slice from its first particle slice; full scene: fewer than all its slices
     assert engine.counts["wave_slices"] < (n_slices - first_particle) + (n_slices - 1)
@@ -149,11 +151,11 @@ def test_no_substrate_and_substrate_only():
 
 def test_fast_engine_is_deterministic_with_and_without_the_bank_on_disk(tmp_path):
     """Same recipe and seed: the same bits, whether the bank's waves were computed in memory, written by the driver
-    (``SubstrateBank.warm``) and memory-mapped, or read back by another process's factory."""
-    from datagen.structures import SubstrateBank
+    (``pipeline.prepare_substrate``) and memory-mapped, or read back by another process's factory."""
+    from datagen.pipeline import prepare_substrate
 
     r = recipe("fast")
-    SubstrateBank(r, 4, tmp_path).warm()
+    prepare_substrate(r, 4, tmp_path)
     assert len(list(tmp_path.glob("waves-*.npy"))) == 2
     runs = [SampleFactory(r, 4, "fast-test", cache).structure_samples(2, 2, keep_waves=True)
             for cache in (None, tmp_path, tmp_path)]

@@ -1,9 +1,12 @@
 """Tracked runs against a real MLflow SQLite store: lifecycle, params/tags/metrics, dataset inputs, model round trip."""
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -13,8 +16,9 @@ from mlflow import MlflowClient
 
 from mlplatform.models import build_model
 from mlplatform.predict import predict_array
-from mlplatform.serving import ModelRefError
-from mlplatform.tracking import Superseded, TrackedRun, find_runs, load_model, resolve_tracking_uri
+from mlplatform.serving import ModelRefError, load_model
+from mlplatform.store import process_tracking_uri, resolve_tracking_uri
+from mlplatform.tracking import Superseded, TrackedRun, find_runs
 
 META = {"preset": "compact", "pixel_size_A": 0.2, "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}}
 
@@ -181,6 +185,7 @@ def test_model_round_trip_by_run_id_uri_and_path(uri, tmp_path):
         expected = net(x)
     mlflow.set_tracking_uri(uri)  # MLflow resolves models:/ with the process-wide URI, whatever tracking_uri says
     local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl"))
+    assert {p.name for p in Path(local).glob("*.py")} == {"pyfunc_model.py"}  # the model's code, nothing else
     other = f"sqlite:///{tmp_path}/other.db"
     mlflow.set_tracking_uri(other)  # the store we pass must win over the process-wide one, which is left as it was
     for ref in (r.run_id, f"runs:/{r.run_id}/model", model_uri, local):
@@ -214,3 +219,49 @@ def test_unresolvable_model_references_say_what_is_accepted(uri, tmp_path):
         load_model("0123456789abcdef0123456789abcdef", uri)
     with pytest.raises(ModelRefError, match="weights.pt"):
         load_model(str(tmp_path), uri)
+
+
+LEGACY_SERVING = Path(__file__).parent / "data" / "legacy_serving_v1.py"
+
+
+def test_a_model_logged_with_the_old_serving_file_still_loads(uri, tmp_path):
+    """Models logged before pyfunc_model.py existed carry a copy of the old serving.py as their code (the fixture is
+    that file, unchanged). MLflow runs it to load the pyfunc; it imports mlplatform.models.build_model,
+    mlplatform.predict.predict_array and mlplatform.tracking.resolve_tracking_uri, which must stay importable."""
+    torch.manual_seed(2)
+    net = build_model("compact").eval()
+    files = tmp_path / "files"
+    files.mkdir()
+    torch.save(net.state_dict(), files / "weights.pt")  # as TrackedRun.log_model writes them
+    (files / "metadata.json").write_text(json.dumps({**META, "threshold": 0.5}))
+    with run(uri) as r:  # the process-wide URI is the run's inside: MLflow attaches the model to it
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(LEGACY_SERVING), pip_requirements=["mlflow"],
+                                       artifacts={"weights": str(files / "weights.pt"),
+                                                  "metadata": str(files / "metadata.json")})
+    img = np.random.default_rng(1).normal(size=(2, 36, 44)).astype(np.float32)
+    with process_tracking_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
+        pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    assert {p.name for p in local.glob("*.py")} == {LEGACY_SERVING.name}  # the old code is what MLflow runs
+    out = pyfunc.predict(img)
+    np.testing.assert_allclose(out, np.stack([predict_array(net, META, i, None) for i in img]), atol=1e-6)
+
+    x = torch.randn(1, 1, 40, 48)
+    with torch.no_grad():
+        expected = net(x)
+    for ref in (r.run_id, info.model_uri, local):  # our loader reads only weights.pt + metadata.json
+        model, meta = load_model(ref, uri)
+        assert meta["preset"] == "compact" and meta["threshold"] == 0.5
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), ref
+
+
+def test_importing_the_platform_registers_no_mlflow_model():
+    """Only MLflow executes pyfunc_model.py: importing tracking, serving or predict must not call set_model (which
+    would make this process's next models-from-code load or log pick up our model)."""
+    code = ("import mlplatform.tracking, mlplatform.serving, mlplatform.predict\n"
+            "import mlflow.models.model\n"
+            "print(repr(mlflow.models.model.__mlflow_model__))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None"

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from datagen.pipeline import generate
-from datagen.recipe import load_recipe
+from hrtem_core.config import set_dotted
 from mlplatform.config import ConfigError, config_from_dict
 from mlplatform.curation import CurationError, scan_dataset, select
 from mlplatform.metrics import SegmentationScores
@@ -23,21 +22,14 @@ from mlplatform.train import train
 
 import torch
 
-TINY = ["imaging.crop_px=64", "structure.particle.radius_A={dist: uniform, low: 5, high: 6.5}",
-        "simulation.n_phonons=1", "output.structures_per_shard=2"]
 EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    made = {}
-    for name, n, seed, extra in (("train", 16, 1, []), ("bench-a", 6, 2, []),
-                                 ("bench-lowdose", 6, 3, ["imaging.dose_e_per_A2=100"]),
-                                 ("target", 8, 4, ["imaging.defocus_A={dist: uniform, low: -100, high: 100}"])):
-        generate(load_recipe("tiny", TINY + extra), n=n, seed=seed, out=root / name, workers=1, progress=False)
-        made[name] = root / name
-    return made
+def datasets(tiny_dataset):
+    return {name: tiny_dataset(n, seed, *extra) for name, n, seed, extra in (
+        ("train", 16, 1, []), ("bench-a", 6, 2, []), ("bench-lowdose", 6, 3, ["imaging.dose_e_per_A2=100"]),
+        ("target", 8, 4, ["imaging.defocus_A={dist: uniform, low: -100, high: 100}"]))}
 
 
 def _config(datasets, **over):
@@ -51,11 +43,7 @@ def _config(datasets, **over):
         "tracking": {"experiment": "test", "n_prediction_images": 2, "system_metrics": False},
     }
     for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(cfg, key, value)
     return config_from_dict(cfg)
 
 
@@ -193,6 +181,7 @@ def test_bad_inputs_fail_before_any_run(datasets, store):
     assert not any("radius" in n for n in names)
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_and_an_interrupted_run_ends_killed(datasets, tmp_path):
     import yaml
 
