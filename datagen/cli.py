@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hrtem_core.cli import nonneg_int, positive_float, positive_int, run_command
 from hrtem_core.config import read_yaml_mapping
+from hrtem_core.errors import InputError
 
 from .recipe import available_recipes, load_recipe
 
@@ -23,9 +24,13 @@ def _cmd_recipes(args) -> int:
 def _cmd_generate(args) -> int:
     from .pipeline import generate
 
+    if args.scheduler and args.workers is not None:
+        raise InputError("--workers (local processes) and --scheduler (a Dask cluster's workers) exclude each "
+                         "other; give one")
     recipe = load_recipe(args.recipe, args.set or [])
-    manifest = generate(recipe, n=args.n, seed=args.seed, out=Path(args.out), workers=args.workers,
-                        keep_waves=args.keep_waves, dataset=args.name, progress=not args.quiet)
+    manifest = generate(recipe, n=args.n, seed=args.seed, out=Path(args.out),
+                        workers=args.workers or len(os.sched_getaffinity(0)), keep_waves=args.keep_waves,
+                        dataset=args.name, progress=not args.quiet, scheduler=args.scheduler)
     per = manifest["timing_s"]["per_sample_by_stage"]
     print(f"dataset {manifest['name']}: {manifest['n_samples']} samples in {len(manifest['shards'])} shards at "
           f"{args.out}")
@@ -82,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=positive_int, required=True, help="number of samples (images)")
     g.add_argument("--seed", type=nonneg_int, required=True)
     g.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
-    g.add_argument("--workers", type=positive_int, default=len(os.sched_getaffinity(0)),
-                   help="local processes (default: all cores)")
+    g.add_argument("--workers", type=positive_int, help="local processes (default: all cores)")
+    g.add_argument("--scheduler", metavar="ADDRESS|FILE",
+                   help="make the shards on a Dask cluster instead: tcp://HOST:PORT or a scheduler file; --out must "
+                   "be on a filesystem its workers share")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     g.add_argument("--keep-waves", action="store_true", help="also write the exit waves as waves-*.tar shards")
     g.add_argument("--name", help="dataset name, recorded in every sample (default: RECIPE-seedSEED)")

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
-import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hrtem_core.config import canonical_json
+from hrtem_core.config import canonical_json, config_hash
 from hrtem_core.dataset import (FORMAT_VERSION, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
                                 check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
                                 utc_now, write_atomic, write_manifest, write_shard)
+from hrtem_core.processes import die_with_parent
 
 from . import image as image_stage
 from . import mask as mask_stage
@@ -35,6 +36,7 @@ from .simulate import ExitWaves, get_backend, simulate, warm_substrate_waves
 from .structures import Scene, SubstrateBank, build_scene
 
 PROGRESS_DIR = ".progress"
+DASK_RETRIES = 2  # a shard whose task raised is tried again this often (a lost worker's shard is rescheduled anyway)
 
 
 @dataclass(frozen=True)
@@ -214,19 +216,9 @@ _FACTORY: SampleFactory | None = None
 _TICKS = None
 
 
-def _die_with_parent() -> None:
-    """A worker must not outlive a killed driver: an orphan would still be writing when the rerun resumes."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _init_worker(recipe_json: str, seed: int, dataset: str, cache_dir: str, ticks) -> None:
     global _FACTORY, _TICKS
-    _die_with_parent()
+    die_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _FACTORY = SampleFactory(recipe_from_dict(json.loads(recipe_json)), seed, dataset, Path(cache_dir))
     _TICKS = ticks
@@ -265,6 +257,44 @@ def _run_shard_in_worker(out: str, plan: Plan, shard: int, keep_waves: bool) -> 
     return make_shard(Path(out), plan, shard, keep_waves)
 
 
+_DASK_STATE = threading.local()  # per task thread of a Dask worker: the factory of the dataset it last worked on
+
+
+def make_shard_on_dask(out: str, recipe_json: str, seed: int, dataset: str, cache_dir: str, plan: Plan, shard: int,
+                       keep_waves: bool) -> dict:
+    """One shard as a Dask task. A worker keeps the SampleFactory (backend, substrate bank) of the dataset it last
+    made a shard of, so the shards of one dataset that land on it pay for those once."""
+    key = (recipe_json, seed, dataset, cache_dir)
+    if getattr(_DASK_STATE, "key", None) != key:
+        _DASK_STATE.factory = SampleFactory(recipe_from_dict(json.loads(recipe_json)), seed, dataset, Path(cache_dir))
+        _DASK_STATE.key = key
+    return make_shard(Path(out), plan, shard, keep_waves, _DASK_STATE.factory, tick=lambda n: None)
+
+
+def _run_on_dask(scheduler, out: Path, plan: Plan, todo: list[int], recipe: Recipe, seed: int, dataset: str,
+                 cache_dir: Path, keep_waves: bool, records: dict, bar) -> None:
+    """The shards in ``todo`` as Dask tasks. A shard is a pure function of (recipe, seed, index) written atomically:
+    a worker lost mid-shard costs that shard, which the scheduler gives to another worker; a shard made twice (a
+    stalled worker that comes back) is the same bytes."""
+    from distributed import as_completed
+
+    from hrtem_core.cluster import check_workers, connect
+
+    client = connect(scheduler)
+    try:
+        check_workers(client, [out, cache_dir])
+        recipe_json = canonical_json(recipe.resolved())
+        token = config_hash(_run_identity(recipe, seed, plan.n_samples, keep_waves, dataset))[:16]
+        futures = {client.submit(make_shard_on_dask, str(out.absolute()), recipe_json, seed, dataset,
+                                 str(cache_dir.absolute()), plan, s, keep_waves, key=f"hrtem-shard-{token}-{s:06d}",
+                                 retries=DASK_RETRIES): s for s in todo}
+        for future in as_completed(futures, loop=client.loop):
+            records[futures[future]] = record = future.result()
+            bar.update(record["n_samples"])
+    finally:
+        client.close()
+
+
 # ------------------------------------------------------------------------------------------------- driver side
 
 
@@ -287,8 +317,12 @@ def _finished_records(out: Path, plan: Plan) -> dict[int, dict]:
 
 
 def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, keep_waves: bool = False,
-             dataset: str | None = None, progress: bool = True) -> dict:
-    """Generate (or resume) a dataset; returns the manifest."""
+             dataset: str | None = None, progress: bool = True, scheduler=None) -> dict:
+    """Generate (or resume) a dataset; returns the manifest.
+
+    ``workers`` local processes make the shards, or, with ``scheduler`` (a Dask scheduler address, scheduler file
+    or cluster object, see :mod:`hrtem_core.cluster`), the workers of a Dask cluster that share ``out``'s filesystem.
+    The content hash is the same either way."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if seed < 0:
@@ -320,7 +354,9 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
         if todo:
             # the substrate bank is built once, here, before workers start; they read it from the cache
             prepare_substrate(recipe, seed, cache_dir)
-        if workers == 1 or len(todo) <= 1:
+        if scheduler is not None and todo:
+            _run_on_dask(scheduler, out, plan, todo, recipe, seed, dataset, cache_dir, keep_waves, records, bar)
+        elif workers == 1 or len(todo) <= 1:
             factory = SampleFactory(recipe, seed, dataset, cache_dir) if todo else None
             for shard in todo:
                 records[shard] = make_shard(out, plan, shard, keep_waves, factory, tick=bar.update)

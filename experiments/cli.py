@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from hrtem_core.cli import positive_float, positive_int, run_command
+from hrtem_core.errors import InputError
 
 
 def _cmd_train(args) -> int:
@@ -34,8 +35,9 @@ def _cmd_predict(args) -> int:
 def _cmd_sweep(args) -> int:
     from .sweep import run_sweep
 
-    summary = run_sweep(args.config, args.set or [], args.workers, args.storage, args.tracking_uri,
-                        progress=not args.quiet and args.workers == 1)
+    summary = run_sweep(args.config, args.set or [], _local_workers(args), args.storage, args.tracking_uri,
+                        progress=not args.quiet and _local_workers(args) == 1 and not args.scheduler,
+                        scheduler=args.scheduler)
     print(f"sweep {summary['sweep']}: {summary['cells']} cells x {'+'.join(summary['phases'])}; "
           f"units {summary['units_by_state']}; runs by status {summary['runs_by_status']}; "
           f"parent run {summary['parent_run']}")
@@ -62,8 +64,9 @@ def report_sweep_problems(summary: dict) -> bool:
 def _cmd_study(args) -> int:
     from .study import run_study
 
-    summary = run_study(args.config, args.set or [], args.n_trials, args.workers, args.storage, args.tracking_uri,
-                        progress=not args.quiet and args.workers == 1)
+    summary = run_study(args.config, args.set or [], args.n_trials, _local_workers(args), args.storage,
+                        args.tracking_uri, progress=not args.quiet and _local_workers(args) == 1 and not args.scheduler,
+                        scheduler=args.scheduler)
     print(f"study {summary['study']}: trials {summary['trials']}; storage {summary['storage']}; "
           f"parent run {summary['parent_run']}")
     if summary["best"]:
@@ -118,9 +121,20 @@ def _cmd_demo(args) -> int:
     return 1 if report_sweep_problems(summary) else 0
 
 
+def _local_workers(args) -> int:
+    if args.scheduler and args.workers is not None:
+        raise InputError("--workers (local processes) and --scheduler (one worker per Dask worker) exclude each "
+                         "other; give one")
+    return args.workers or 1
+
+
 def _queue_options(parser: argparse.ArgumentParser, storage_help: str) -> None:
     """Options shared by the commands that hand work to several workers through a shared database."""
-    parser.add_argument("--workers", type=positive_int, default=1, help="local worker processes (default 1)")
+    parser.add_argument("--workers", type=positive_int, help="local worker processes (default 1)")
+    parser.add_argument("--scheduler", metavar="ADDRESS|FILE",
+                        help="run one worker per Dask worker (or per GPU resource) of this cluster instead: "
+                        "tcp://HOST:PORT or a scheduler file; --storage and the tracking store must be reachable "
+                        "from every worker, and the data on a filesystem they share")
     parser.add_argument("--storage", help=storage_help)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override every run's config")
     parser.add_argument("--quiet", action="store_true")

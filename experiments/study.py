@@ -31,6 +31,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
@@ -45,7 +46,7 @@ from mlplatform.train import train
 from . import claims
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
-from .workers import run_processes, share_cores
+from .workers import run_on_dask, run_processes, share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -547,16 +548,22 @@ def _worker_main(path: str, cli_sets: list[str], storage_arg: str | None, tracki
 
 
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,
-              tracking_uri: str | None, progress: bool = True) -> dict:
-    """Run the study to its trial budget; the summary has ``aligned`` (what align_study changed, at the start and
-    at the end) and ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
+              tracking_uri: str | None, progress: bool = True, scheduler=None) -> dict:
+    """Run the study to its trial budget with ``workers`` local processes, or one worker per slot of the Dask cluster
+    ``scheduler``; the summary has ``aligned`` (what align_study changed, at the start and at the end) and
+    ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
     exp = load_experiment(path, "study", cli_sets)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     n_trials = n_trials or exp.spec.n_trials
     storage = study_storage(storage_arg)
     study = _open(exp, storage, tracking_uri)
     aligned = align_study(study, exp, tracking_uri)
-    if workers <= 1:
+    if scheduler is not None:
+        storage_arg = storage_arg or f"journal:{journal_path(None)}"  # the same file for every worker
+        run_on_dask(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_arg,
+                                                       tracking_uri, n_trials, slot, share),
+                    f"study {exp.name}", scheduler)
+    elif workers <= 1:
         _work(exp, storage_arg, tracking_uri, progress, n_trials)
     else:
         run_processes(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w, workers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from mlplatform.train import train
 from . import claims
 from .claims import CLAIMED, DONE, FAILED, PENDING
 from .specs import Experiment, load_experiment
-from .workers import run_processes, share_cores
+from .workers import run_on_dask, run_processes, share_cores
 
 POLL_S = 1.0  # how often a worker with nothing to claim looks again
 
@@ -307,11 +308,18 @@ def _worker_main(path: str, cli_sets: list[str], storage_url: str | None, tracki
 
 
 def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | None, tracking_uri: str | None,
-              progress: bool = True) -> dict:
+              progress: bool = True, scheduler=None) -> dict:
+    """Run the sweep to the end with ``workers`` local processes, or with one worker per slot of the Dask cluster
+    ``scheduler`` (see :func:`workers.run_on_dask`); the claims make the result the same."""
     exp = load_experiment(path, "sweep", cli_sets)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     ctx = open_sweep(exp, storage_url, tracking_uri)
-    if workers <= 1:
+    if scheduler is not None:
+        # what the workers get must mean the same on every machine: absolute paths, the resolved store URLs
+        storage_url = storage_url or claims.default_url()
+        run_on_dask(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_url,
+                                                       tracking_uri, share), f"sweep {exp.name}", scheduler)
+    elif workers <= 1:
         worker(exp, storage_url, tracking_uri, progress, ctx)
     else:  # each process loads the definition and joins the same queue, as a worker on another machine would
         run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,

@@ -6,6 +6,8 @@ import multiprocessing as mp
 import os
 import sys
 
+from hrtem_core.processes import run_in_child
+
 
 def share_cores(workers: int) -> None:
     """Give each of ``workers`` local processes its share of the cores: torch's default (all cores per process)
@@ -33,3 +35,41 @@ def run_processes(target, arg_lists: list[tuple], label: str) -> None:
     for p in procs:
         if p.exitcode:
             print(f"{label}: worker {p.name} (pid {p.pid}) ended with exit code {p.exitcode}", file=sys.stderr)
+
+
+def _in_child_process(cwd: str, target, *args) -> None:
+    """``target(*args)`` in a process of its own (signals, its own torch threads, killed with the Dask worker), in
+    the submitting command's working directory: configs name data relative to it (the workers share its
+    filesystem)."""
+    code = run_in_child(target, *args, cwd=cwd)
+    if code:
+        raise RuntimeError(f"worker process ended with exit code {code}")
+
+
+def run_on_dask(target, make_args, label: str, scheduler) -> None:
+    """``target(*make_args(slot, share))`` as one long-running task per slot of a Dask cluster (one per GPU where
+    workers advertise ``GPU`` resources, else one per worker process; ``share``: the slots on that slot's host, for
+    :func:`share_cores`), and wait for all of them. A task whose Dask worker dies is started again on another by the
+    scheduler; the shared queue hands its unit out again, so nothing is lost or recorded twice. A task that ends
+    badly is named on stderr, as a local worker process would be."""
+    import uuid
+
+    from hrtem_core.cluster import check_workers, connect, worker_slots
+
+    client = connect(scheduler)
+    try:
+        check_workers(client, [os.getcwd()])
+        slots, per_host = worker_slots(client)
+        hosts = {addr: w.get("host", addr) for addr, w in client.scheduler_info()["workers"].items()}
+        tag = uuid.uuid4().hex[:8]
+        futures = [client.submit(_in_child_process, os.getcwd(), target,
+                                 *make_args(i, per_host[hosts[options["workers"][0]]]),
+                                 key=f"{label.replace(' ', '-')}-worker-{i}-{tag}", pure=False, **options)
+                   for i, options in enumerate(slots)]
+        client.gather(futures, errors="skip")  # waits for all; failures are reported below
+        for future in futures:
+            if future.status != "finished":
+                print(f"{label}: Dask task {future.key} ended {future.status}: {future.exception()!r}",
+                      file=sys.stderr)
+    finally:
+        client.close()

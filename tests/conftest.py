@@ -1,5 +1,6 @@
-"""Shared fixtures: a real, throwaway PostgreSQL server for tests that must also run against PostgreSQL, the tiny
-simulated datasets (``tiny_dataset``), and the workspace of the sweep and study tests (``workspace``).
+"""Shared fixtures: a real, throwaway PostgreSQL server for tests that must also run against PostgreSQL, a real Dask
+scheduler with two worker processes (``dask_cluster``), the tiny simulated datasets (``tiny_dataset``), and the
+workspace of the sweep and study tests (``workspace``).
 
 ``postgres_server`` (session) starts one private cluster from Debian's server binaries (package ``postgresql``),
 listening on 127.0.0.1 and a socket directory inside its own temporary directory, and stops and deletes it at the end
@@ -242,6 +243,75 @@ def postgres_server(tmp_path_factory):
 def postgres_url(postgres_server, request) -> str:
     """URL of a fresh, empty database on the session's PostgreSQL server, named after the test."""
     return postgres_server.new_database(request.node.name)
+
+
+# -- a real Dask scheduler and two worker processes on loopback ---------------------------------------------------
+
+
+class DaskCluster:
+    """``dask scheduler`` and ``dask worker --nworkers N`` as the command-line tools start them (processes, nanny,
+    loopback TCP): what ``--scheduler`` meets on a real cluster."""
+
+    def __init__(self, base: Path, n_workers: int = 2):
+        import sys
+
+        self.base, self.n_workers = base, n_workers
+        self.file = base / "scheduler.json"
+        self.procs: list[subprocess.Popen] = []
+        self._log = open(base / "dask.log", "ab")
+        self._py = sys.executable
+
+    def _spawn(self, module: str, *args: str) -> None:
+        self.procs.append(subprocess.Popen([self._py, "-m", module, *args], stdout=self._log, stderr=self._log,
+                                           cwd=self.base, start_new_session=True))
+
+    def start(self, timeout_s: float = 120) -> "DaskCluster":
+        from distributed import Client
+
+        self._spawn("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                    "--scheduler-file", str(self.file))
+        deadline = time.monotonic() + timeout_s
+        while not self.file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not self.file.is_file():
+            raise RuntimeError(f"dask scheduler did not start: {(self.base / 'dask.log').read_text()[-2000:]}")
+        self._spawn("distributed.cli.dask_worker", "--scheduler-file", str(self.file), "--nworkers",
+                    str(self.n_workers), "--nthreads", "1", "--no-dashboard", "--memory-limit", "0",
+                    "--local-directory", str(self.base / "workers"), "--host", "127.0.0.1")
+        with Client(scheduler_file=str(self.file), timeout=60) as client:
+            client.wait_for_workers(self.n_workers, timeout=timeout_s)
+            self.address = client.scheduler.address
+        return self
+
+    def worker_pids(self) -> dict[str, int]:
+        from distributed import Client
+
+        with Client(scheduler_file=str(self.file), timeout=60) as client:
+            return client.run(os.getpid)
+
+    def stop(self) -> None:
+        import signal
+
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A Dask scheduler with two single-threaded worker processes on 127.0.0.1, for the session."""
+    cluster = DaskCluster(tmp_path_factory.mktemp("dask"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 # -- the tiny simulated datasets shared by the tests ---------------------------------------------------------------
