@@ -314,6 +314,77 @@ def dask_cluster(tmp_path_factory):
         cluster.stop()
 
 
+# -- an MLflow tracking server on PostgreSQL with artifacts on S3 (moto's server on loopback) ------------------------
+
+S3_BUCKET = "hrtem-test"
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}): {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url}: no answer within {timeout_s} s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible endpoint on loopback (moto in server mode; the compose file uses MinIO) with one bucket.
+    Yields the environment a client needs (endpoint and dummy credentials, as the usual AWS variables)."""
+    import sys
+
+    import boto3
+
+    port, log = _free_loopback_port(), tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=out, start_new_session=True)
+    env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        _wait_http(env["AWS_ENDPOINT_URL"], proc, log)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_server, s3_server, tmp_path_factory):
+    """A real ``mlflow server`` process: PostgreSQL backend store, artifacts proxied to s3://S3_BUCKET/mlflow.
+    Yields its http:// URI."""
+    import sys
+
+    port, log = _free_loopback_port(), tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                 postgres_server.new_database("mlflow_server"), "--artifacts-destination",
+                                 f"s3://{S3_BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1"],
+                                stdout=out, stderr=out, env={**os.environ, **s3_server}, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", proc, log)
+        yield uri
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 # -- the tiny simulated datasets shared by the tests ---------------------------------------------------------------
 
 # the "tiny" preset made smaller still: 64 px images of 10-13 Å particles, one phonon configuration
