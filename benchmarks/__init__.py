@@ -11,6 +11,8 @@ d. the training input pipeline against the rate the models consume and against a
    (``training``);
 e. epoch time with and without MLflow logging and the OOD callback, at the demo's sizes (``training``);
 f. throughput of the demo sweep with 2 workers against 1, real ``sweep`` commands on fresh stores (``sweeps``).
+g. scale-out: generation on a Dask cluster with 2 workers against 1 and its content hash against a local run's; the
+   demo sweep with its claims in PostgreSQL, 2 workers against 1 (``scaleout``, services from ``services``).
 
 Timings are medians (or minima, for micro-benchmarks) of repeated runs; the machine may be shared, so the baseline of
 every ratio is measured next to what it is compared with.

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-SECTIONS = "abcdef"
+SECTIONS = "abcdefg"
 
 
 def _sections(text: str) -> set[str]:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     warnings.filterwarnings("ignore")
 
-    from . import generation, sweeps, training
+    from . import generation, scaleout, sweeps, training
     from .table import render
 
     started = time.perf_counter()
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += training.run(args.only, args.quick, args.workdir)
     if "f" in args.only:
         rows += sweeps.run(args.only, args.quick, args.workdir)
+    if "g" in args.only:
+        rows += scaleout.run(args.only, args.quick, args.workdir)
     elapsed = time.perf_counter() - started
     import torch
 

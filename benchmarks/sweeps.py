@@ -46,13 +46,15 @@ def _sweep_file(work: Path, quick: bool) -> Path:
     return path
 
 
-def _timed_sweep(work: Path, path: Path, workers: int) -> tuple[float, int]:
-    """Wall seconds of one sweep command on fresh stores, and the units it recorded."""
+def timed_sweep(work: Path, path: Path, workers: int, claims_url: str | None = None) -> tuple[float, int]:
+    """Wall seconds of one sweep command on fresh stores (claims in SQLite, or in ``claims_url``, a fresh database),
+    and the units it recorded."""
     store = work / f"stores-{workers}"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir()
+    claims_url = claims_url or f"sqlite:///{store / 'sweeps.db'}"
     cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", str(workers), "--quiet",
-           "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", f"sqlite:///{store / 'sweeps.db'}"]
+           "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--storage", claims_url]
     started = time.perf_counter()
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -61,16 +63,21 @@ def _timed_sweep(work: Path, path: Path, workers: int) -> tuple[float, int]:
         raise RuntimeError(f"sweep with {workers} worker(s) failed:\n{res.stderr[-3000:]}")
     from experiments import claims
 
-    rows = claims.unit_rows(claims.open_engine(f"sqlite:///{store / 'sweeps.db'}"), "demo")
+    rows = claims.unit_rows(claims.open_engine(claims_url), "demo")
     return seconds, sum(r["state"] == "done" for r in rows)
 
 
-def sweep_rows(work: Path, quick: bool) -> list[Row]:
+def demo_sweep(work: Path, quick: bool) -> Path:
+    """The demo's sweep definition (first seed only when ``quick``) and data, under ``work``."""
     if not (work / "demo" / "data" / "target-lowdose" / "manifest.json").is_file():
         _demo_data(work)
-    path = _sweep_file(work, quick)
-    one_s, one_n = _timed_sweep(work, path, 1)
-    two_s, two_n = _timed_sweep(work, path, 2)
+    return _sweep_file(work, quick)
+
+
+def sweep_rows(work: Path, quick: bool) -> list[Row]:
+    path = demo_sweep(work, quick)
+    one_s, one_n = timed_sweep(work, path, 1)
+    two_s, two_n = timed_sweep(work, path, 2)
     one_rate, two_rate = one_n / one_s * 60, two_n / two_s * 60
     settings = f"demo sweep, {one_n} units ({'1 seed' if quick else 'all seeds'}), {os.cpu_count()} cores"
     ratio = two_rate / one_rate
