@@ -130,6 +130,12 @@ def _pruning_callback(trial: optuna.Trial, monitor: str):
     class Pruning(PyTorchLightningPruningCallback):
         pruned = False
 
+        def on_fit_start(self, trainer, pl_module) -> None:
+            # Only rank 0 runs callbacks here (mlplatform.train starts the other ranks without them), so the
+            # integration's DDP mode, a broadcast from rank 0 that no other rank would answer, must stay off: rank 0
+            # prunes as one process does, and its TrialPruned ends the other ranks.
+            self.is_ddp_backend = False
+
         def on_validation_end(self, trainer, pl_module) -> None:
             try:
                 super().on_validation_end(trainer, pl_module)

@@ -2,8 +2,9 @@
 
 ``OODEvaluation`` scores the model on every configured benchmark at the end of every ``interval``-th epoch (and the
 last): dataset-level Dice and IoU from summed TP/FP/FN counts, and the mean per-image Dice, plus their mean over
-benchmarks (``ood/mean/dice``). It runs at the end of the validation epoch; ``EpochTracking`` then sends everything the
-epoch produced to the tracked run in one call at the end of the training epoch.
+benchmarks (``ood/mean/dice``). Under DDP each rank scores its share of the shards and the ranks' totals are summed,
+so the scores equal one process's. It runs at the end of the validation epoch; ``EpochTracking`` then sends everything
+the epoch produced to the tracked run in one call at the end of the training epoch (from rank 0).
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ import time
 import lightning as L
 import torch
 
-from .metrics import SegmentationScores, confusion
+from .metrics import confusion
 from .model_format import THRESHOLD
-from .module import gather_counts
+from .module import SAME_ON_EVERY_RANK, scores_over_ranks
 
 
 @torch.no_grad()
 def score_loader(module: L.LightningModule, loader) -> dict[str, float]:
-    """Dice/IoU of the module's thresholded predictions over one finite loader (gathered across ranks)."""
+    """Dice/IoU of the module's thresholded predictions over one finite loader (summed across ranks)."""
     counts = []
     for batch in loader:
         probs = torch.sigmoid(module(batch["image"].to(module.device)))
         counts.append(confusion(probs > THRESHOLD, batch["mask"].to(module.device) > THRESHOLD).cpu())
     rows = torch.cat(counts) if counts else torch.zeros((0, 3), dtype=torch.int64)
-    return SegmentationScores([gather_counts(module, rows)]).compute()
+    return scores_over_ranks(rows, module.device)
 
 
 MEAN_DICE = "ood/mean/dice"  # mean over benchmarks: the default objective of studies and pruning
@@ -57,10 +58,10 @@ class OODEvaluation(L.Callback):
                 scores = score_loader(pl_module, self.datamodule.benchmark_dataloader(name))
                 for key in ("dice", "dice_mean_image", "iou"):
                     metrics[f"ood/{name}/{key}"] = scores[key]
-                pl_module.log(f"ood/{name}/dice", scores["dice"], logger=False)
+                pl_module.log(f"ood/{name}/dice", scores["dice"], logger=False, **SAME_ON_EVERY_RANK)
             mean = sum(metrics[f"ood/{n}/dice"] for n in self.names) / len(self.names)
             metrics[MEAN_DICE] = mean
-            pl_module.log(MEAN_DICE, mean, logger=False)
+            pl_module.log(MEAN_DICE, mean, logger=False, **SAME_ON_EVERY_RANK)
         finally:
             pl_module.train(was_training)
         metrics["time/ood_s"] = time.perf_counter() - started
@@ -71,8 +72,8 @@ class OODEvaluation(L.Callback):
 class EpochTracking(L.Callback):
     """Logs the epoch's metrics to the tracked run with step = epoch (0-based), once per epoch, from rank 0."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run=None):
+        self.run = run  # a TrackedRun on rank 0 (set once the run exists); None on the other ranks
         self._started = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -82,6 +83,6 @@ class EpochTracking(L.Callback):
         metrics = dict(pl_module.epoch_metrics)
         metrics["train/loss"] = pl_module.train_loss_of_epoch()
         metrics["time/epoch_s"] = time.perf_counter() - self._started
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.run is not None:
             self.run.log_metrics(metrics, step=trainer.current_epoch)
         pl_module.epoch_metrics = {}

@@ -119,9 +119,25 @@ class FinetuneConfig(_Section):
 class TrainerConfig(_Section):
     accelerator: str = "auto"
     devices: int | str = "auto"
+    """Devices per node; more than one process in all (devices x num_nodes) trains with DDP."""
+    strategy: str = "auto"
+    """``auto`` (one device, or DDP over several) or ``ddp``. The calling process is rank 0 and owns the tracked run;
+    mlplatform starts the other ranks of its node (``mlplatform.train``). Lightning's ``ddp_spawn``/``ddp_fork`` would
+    run rank 0 in a new process, away from the run, the sweep's claim and the study's trial: not offered."""
+    num_nodes: int = Field(default=1, ge=1)
+    """Nodes of a DDP run: start the same command on each node with ``NODE_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` set (or under SLURM / torchrun, one process per device)."""
     precision: str = "32-true"
     deterministic: bool = True
     log_every_n_steps: int = Field(default=10, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str):
+        if value not in ("auto", "ddp"):
+            raise ValueError("allowed: auto, ddp (ddp_spawn and ddp_fork would start rank 0 away from the process "
+                             "that holds the tracked run)")
+        return value
 
 
 class TrackingConfig(_Section):

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from hrtem_core.dataset import MANIFEST, iter_tar_samples, read_manifest
 from hrtem_core.errors import DatasetError, InputError
+from hrtem_core.locations import as_location, exists, is_url, join, name_of
 
 
 class CurationError(InputError):
@@ -92,9 +93,9 @@ def _structure_id(content_hash: str, key: str, meta: dict) -> str:
 # --------------------------------------------------------------------------------------------------- indexing
 def scan_dataset(path: str | os.PathLike) -> DatasetIndex:
     """Index a finished dataset from its manifest and the ``.json`` members of its shards (arrays are not read)."""
-    root = Path(path).resolve()
-    mpath = root / MANIFEST
-    if not mpath.is_file():
+    root = path if is_url(path) else Path(path).resolve()  # a folder, or a prefix on object storage
+    mpath = join(root, MANIFEST)
+    if not exists(mpath):
         raise CurationError(f"{path}: no {MANIFEST}; not a finished dataset")
     try:
         manifest = read_manifest(root)
@@ -103,7 +104,7 @@ def scan_dataset(path: str | os.PathLike) -> DatasetIndex:
         raise CurationError(f"{mpath}: not a valid dataset manifest ({type(exc).__name__}: {exc})") from None
     records: list[SampleRecord] = []
     for shard in shards:
-        spath = root / shard["name"]
+        spath = join(root, shard["name"])
         found = 0
         try:
             for key, fields in iter_tar_samples(spath, fields=("json",)):  # the arrays are seeked over
@@ -401,17 +402,17 @@ def subset_name(refs: Sequence[Any], seed: int | None = None, max_len: int = 60)
     for ref in refs:
         path = str(_ref_get(ref, "path"))
         try:
-            manifest = read_manifest(Path(path))
+            manifest = read_manifest(as_location(path))
         except (OSError, ValueError):
             manifest = {}
-        label = _ref_get(ref, "name") or manifest.get("name") or Path(path).name
+        label = _ref_get(ref, "name") or manifest.get("name") or name_of(path)
         filt = " ".join(str(_ref_get(ref, "filter") or "").split())
         caps = [f"{tag}{v}" for tag, v in (("max", _ref_get(ref, "max_samples")),
                                            ("per", _ref_get(ref, "max_images_per_structure"))) if v]
         part = label + (f"[{_compact(filt)}]" if filt else "") + (f"({','.join(caps)})" if caps else "")
         readable.append(part)
-        full.append(json.dumps([label, manifest.get("content_hash") or str(Path(path).resolve()), filt, caps,
-                                seed if caps else None]))
+        identity = manifest.get("content_hash") or str(path if is_url(path) else Path(path).resolve())
+        full.append(json.dumps([label, identity, filt, caps, seed if caps else None]))
     text = "+".join(readable)
     if len(text) > max_len:
         text = text[:max_len - 3] + "..."

@@ -7,7 +7,8 @@
   trainer's ``limit_train_batches``); every epoch's stream is seeded by (seed, epoch, rank, worker), so a run is
   reproducible for a given number of loader workers.
 * Validation and benchmark passes are finite: each shard goes to exactly one (rank, worker), and only selected keys
-  pass, so every selected sample is seen exactly once whatever the number of workers.
+  pass, so every selected sample is seen exactly once whatever the number of ranks and workers. Under DDP every rank
+  must hold at least one shard of every evaluation set (``check_eval_shards``, before training).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hrtem_core.dataset import load_npy
 from hrtem_core.errors import InputError
+from hrtem_core.locations import register_webdataset_schemes
 
 from .config import DataConfig, DatasetRef, TrainConfig
 from .curation import SampleRecord, scan_dataset, select, split_by_structure, subset_name
@@ -33,6 +35,8 @@ from .transforms import build_augmentation, normalize
 
 # the benchmark subsets must not depend on the training seed: every run is scored on the same images
 BENCHMARK_SEED = 0
+
+register_webdataset_schemes()  # shards on object storage (s3://...) are read through fsspec
 
 
 class DataError(InputError):
@@ -233,6 +237,24 @@ def _collate(items) -> dict:
     return {"key": [k for k, _, _ in items],
             "image": torch.from_numpy(np.stack([i for _, i, _ in items]))[:, None],
             "mask": torch.from_numpy(np.stack([m for _, _, m in items]))[:, None].float()}
+
+
+def check_eval_shards(curated: CuratedData, ranks: int, workers: int) -> None:
+    """Fail unless every one of ``ranks`` DDP ranks gets at least one shard of the validation set and of each
+    benchmark. Shards are dealt to ranks, then to each rank's loader workers; a worker without a shard just idles,
+    but a rank without one would skip the evaluation steps the others take and wait for them in a collective."""
+    if ranks <= 1:
+        return
+    train_names = sorted({u.name for u in curated.uses if u.role == "train"})
+    sets = [(f"the validation split of {', '.join(train_names)}", curated.val),
+            *((f"benchmark {name}", records) for name, records in curated.benchmarks.items())]
+    for what, records in sets:
+        n = len({r.shard for r in records})
+        if n < ranks:
+            raise DataError(
+                f"{what}: {n} shard{'s' * (n != 1)} for {ranks} ranks x {max(workers, 1)} loader workers; every rank "
+                f"evaluates whole shards and needs at least one ({ranks * max(workers, 1)} keep every worker busy): "
+                "train on fewer devices, or write the dataset with more shards (smaller output.structures_per_shard)")
 
 
 class SegmentationDataModule(L.LightningDataModule):

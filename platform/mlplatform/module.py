@@ -1,8 +1,8 @@
 """The Lightning module: a segmentation network, Dice + cross-entropy loss, optimiser and schedule from config.
 
-Validation Dice is computed from TP/FP/FN counts summed over the whole validation set (gathered across ranks), not
-as a mean of per-batch scores. The module keeps the epoch's scalar results in ``epoch_metrics`` for the tracking
-callback, which logs them with step = epoch.
+Validation Dice is computed from TP/FP/FN counts summed over the whole validation set (each rank's totals summed
+across ranks), not as a mean of per-batch scores. The module keeps the epoch's scalar results in ``epoch_metrics`` for
+the tracking callback, which logs them with step = epoch.
 """
 
 from __future__ import annotations
@@ -12,21 +12,26 @@ import torch
 from monai.losses import DiceCELoss
 
 from .config import TrainConfig
-from .metrics import SegmentationScores, confusion
+from .metrics import confusion, scores_from_totals, totals
 from .model_format import THRESHOLD
 from .models import build_model, encoder_parameters
 
 
-def gather_counts(module: L.LightningModule, counts: torch.Tensor) -> torch.Tensor:
-    """Per-image [tp, fp, fn] rows from every rank (ranks may hold different numbers of images)."""
-    if module.trainer is None or module.trainer.world_size == 1:
-        return counts
-    n = torch.tensor([counts.shape[0]], device=module.device)
-    sizes = module.all_gather(n).flatten()
-    padded = torch.full((int(sizes.max()), 3), -1, dtype=counts.dtype, device=module.device)
-    padded[: counts.shape[0]] = counts.to(module.device)
-    rows = module.all_gather(padded).reshape(-1, 3)
-    return rows[rows[:, 0] >= 0].cpu()
+# how to self.log a score that is already the whole set's (from the ranks' summed totals): every rank holds the same
+# value, the maximum over ranks keeps it exactly (a mean over 3 ranks could round), and Lightning does not warn that an
+# epoch-level value is left unsynchronised
+SAME_ON_EVERY_RANK = {"sync_dist": True, "reduce_fx": "max"}
+
+
+def scores_over_ranks(counts: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Scores of the per-image [tp, fp, fn] rows of every rank: each rank's ``totals`` summed over the process group
+    when one is initialised (a collective: every rank calls it, with or without images), as they are otherwise."""
+    t = totals(counts)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        t = t.to(device)  # NCCL reduces tensors on the rank's GPU
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return scores_from_totals(t.cpu())
 
 
 class SegmentationModule(L.LightningModule):
@@ -75,12 +80,12 @@ class SegmentationModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         counts = torch.cat(self._val_counts) if self._val_counts else torch.zeros((0, 3), dtype=torch.int64)
-        scores = SegmentationScores([gather_counts(self, counts)]).compute()
+        scores = scores_over_ranks(counts, self.device)
         self.epoch_metrics["val/dice"] = scores["dice"]
         self.epoch_metrics["val/dice_mean_image"] = scores["dice_mean_image"]
         self.epoch_metrics["val/iou"] = scores["iou"]
         # for checkpointing and early stopping; MLflow gets it from the tracking callback
-        self.log("val/dice", scores["dice"], logger=False, sync_dist=False)
+        self.log("val/dice", scores["dice"], logger=False, **SAME_ON_EVERY_RANK)
 
     def configure_optimizers(self):
         o = self.config.optim

@@ -2,20 +2,42 @@
 
 Everything that can be checked is checked before the MLflow run exists (config, data, the parent model), so a bad
 input leaves no run behind. Once the run exists, it ends FINISHED, FAILED (with the reason) or KILLED — never RUNNING.
+
+Several devices (``trainer.devices``) or nodes (``trainer.num_nodes``) train with Lightning's DDP. The calling process
+is rank 0: it alone creates and writes the tracked run, and it alone runs the caller's callbacks and hooks (a sweep's
+claim, a study's pruning), which therefore must not call collectives. mlplatform, not Lightning, starts the node's
+other ranks (``_other_local_ranks``): Lightning's ``ddp`` launcher re-runs the calling script in every rank (the CLI,
+a sweep worker, pytest: each would train, claim units or open runs of its own), and ``ddp_spawn``/``ddp_fork`` run
+every rank, rank 0 included, in new processes, away from the run, the claim and the trial. The other ranks run
+``_run_rank``: the same curated data, module and trainer, without tracking. Processes started by a cluster (SLURM,
+torchrun: one per device) are left to Lightning's detection; there, ranks other than 0 train and record nothing.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
 import signal
+import subprocess
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.environments import (LightningEnvironment, LSFEnvironment, MPIEnvironment,
+                                                    SLURMEnvironment, TorchElasticEnvironment)
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+
+from hrtem_core.processes import die_with_parent
 
 from .callbacks import EpochTracking, OODEvaluation
 from .config import TrainConfig, flatten
-from .data import DataError, SegmentationDataModule, curate
+from .data import CuratedData, DataError, SegmentationDataModule, check_eval_shards, curate
 from .figures import prediction_figure
 from .model_format import RUN_ID, THRESHOLD
 from .models import count_parameters
@@ -47,14 +69,15 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None,
           nest_under: str | None = None, callbacks: list | None = None, extra_params: dict | None = None,
-          stop_exceptions: tuple = (), on_start=None, commit=None) -> str:
-    """Train one model; returns the MLflow run id.
+          stop_exceptions: tuple = (), on_start=None, commit=None) -> str | None:
+    """Train one model; returns the MLflow run id (None in a rank other than 0 of a cluster-launched DDP job).
 
     ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
     run its model came from) is recorded in the ``parent_run`` tag either way. ``callbacks`` are extra Lightning
     callbacks (e.g. Optuna pruning). ``on_start(run_id)`` and ``commit(run_id) -> bool`` are the hooks of a work
     queue (see :class:`~mlplatform.tracking.TrackedRun`): a refused commit ends the run KILLED and raises
-    :class:`~mlplatform.tracking.Superseded`.
+    :class:`~mlplatform.tracking.Superseded`. Under DDP, ``callbacks`` and the hooks run in rank 0 only (see the module
+    docstring).
     """
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}; allowed: {', '.join(PHASES)}")
@@ -88,32 +111,32 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
         tags["parent_run"] = parent
     run_name = config.tracking.run_name or f"{phase}-{curated.subset}-s{config.seed}"
     params = {**flatten(config.resolved()), **(extra_params or {})}
-    with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
-                    parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
-                    stop_exceptions=stop_exceptions, on_start=on_start, commit=commit) as run:
-        for use in curated.uses:
-            run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
-        run.log_dict(config.resolved(), "config/resolved.yaml")
-        datamodule = SegmentationDataModule(config, curated)
-        module = SegmentationModule(config, network, freeze_encoder=phase == "finetune"
-                                    and config.finetune.freeze_encoder)
-        run.set_tags({"model.parameters": str(count_parameters(module.model)),
-                      "model.trainable_parameters": str(sum(p.numel() for p in module.model.parameters()
-                                                            if p.requires_grad))})
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
-            checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/dice", mode="max", save_top_k=1,
-                                         filename="best-epoch{epoch}", auto_insert_metric_name=False)
-            t = config.trainer
-            trainer = L.Trainer(
-                max_epochs=config.epochs, limit_train_batches=config.data.steps_per_epoch,
-                accelerator=t.accelerator, devices=t.devices, precision=t.precision, deterministic=t.deterministic,
-                logger=False, callbacks=[checkpoint, OODEvaluation(datamodule, list(curated.benchmarks),
-                                                                   config.ood_interval), EpochTracking(run),
-                                         *(callbacks or [])],
-                reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, enable_progress_bar=progress,
-                enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
-            )
-            _fit(trainer, module, datamodule)
+    freeze = phase == "finetune" and config.finetune.freeze_encoder
+    datamodule = SegmentationDataModule(config, curated)
+    tracking = EpochTracking()  # it gets the run once the run exists
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
+        trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir, [tracking, *(callbacks or [])],
+                                       progress)
+        check_eval_shards(curated, trainer.world_size, config.data.num_workers)
+        if trainer.global_rank != 0:
+            if on_start is not None or commit is not None:
+                raise RuntimeError(f"rank {trainer.global_rank} of a DDP job started by a cluster launcher was given a "
+                                   "work queue's hooks: start sweep and study workers one per node (they start the "
+                                   "local ranks themselves), not under srun/torchrun with one task per device")
+            _fit(trainer, SegmentationModule(config, network, freeze_encoder=freeze), datamodule)
+            return None
+        with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
+                        parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
+                        stop_exceptions=stop_exceptions, on_start=on_start, commit=commit) as run:
+            tracking.run = run
+            for use in curated.uses:
+                run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
+            run.log_dict(config.resolved(), "config/resolved.yaml")
+            module = SegmentationModule(config, network, freeze_encoder=freeze)
+            run.set_tags({"model.parameters": str(count_parameters(module.model)),
+                          "model.trainable_parameters": str(sum(p.numel() for p in module.model.parameters()
+                                                                if p.requires_grad))})
+            _fit(trainer, module, datamodule, ranks={"config": config, "curated": curated, "freeze_encoder": freeze})
             metadata = {
                 "preset": config.model.preset,
                 "pixel_size_A": curated.pixel_size_A,
@@ -131,23 +154,181 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
             run.log_model(module.model, metadata)
             if checkpoint.best_model_path:
                 run.log_artifact(checkpoint.best_model_path, "checkpoints")
-        n_images = config.tracking.n_prediction_images
-        if n_images:
-            import matplotlib.pyplot as plt
+            n_images = config.tracking.n_prediction_images
+            if n_images:
+                import matplotlib.pyplot as plt
 
-            for name in curated.benchmarks:
-                fig = prediction_figure(module, datamodule.benchmark_dataloader(name), f"{name} ({phase})", n_images)
-                run.log_figure(fig, f"predictions/{name}.png")
-                plt.close(fig)
-        return run.run_id
+                for name in curated.benchmarks:
+                    fig = prediction_figure(module, datamodule.benchmark_dataloader(name), f"{name} ({phase})",
+                                            n_images)
+                    run.log_figure(fig, f"predictions/{name}.png")
+                    plt.close(fig)
+            return run.run_id
 
 
-def _fit(trainer: L.Trainer, module, datamodule) -> None:
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+class _LocalRanks(LightningEnvironment):
+    """Lightning's default environment (one node on 127.0.0.1, or ``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` as
+    set on each node), except that the node's other ranks are started by ``_other_local_ranks``, not by Lightning."""
+
+    def __init__(self, local_rank: int = 0):
+        super().__init__()
+        self._local_rank = local_rank
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    def local_rank(self) -> int:
+        return self._local_rank
+
+
+def _launched_by_cluster() -> bool:
+    """This process is one of several a launcher started (Lightning's detection, in Lightning's order)."""
+    return "LOCAL_RANK" in os.environ or any(env.detect() for env in (
+        TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment))
+
+
+def _trainer(config: TrainConfig, curated: CuratedData, datamodule, ckpt_dir: str, callbacks: list, progress: bool,
+             environment: _LocalRanks | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The trainer of every rank, with its ranks known (``global_rank``, ``world_size``) before fit."""
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/dice", mode="max", save_top_k=1,
+                                 filename="best-epoch{epoch}", auto_insert_metric_name=False)
+    if environment is None and not _launched_by_cluster():
+        environment = _LocalRanks()
+    t = config.trainer
+    trainer = L.Trainer(
+        max_epochs=config.epochs, limit_train_batches=config.data.steps_per_epoch,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision, deterministic=t.deterministic, plugins=[environment] if environment else None,
+        logger=False, callbacks=[checkpoint, OODEvaluation(datamodule, list(curated.benchmarks), config.ood_interval),
+                                 *callbacks],
+        reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
+    )
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy.set_world_ranks()  # what fit would do first: the ranks are needed before the run exists
+    return trainer, checkpoint
+
+
+# the command of a rank started here: the parent's sys.path (as multiprocessing's spawn passes it), then _run_rank
+_RANK_COMMAND = "import sys; sys.path[:] = {path!r}; from mlplatform.train import _run_rank; _run_rank(*sys.argv[1:])"
+RANK_EXIT_TIMEOUT_S = 300  # how long rank 0 waits for the other ranks to exit after a successful fit
+
+
+@contextmanager
+def _other_local_ranks(trainer: L.Trainer, spec: dict | None):
+    """Start ranks 1..n-1 of this node (this process being its local rank 0) running ``_run_rank`` on ``spec`` (config,
+    curated data, freeze flag), and wait until each has built its trainer; after the fit, wait for them to exit.
+    If the fit fails, they are killed (SIGKILL: a rank blocked in a collective never handles SIGTERM), and a rank that
+    had died first is named as the cause."""
+    strategy, env = trainer.strategy, getattr(trainer.strategy, "cluster_environment", None)
+    if spec is None or not isinstance(env, _LocalRanks) or not isinstance(strategy, DDPStrategy) \
+            or strategy.num_processes < 2:
+        yield
+        return
+    first = env.node_rank() * strategy.num_processes
+    with tempfile.TemporaryDirectory(prefix="ranks-") as tmp:
+        spec_file = Path(tmp) / "spec.pkl"
+        spec_file.write_bytes(pickle.dumps(spec))
+        child_env = {**os.environ, "MASTER_ADDR": env.main_address, "MASTER_PORT": str(env.main_port),
+                     "NODE_RANK": str(env.node_rank())}
+        command = [sys.executable, "-c", _RANK_COMMAND.format(path=sys.path), str(spec_file)]
+        procs: dict[int, subprocess.Popen] = {}
+        started = False
+        try:
+            for local in range(1, strategy.num_processes):
+                procs[first + local] = subprocess.Popen([*command, str(local)], env=child_env)
+            # before rank 0 blocks in the rendezvous, which would wait out the process group's timeout for a rank
+            # that died while starting
+            while not all((Path(tmp) / f"ready-{rank - first}").exists() for rank in procs):
+                if dead := _failed(procs):
+                    raise RuntimeError(f"{dead} before training (see its output above)")
+                time.sleep(0.05)
+            started = True
+            yield
+        except BaseException as exc:
+            if started and isinstance(exc, Exception):  # a rank that died makes rank 0's next collective fail
+                deadline = time.monotonic() + 2
+                while not _failed(procs) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            dead = _failed(procs) if started else ""
+            for p in procs.values():
+                p.kill()
+            for p in procs.values():
+                p.wait()
+            if dead and isinstance(exc, Exception):
+                raise RuntimeError(f"{dead} (see its output above); rank {first} then stopped with "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            raise
+        for rank, p in procs.items():
+            try:
+                code = p.wait(timeout=RANK_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise RuntimeError(f"rank {rank} did not exit within {RANK_EXIT_TIMEOUT_S} s of the end of training") \
+                    from None
+            if code:
+                raise RuntimeError(f"rank {rank} exited with code {code} after training (see its output above)")
+
+
+def _failed(procs: dict[int, subprocess.Popen]) -> str:
+    """'rank R exited with code C' for the ranks that have died, or ''."""
+    dead = [f"rank {rank} exited with code {p.returncode}" for rank, p in procs.items() if p.poll()]
+    return ", ".join(dead)
+
+
+def _run_rank(spec_file: str, local_rank: str) -> None:
+    """A rank started by ``_other_local_ranks``: rank 0's data, module and trainer, no tracking. The network's initial
+    weights do not matter: DDP copies rank 0's parameters and buffers into every rank when it wraps the model."""
+    die_with_parent()  # a rank whose rank 0 was killed would wait in its next collective until the group times out
+    spec = pickle.loads(Path(spec_file).read_bytes())  # written by our rank 0, a moment ago, in its private folder
+    config, curated = spec["config"], spec["curated"]
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    datamodule = SegmentationDataModule(config, curated)
+    module = SegmentationModule(config, freeze_encoder=spec["freeze_encoder"])
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
+        trainer, _ = _trainer(config, curated, datamodule, ckpt_dir, [EpochTracking()], progress=False,
+                              environment=_LocalRanks(int(local_rank)))
+        Path(spec_file).with_name(f"ready-{local_rank}").touch()
+        _fit(trainer, module, datamodule)
+
+
+# what a DDP fit changes in the process: Lightning exports the rendezvous and, with several local ranks, caps threads
+_DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+
+
+@contextmanager
+def _process_state():
+    """Leave the process as the fit found it: a process group the fit initialised is destroyed (the next run in this
+    process, and the prediction figures, must not see ranks), and the variables and thread count are put back."""
+    saved = {k: os.environ.get(k) for k in _DDP_ENVIRONMENT}
+    threads = torch.get_num_threads()
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _fit(trainer: L.Trainer, module, datamodule, ranks: dict | None = None) -> None:
     """trainer.fit, with Lightning's "graceful shutdown" on Ctrl-C (it calls sys.exit) turned back into an interrupt
-    so the run ends KILLED, and Ctrl-C enabled again afterwards."""
+    so the run ends KILLED, and Ctrl-C enabled again afterwards. ``ranks``: what the other local ranks of a DDP fit
+    start from (rank 0 only)."""
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        with _process_state(), _other_local_ranks(trainer, ranks):
+            trainer.fit(module, datamodule=datamodule)
     except SystemExit as exc:
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted") from exc
