@@ -10,6 +10,7 @@ from pathlib import Path
 from hrtem_core.cli import nonneg_int, positive_float, positive_int, run_command
 from hrtem_core.config import read_yaml_mapping
 from hrtem_core.errors import InputError
+from hrtem_core.locations import as_location
 
 from .recipe import available_recipes, load_recipe
 
@@ -28,7 +29,7 @@ def _cmd_generate(args) -> int:
         raise InputError("--workers (local processes) and --scheduler (a Dask cluster's workers) exclude each "
                          "other; give one")
     recipe = load_recipe(args.recipe, args.set or [])
-    manifest = generate(recipe, n=args.n, seed=args.seed, out=Path(args.out),
+    manifest = generate(recipe, n=args.n, seed=args.seed, out=as_location(args.out),
                         workers=args.workers or len(os.sched_getaffinity(0)), keep_waves=args.keep_waves,
                         dataset=args.name, progress=not args.quiet, scheduler=args.scheduler)
     per = manifest["timing_s"]["per_sample_by_stage"]
@@ -54,7 +55,7 @@ def _cmd_import(args) -> int:
 def _cmd_verify(args) -> int:
     from hrtem_core.dataset import verify_dataset
 
-    summary = verify_dataset(Path(args.dir))
+    summary = verify_dataset(as_location(args.dir))
     print(f"OK {args.dir}: {summary['n_samples']} samples in {summary['n_shards']} shards, "
           f"content_hash {summary['content_hash']}")
     return 0
@@ -63,7 +64,7 @@ def _cmd_verify(args) -> int:
 def _cmd_show(args) -> int:
     from .inspect import contact_sheet
 
-    path = contact_sheet(Path(args.dir), Path(args.out), n=args.n)
+    path = contact_sheet(as_location(args.dir), Path(args.out), n=args.n)
     print(f"wrote {path}")
     return 0
 
@@ -71,7 +72,7 @@ def _cmd_show(args) -> int:
 def _cmd_info(args) -> int:
     from .inspect import dataset_info
 
-    info = dataset_info(Path(args.dir))
+    info = dataset_info(as_location(args.dir))
     print(json.dumps(info, indent=1) if args.json else info["text"])
     return 0
 
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", required=True, help="preset name (see 'recipes') or path to a YAML recipe")
     g.add_argument("--n", type=positive_int, required=True, help="number of samples (images)")
     g.add_argument("--seed", type=nonneg_int, required=True)
-    g.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
+    g.add_argument("--out", required=True,
+                   help="output folder (created; an unfinished one is resumed), or s3://BUCKET/PREFIX")
     g.add_argument("--workers", type=positive_int, help="local processes (default: all cores)")
     g.add_argument("--scheduler", metavar="ADDRESS|FILE",
                    help="make the shards on a Dask cluster instead: tcp://HOST:PORT or a scheduler file; --out must "

@@ -16,6 +16,7 @@ import numpy as np
 
 from hrtem_core.dataset import iter_dataset, read_manifest
 from hrtem_core.files import write_atomic
+from hrtem_core.locations import Location, as_location, name_of
 
 MAX_PANELS = 64
 COLUMNS = 4
@@ -112,11 +113,11 @@ def _panel(ax, key: str, image: np.ndarray, mask: np.ndarray, meta: dict) -> Non
     ax.set_xlabel(_caption(meta, mask), fontsize=8, loc="left", linespacing=1.3, labelpad=3)
 
 
-def contact_sheet(root: Path, out: Path, n: int = 16) -> Path:
+def contact_sheet(root: Location, out: Path, n: int = 16) -> Path:
     """A PNG grid of the first ``n`` samples (key order): image, mask outline, particle centre, key metadata."""
     from matplotlib.figure import Figure
 
-    root, out = Path(root), Path(out)
+    root, out = as_location(root), Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the contact sheet is a PNG; give a path ending in .png")
     if out.is_dir():
@@ -139,7 +140,7 @@ def contact_sheet(root: Path, out: Path, n: int = 16) -> Path:
         ax.set_axis_off()
     recipe = manifest.get("generation", {}).get("recipe_name", "?")
     origin = "imported" if manifest.get("source") else f"recipe {recipe}"
-    fig.suptitle(f"{manifest.get('name', root.name)}\n{origin}  ·  content {manifest['content_hash'][:12]}"
+    fig.suptitle(f"{manifest.get('name', name_of(root))}\n{origin}  ·  content {manifest['content_hash'][:12]}"
                  f"  ·  first {len(samples)} of {manifest['n_samples']} samples", fontsize=11)
     fig.supxlabel("outline: particle mask    +: structure.center_px\n"
                   "contrast: 1st–99th percentile per image    Δf: defocus (positive = underfocus)",
@@ -221,9 +222,10 @@ def _text(info: dict) -> str:
     return "\n".join(lines)
 
 
-def dataset_info(root: Path) -> dict:
-    """Counts, identity and metadata distributions of a finished dataset; ``info['text']`` is a readable table."""
-    root = Path(root)
+def dataset_info(root: Location) -> dict:
+    """Counts, identity and metadata distributions of a finished dataset (a folder or an object-storage prefix);
+    ``info['text']`` is a readable table."""
+    root = as_location(root)
     manifest = read_manifest(root)
     numeric: dict[str, list[float]] = {name: [] for name, _, _ in NUMERIC}
     categorical: dict[str, Counter] = {name: Counter() for name, _ in CATEGORICAL}

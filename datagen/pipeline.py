@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from hrtem_core.config import canonical_json, config_hash
-from hrtem_core.dataset import (FORMAT_VERSION, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
+from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
                                 check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
                                 utc_now, write_atomic, write_manifest, write_shard)
+from hrtem_core.locations import is_url, join, upload
 from hrtem_core.processes import die_with_parent
 
 from . import image as image_stage
@@ -316,13 +317,38 @@ def _finished_records(out: Path, plan: Plan) -> dict[int, dict]:
     return done
 
 
+STAGING_ENV = "HRTEM_STAGING_DIR"
+
+
+def _generate_to_object_store(recipe: Recipe, n: int, seed: int, out: str, workers: int, keep_waves: bool,
+                              dataset: str | None, progress: bool, scheduler) -> dict:
+    """Generate into a local staging folder (resumable as any local run; ``$HRTEM_STAGING_DIR``, default
+    ``.hrtem-staging/`` in the working directory, which Dask workers must share), then upload the shards and, last,
+    the manifest: a dataset on object storage is finished exactly when its manifest object exists."""
+    dataset = dataset or f"{recipe.name}-seed{seed}"
+    ident = _run_identity(recipe, seed, n, keep_waves, dataset)
+    state, manifest = check_output(out, ident)
+    if state == "done":
+        return manifest
+    staging = Path(os.environ.get(STAGING_ENV, ".hrtem-staging")).absolute() / config_hash(ident)[:16]
+    manifest = generate(recipe, n, seed, staging, workers, keep_waves, dataset, progress, scheduler)
+    for shard in (*manifest["shards"], *manifest["wave_shards"]):
+        upload(staging / shard["name"], join(out, shard["name"]))
+    upload(staging / MANIFEST, join(out, MANIFEST))
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
 def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, keep_waves: bool = False,
              dataset: str | None = None, progress: bool = True, scheduler=None) -> dict:
     """Generate (or resume) a dataset; returns the manifest.
 
     ``workers`` local processes make the shards, or, with ``scheduler`` (a Dask scheduler address, scheduler file
     or cluster object, see :mod:`hrtem_core.cluster`), the workers of a Dask cluster that share ``out``'s filesystem.
-    The content hash is the same either way."""
+    ``out`` may be an object-storage prefix (``s3://bucket/prefix``): see :func:`_generate_to_object_store`. The
+    content hash is the same either way."""
+    if is_url(out):
+        return _generate_to_object_store(recipe, n, seed, str(out), workers, keep_waves, dataset, progress, scheduler)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if seed < 0:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import re
 import tarfile
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -28,6 +29,7 @@ import numpy as np
 from .config import canonical_json
 from .errors import DatasetError
 from .files import atomic_writer, write_atomic
+from .locations import Location, exists, is_url, join, listing, open_read
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -110,9 +112,9 @@ def content_hash(sample_hashes: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_read(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -160,15 +162,21 @@ def write_shard(path: Path, samples: list[dict]) -> None:
                 writer.write(s)
 
 
-def iter_tar_samples(path: Path, fields: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _open_tar(path: Location) -> tarfile.TarFile:
+    if is_url(path):  # streamed: one pass over the object, no seeks (each would be a request)
+        return tarfile.open(fileobj=open_read(path), mode="r|")
+    return tarfile.open(path, "r")
+
+
+def iter_tar_samples(path: Location, fields: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) in file order; a key's fields are consecutive in a WebDataset tar.
 
-    With ``fields``, only those members are read (the others are seeked over: indexing reads only the metadata).
-    A key with none of the wanted fields is not yielded.
+    With ``fields``, only those members are read (locally the others are seeked over: indexing reads only the
+    metadata). A key with none of the wanted fields is not yielded.
     """
     wanted = None if fields is None else set(fields)
     current, found = None, {}
-    with tarfile.open(path, "r") as tar:
+    with _open_tar(path) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -188,13 +196,14 @@ def iter_tar_samples(path: Path, fields: Iterable[str] | None = None) -> Iterato
 # ------------------------------------------------------------------------------------------------------ manifest
 
 
-def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+def read_manifest(root: Location) -> dict:
+    path = join(root, MANIFEST)
+    if not exists(path):
         raise DatasetError(f"{root}: no {MANIFEST}; not a finished dataset (an interrupted 'generate' resumes "
                            "when run again with the same arguments)")
     try:
-        return json.loads(path.read_text())
+        with open_read(path) as fh:
+            return json.loads(fh.read())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
 
@@ -226,12 +235,26 @@ def write_manifest(root: Path, manifest: dict) -> None:
     write_atomic(Path(root) / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def check_output(out: Path, ident: dict, progress_file: Path | None = None) -> tuple[str, dict | None]:
+def is_shard_name(name: str) -> bool:
+    return bool(re.fullmatch(r"(shard|waves)-\d{6}\.tar", name))
+
+
+def check_output(out: Location, ident: dict, progress_file: Path | None = None) -> tuple[str, dict | None]:
     """What ``out`` holds for a writer identified by ``ident``: ('new', None), ('resume', None) or ('done',
     manifest). Refuses (DatasetError) a file, a folder holding something else, or a dataset of another identity.
 
-    ``ident`` is recorded as the manifest's ``generation`` (and, while unfinished, in ``progress_file``).
+    ``ident`` is recorded as the manifest's ``generation`` (and, while unfinished, in ``progress_file``). On object
+    storage, a prefix with shards but no manifest is an upload that was interrupted: it is written again.
     """
+    if is_url(out):
+        names = listing(out)
+        if MANIFEST not in names:
+            if any(not is_shard_name(n) for n in names):
+                raise DatasetError(f"--out {out}: holds other objects ({', '.join(names[:5])}) and no dataset; "
+                                   "choose a new or empty prefix")
+            return "new", None
+        manifest = read_manifest(out)
+        return _same_identity(out, manifest.get("generation") or {}, ident, manifest)
     out = Path(out)
     if not out.exists():
         return "new", None
@@ -247,6 +270,10 @@ def check_output(out: Path, ident: dict, progress_file: Path | None = None) -> t
         raise DatasetError(f"--out {out}: folder is not empty and holds no dataset; choose a new or empty folder")
     else:
         return "new", None
+    return _same_identity(out, found, ident, manifest)
+
+
+def _same_identity(out: Location, found: dict, ident: dict, manifest: dict | None) -> tuple[str, dict | None]:
     diffs = [f"{k}: existing {found.get(k)!r}, requested {ident[k]!r}" for k in ident if found.get(k) != ident[k]]
     if diffs:
         raise DatasetError(f"--out {out} holds a different dataset ({'; '.join(diffs)}); refusing to mix them. "
@@ -257,30 +284,28 @@ def check_output(out: Path, ident: dict, progress_file: Path | None = None) -> t
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def iter_dataset(root: Path) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
-    """Every sample of a finished dataset, in key order, decoded."""
-    root = Path(root)
+def iter_dataset(root: Location) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
+    """Every sample of a finished dataset (a folder or an object-storage prefix), in key order, decoded."""
     manifest = read_manifest(root)
     for shard in manifest["shards"]:
-        for key, fields in iter_tar_samples(root / shard["name"]):
+        for key, fields in iter_tar_samples(join(root, shard["name"])):
             arrays, meta = decode_sample(key, fields)
             yield key, arrays, meta
 
 
-def verify_dataset(root: Path) -> dict:
+def verify_dataset(root: Location) -> dict:
     """Recompute every hash. Raises DatasetError naming the first bad shard and sample; returns a summary."""
-    root = Path(root)
     manifest = read_manifest(root)
     all_hashes: list[tuple[str, str]] = []
     for shard in manifest.get("wave_shards", []):
-        path = root / shard["name"]
-        if not path.is_file():
+        path = join(root, shard["name"])
+        if not exists(path):
             raise DatasetError(f"wave shard {shard['name']}: missing")
         if file_sha256(path) != shard["sha256"]:
             raise DatasetError(f"wave shard {shard['name']}: sha256 does not match the manifest")
     for shard in manifest["shards"]:
-        path = root / shard["name"]
-        if not path.is_file():
+        path = join(root, shard["name"])
+        if not exists(path):
             raise DatasetError(f"shard {shard['name']}: missing")
         expected = dict(shard["samples"])
         seen = []
