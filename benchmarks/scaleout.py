@@ -67,19 +67,16 @@ def generation_rows(work: Path, quick: bool) -> list[Row]:
 
 def postgres_sweep_rows(work: Path, quick: bool) -> list[Row]:
     from .services import throwaway_postgres
-    from .sweeps import demo_sweep, timed_sweep
+    from .sweeps import demo_sweep, throughput_row, timed_sweep
 
     path = demo_sweep(work, quick)
     scratch = work / "postgres"
     scratch.mkdir(exist_ok=True)
     with throwaway_postgres(scratch) as server:
-        one_s, one_n = timed_sweep(work, path, 1, server.new_database("claims_1"))
-        two_s, two_n = timed_sweep(work, path, 2, server.new_database("claims_2"))
-    one_rate, two_rate = one_n / one_s * 60, two_n / two_s * 60
-    settings = f"demo sweep, {one_n} units ({'1 seed' if quick else 'all seeds'}), claims in PostgreSQL"
-    return [Row("g", "sweep throughput on PostgreSQL, 2 workers vs 1", settings, ours=two_rate, baseline=one_rate,
-                ratio=two_rate / one_rate, goal=">= 1.0x", met=at_least(two_rate / one_rate, 1.0), unit="units/min",
-                notes={"seconds_1_worker": one_s, "seconds_2_workers": two_s, "units": [one_n, two_n]})]
+        one = timed_sweep(work, path, 1, server.new_database("claims_1"))
+        two = timed_sweep(work, path, 2, server.new_database("claims_2"))
+    settings = f"demo sweep, {one[1]} units ({'1 seed' if quick else 'all seeds'}), claims in PostgreSQL"
+    return [throughput_row("g", "sweep throughput on PostgreSQL, 2 workers vs 1", settings, one, two)]
 
 
 def run(sections: set[str], quick: bool, workdir: Path | None = None) -> list[Row]:
