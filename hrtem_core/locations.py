@@ -9,8 +9,11 @@ its ``//``.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Union
+
+from .errors import InputError
 
 Location = Union[str, Path]
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
@@ -44,35 +47,52 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+@contextmanager
+def _remote(url: str, doing: str):
+    """Errors of the object store (no credentials, no such bucket, no endpoint: botocore's own exception types) as
+    an InputError naming the URL; a missing object stays a FileNotFoundError."""
+    try:
+        yield
+    except (InputError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001  botocore/aiobotocore errors share no base class with OSError
+        raise InputError(f"{url}: cannot {doing} ({type(exc).__name__}: {exc}); check the AWS_* variables "
+                         "(credentials, AWS_ENDPOINT_URL) and the bucket") from None
+
+
 def open_read(location: Location) -> IO[bytes]:
     if is_url(location):
-        fs, path = _fs(location)
-        return fs.open(path, "rb")
+        with _remote(location, "read it"):
+            fs, path = _fs(location)
+            return fs.open(path, "rb")
     return open(location, "rb")
 
 
 def exists(location: Location) -> bool:
     if is_url(location):
-        fs, path = _fs(location)
-        return fs.exists(path)
+        with _remote(location, "look it up"):
+            fs, path = _fs(location)
+            return fs.exists(path)
     return Path(location).exists()
 
 
 def listing(location: Location) -> list[str]:
     """Names directly under a folder or prefix (empty when there is none)."""
     if is_url(location):
-        fs, path = _fs(location)
-        try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
+        with _remote(location, "list it"):
+            fs, path = _fs(location)
+            try:
+                return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+            except FileNotFoundError:
+                return []
     return sorted(p.name for p in Path(location).iterdir()) if Path(location).is_dir() else []
 
 
 def upload(local: Path, url: str) -> None:
     """Copy one local file to ``url`` (object stores make an object appear whole or not at all)."""
-    fs, path = _fs(url)
-    fs.put_file(str(local), path)
+    with _remote(url, "write it"):
+        fs, path = _fs(url)
+        fs.put_file(str(local), path)
 
 
 def register_webdataset_schemes() -> None:

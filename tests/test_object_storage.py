@@ -75,3 +75,8 @@ def test_a_prefix_holding_something_else_is_refused(s3_server, tmp_path):
                                                                           "HRTEM_STAGING_DIR": str(tmp_path / "st")})
     assert res.returncode == 2 and "holds other objects (notes.txt)" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "st").exists()
+    no_keys = _cli("datagen", "verify", f"s3://{S3_BUCKET}/other/{tmp_path.name}",
+                   env={**s3_server, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
+    assert no_keys.returncode == 2 and "check the AWS_* variables" in no_keys.stderr
+    assert "Traceback" not in no_keys.stderr
