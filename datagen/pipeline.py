@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hrtem_core.cluster import connect
 from hrtem_core.config import canonical_json, config_hash
 from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
                                 check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
@@ -272,28 +273,24 @@ def make_shard_on_dask(out: str, recipe_json: str, seed: int, dataset: str, cach
     return make_shard(Path(out), plan, shard, keep_waves, _DASK_STATE.factory, tick=lambda n: None)
 
 
-def _run_on_dask(scheduler, out: Path, plan: Plan, todo: list[int], recipe: Recipe, seed: int, dataset: str,
+def _run_on_dask(client, out: Path, plan: Plan, todo: list[int], recipe: Recipe, seed: int, dataset: str,
                  cache_dir: Path, keep_waves: bool, records: dict, bar) -> None:
-    """The shards in ``todo`` as Dask tasks. A shard is a pure function of (recipe, seed, index) written atomically:
-    a worker lost mid-shard costs that shard, which the scheduler gives to another worker; a shard made twice (a
-    stalled worker that comes back) is the same bytes."""
+    """The shards in ``todo`` as Dask tasks on ``client``'s cluster. A shard is a pure function of (recipe, seed,
+    index) written atomically: a worker lost mid-shard costs that shard, which the scheduler gives to another worker;
+    a shard made twice (a stalled worker that comes back) is the same bytes."""
     from distributed import as_completed
 
-    from hrtem_core.cluster import check_workers, connect
+    from hrtem_core.cluster import check_workers
 
-    client = connect(scheduler)
-    try:
-        check_workers(client, [out, cache_dir])
-        recipe_json = canonical_json(recipe.resolved())
-        token = config_hash(_run_identity(recipe, seed, plan.n_samples, keep_waves, dataset))[:16]
-        futures = {client.submit(make_shard_on_dask, str(out.absolute()), recipe_json, seed, dataset,
-                                 str(cache_dir.absolute()), plan, s, keep_waves, key=f"hrtem-shard-{token}-{s:06d}",
-                                 retries=DASK_RETRIES): s for s in todo}
-        for future in as_completed(futures, loop=client.loop):
-            records[futures[future]] = record = future.result()
-            bar.update(record["n_samples"])
-    finally:
-        client.close()
+    check_workers(client, [out, cache_dir])
+    recipe_json = canonical_json(recipe.resolved())
+    token = config_hash(_run_identity(recipe, seed, plan.n_samples, keep_waves, dataset))[:16]
+    futures = {client.submit(make_shard_on_dask, str(out.absolute()), recipe_json, seed, dataset,
+                             str(cache_dir.absolute()), plan, s, keep_waves, key=f"hrtem-shard-{token}-{s:06d}",
+                             retries=DASK_RETRIES): s for s in todo}
+    for future in as_completed(futures, loop=client.loop):
+        records[futures[future]] = record = future.result()
+        bar.update(record["n_samples"])
 
 
 # ------------------------------------------------------------------------------------------------- driver side
@@ -361,27 +358,30 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     state, manifest = check_output(out, ident, progress_file=out / PROGRESS_DIR / "run.json")
     if state == "done":
         return manifest
-    plan = Plan(n, recipe.imaging.n_conditions, recipe.output.structures_per_shard)
-    progress_dir = out / PROGRESS_DIR
-    progress_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(progress_dir / "run.json", json.dumps(ident).encode())
-    for stale in out.rglob("*.partial"):  # shards that were being written when the last run died
-        stale.unlink()
-    records = _finished_records(out, plan)
-    todo = [s for s in range(plan.n_shards) if s not in records]
-    cache_dir = progress_dir / "substrate"
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, initial=sum(r["n_samples"] for r in records.values()), unit="sample", disable=not progress,
-               desc=f"generate {dataset}", dynamic_ncols=True)
-    started = time.perf_counter()
+    # before anything is written: a cluster that cannot take the work leaves no folder behind
+    client = connect(scheduler) if scheduler is not None else None
+    bar = None
     try:
+        plan = Plan(n, recipe.imaging.n_conditions, recipe.output.structures_per_shard)
+        progress_dir = out / PROGRESS_DIR
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(progress_dir / "run.json", json.dumps(ident).encode())
+        for stale in out.rglob("*.partial"):  # shards that were being written when the last run died
+            stale.unlink()
+        records = _finished_records(out, plan)
+        todo = [s for s in range(plan.n_shards) if s not in records]
+        cache_dir = progress_dir / "substrate"
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, initial=sum(r["n_samples"] for r in records.values()), unit="sample", disable=not progress,
+                   desc=f"generate {dataset}", dynamic_ncols=True)
+        started = time.perf_counter()
         if todo:
             # the substrate bank is built once, here, before workers start; they read it from the cache
             prepare_substrate(recipe, seed, cache_dir)
         if scheduler is not None and todo:
-            _run_on_dask(scheduler, out, plan, todo, recipe, seed, dataset, cache_dir, keep_waves, records, bar)
+            _run_on_dask(client, out, plan, todo, recipe, seed, dataset, cache_dir, keep_waves, records, bar)
         elif workers == 1 or len(todo) <= 1:
             factory = SampleFactory(recipe, seed, dataset, cache_dir) if todo else None
             for shard in todo:
@@ -402,7 +402,10 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
                 while not ticks.empty():
                     bar.update(ticks.get())
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            client.close()
     elapsed = time.perf_counter() - started
 
     shards = [records[s] for s in range(plan.n_shards)]

@@ -39,7 +39,13 @@ def connect(scheduler: Any):
         raise InputError(f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s "
                          f"({type(exc).__name__}: {exc})") from None
     if not client.scheduler_info()["workers"]:
-        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            address = client.scheduler.address
+            client.close()
+            raise InputError(f"--scheduler {scheduler}: the scheduler has no workers, and none joined within "
+                             f"{CONNECT_TIMEOUT_S} s (start some: dask worker {address})") from None
     return client
 
 
