@@ -27,18 +27,22 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import time
 import traceback
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from mlplatform import mlflow_ui
 from mlplatform.store import resolve_tracking_uri
 from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment
 from mlplatform.train import train
@@ -553,6 +557,54 @@ def _worker_main(path: str, cli_sets: list[str], storage_arg: str | None, tracki
     _work(load_experiment(path, "study", cli_sets), storage_arg, tracking_uri, False, n_trials, worker)
 
 
+def finish_parent(study: optuna.Study, exp: Experiment, tracking_uri: str, storage_arg: str | None) -> None:
+    """Give the study's parent run what a reader of the UI needs: summary metrics (trials per state, the best
+    objective), a description with the objective, the search space, the best trial's run and the way to open the
+    study's comparison view and optuna-dashboard, and the study's real duration. Idempotent."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run"])
+    exp_id = parent.info.experiment_id
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    metrics = {f"summary/n_{state.lower()}": float(n) for state, n in counts.items()}
+    best_line = "no trial completed yet"
+    try:
+        best = study.best_trial
+        metrics["summary/best_objective"] = float(best.value)
+        run_id = best.user_attrs.get("mlflow_run")
+        where = mlflow_ui.run_link(exp_id, run_id, f"trial {best.number}") if run_id else f"trial {best.number}"
+        best_line = (f"best: {where}, {exp.spec.objective.aggregate} `{exp.spec.objective.metric}` = {best.value:.4f} "
+                     f"with {', '.join(f'`{k}` = {v!r}' for k, v in best.params.items())}")
+    except ValueError:  # no completed trial
+        pass
+    view = mlflow_ui.comparison_view(f"tags.study = '{exp.name}' and tags.kind = 'trial'", [])
+    key = mlflow_ui.save_view(client, exp_id, view)
+    space = ", ".join(f"`{k}`" for k in exp.spec.search_space)
+    storage = f" --storage {storage_arg}" if storage_arg else ""
+    note = "\n".join([
+        f"**Study `{exp.name}`**: {exp.spec.objective.direction} the {exp.spec.objective.aggregate} value of "
+        f"`{exp.spec.objective.metric}` over {space}; trials: "
+        f"{', '.join(f'{n} {state.lower()}' for state, n in sorted(counts.items())) or 'none'}.",
+        "",
+        f"{best_line[0].upper()}{best_line[1:]}.",
+        "",
+        f"[Compare the trials' runs, per epoch]({mlflow_ui.view_link(exp_id, key)}); the study's own view: "
+        f"`python -m experiments dashboard --study {exp.name}{storage}` (optuna-dashboard); the report (when "
+        f"written: `python -m experiments report --study {exp.name}`) is under Artifacts, `report/index.html`.",
+    ])
+    if parent.data.tags.get(mlflow_ui.NOTE_TAG) != note:
+        client.set_tag(parent.info.run_id, mlflow_ui.NOTE_TAG, note)
+    now = int(time.time() * 1000)
+    changed = [Metric(k, v, now, 0) for k, v in metrics.items() if parent.data.metrics.get(k) != v]
+    if changed:
+        client.log_batch(parent.info.run_id, metrics=changed)
+    runs = [client.get_run(t.user_attrs["mlflow_run"]).info for t in trials if t.user_attrs.get("mlflow_run")
+            and t.state.is_finished()]
+    end = max((r.end_time or 0 for r in runs), default=0)
+    if end and parent.info.end_time != end:
+        client.set_terminated(parent.info.run_id, "FINISHED", end_time=end)
+
+
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,
               tracking_uri: str | None, progress: bool = True, scheduler=None) -> dict:
     """Run the study to its trial budget with ``workers`` local processes, or one worker per slot of the Dask cluster
@@ -583,5 +635,7 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
         best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params}
     except ValueError:  # no completed trial
         pass
+    if not problems:
+        finish_parent(study, exp, tracking_uri, storage_arg)
     return {"study": exp.name, "parent_run": study.user_attrs["mlflow_parent_run"], "trials": by_state,
             "best": best, "storage": storage_url(storage), "aligned": aligned, "problems": problems}

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
+from mlplatform import mlflow_ui
+from mlplatform.model_format import LEGACY_PRETRAIN_RUN, PRETRAIN_RUN
 from mlplatform.store import resolve_tracking_uri
 from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment, is_insert_race
 from mlplatform.train import train
@@ -324,7 +327,87 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     else:  # each process loads the definition and joins the same queue, as a worker on another machine would
         run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,
                       f"sweep {exp.name}")
-    return summarize(ctx)
+    summary = summarize(ctx)
+    if not summary["missing"] and not summary["duplicates"]:
+        finish_parent(ctx, exp)
+    return summary
+
+
+def sweep_view(client: MlflowClient, experiment_id: str, name: str) -> str:
+    """The key of sweep ``name``'s comparison view in the MLflow UI (saved in its experiment; see
+    mlplatform.mlflow_ui): its cell runs, grouped by subset and phase, charted per epoch."""
+    view = mlflow_ui.comparison_view(f"tags.sweep = '{name}' and tags.kind = 'cell'", ["subset", "phase"])
+    return mlflow_ui.save_view(client, experiment_id, view)
+
+
+def latest_sweep(client: MlflowClient):
+    """The parent run of the most recently registered sweep in the store, or None."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(exps, "tags.kind = 'sweep'", max_results=1,
+                               order_by=["attributes.start_time DESC"]) if exps else []
+    return found[0] if found else None
+
+
+def finish_parent(ctx: SweepContext, exp: Experiment) -> None:
+    """Give the sweep's parent run what a reader of the UI needs: summary metrics (per subset and phase, the mean over
+    seeds of each benchmark's final Dice, and the run count), a description with the definition, a table of results
+    linking every recorded run and the comparison view, and the sweep's real duration (cells' first start to last
+    end). Idempotent: it only writes what changed."""
+    client = ctx.client
+    recorded = {r["run_id"] for r in claims.unit_rows(ctx.engine, ctx.name) if r["state"] == DONE}
+    runs = [r for r in cell_runs(ctx) if r.info.run_id in recorded]
+    if not runs:
+        return
+    parent = client.get_run(ctx.parent)
+    exp_id = parent.info.experiment_id
+    groups: dict[tuple[str, str], list] = {}
+    order = {s.name: i for i, s in enumerate(exp.spec.subsets)}
+    for r in sorted(runs, key=lambda r: (order.get(r.data.tags.get("sweep.subset"), len(order)),
+                                         r.data.tags.get("phase") != "pretrain", int(r.data.tags.get("seed", 0)))):
+        groups.setdefault((r.data.tags.get("sweep.subset", "?"), r.data.tags.get("phase", "?")), []).append(r)
+    benchmarks = sorted({k.split("/")[1] for r in runs for k in r.data.metrics
+                         if k.startswith("ood/") and k.endswith("/dice")}, key=lambda b: (b == "mean", b))
+    metrics: dict[str, float] = {}
+    rows = []
+    for (subset, phase), members in groups.items():
+        means = {}
+        for b in benchmarks:
+            values = [m.data.metrics[f"ood/{b}/dice"] for m in members if f"ood/{b}/dice" in m.data.metrics]
+            if values:
+                means[b] = sum(values) / len(values)
+                metrics[f"summary/{subset}/{phase}/ood_{b}_dice"] = means[b]
+        metrics[f"summary/{subset}/{phase}/n_runs"] = len(members)
+        links = ", ".join(mlflow_ui.run_link(exp_id, m.info.run_id, f"s{m.data.tags.get('seed')}") for m in members)
+        rows.append(f"| {subset} | {phase} | {len(members)} | "
+                    + " | ".join(f"{means[b]:.3f}" if b in means else "" for b in benchmarks) + f" | {links} |")
+    key = sweep_view(client, exp_id, ctx.name)
+    filters = "; ".join(f"**{s.name}**: {', '.join(f'`{k}` = `{v}`' for k, v in s.set.items()) or 'the base data'}"
+                        for s in exp.spec.subsets)
+    note = "\n".join([
+        f"**Sweep `{ctx.name}`**: {len(exp.spec.subsets)} subsets x {len(exp.spec.seed_list)} seeds "
+        f"({', '.join(map(str, exp.spec.seed_list))}), phases {' + '.join(phases_of(exp))}; {len(runs)} recorded runs.",
+        "",
+        f"Subsets: {filters}.",
+        "",
+        f"[Compare the runs: grouped by subset and phase, OOD Dice per epoch]({mlflow_ui.view_link(exp_id, key)}). "
+        "The report (when written: "
+        f"`python -m experiments report --sweep {ctx.name}`) is under Artifacts, `report/index.html`.",
+        "",
+        "Mean over seeds of each benchmark's final-epoch Dice:",
+        "",
+        "| subset | phase | runs | " + " | ".join(benchmarks) + " | runs |",
+        "|" + "---|" * (len(benchmarks) + 4),
+        *rows,
+    ])
+    if parent.data.tags.get(mlflow_ui.NOTE_TAG) != note:
+        client.set_tag(ctx.parent, mlflow_ui.NOTE_TAG, note)
+    changed = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if parent.data.metrics.get(k) != float(v)]
+    if changed:
+        now = int(time.time() * 1000)
+        client.log_batch(ctx.parent, metrics=[Metric(m.key, m.value, now, 0) for m in changed])
+    end = max((r.info.end_time or 0) for r in runs)  # the parent started when the sweep was registered
+    if end and parent.info.end_time != end:
+        client.set_terminated(ctx.parent, "FINISHED", end_time=end)
 
 
 def record_problems(summary: dict) -> list[str]:
@@ -354,9 +437,10 @@ def summarize(ctx: SweepContext, fix: bool = True) -> dict:
         tags = run.data.tags
         if tags.get("phase") == "finetune" and run.info.status == "FINISHED":
             pre = by_key.get((tags.get("sweep.cell"), "pretrain"))
-            if pre is None or tags.get("parent_run") != pre["run_id"]:
-                lineage.append(f"{run.info.run_id} ({tags.get('sweep.cell')}): parent_run "
-                               f"{tags.get('parent_run')} is not the cell's recorded pretrain "
+            origin = tags.get(PRETRAIN_RUN) or tags.get(LEGACY_PRETRAIN_RUN)
+            if pre is None or origin != pre["run_id"]:
+                lineage.append(f"{run.info.run_id} ({tags.get('sweep.cell')}): pretrain_run "
+                               f"{origin} is not the cell's recorded pretrain "
                                f"{pre['run_id'] if pre else None}")
     failed = {f"{r['cell_key']}:{r['phase']}": r["error"] for r in rows if r["state"] == FAILED}
     return {"sweep": ctx.name, "parent_run": ctx.parent, "cells": len({r["cell"] for r in rows}),

@@ -119,7 +119,7 @@ def _assert_exactly_once(store, sweep, n_units):
     by_id = {r.info.run_id: r for r in cells}
     for r in cells:
         if r.data.tags["phase"] == "finetune" and r.info.status == "FINISHED":
-            pre = by_id.get(r.data.tags["parent_run"]) or MlflowClient(store).get_run(r.data.tags["parent_run"])
+            pre = by_id.get(r.data.tags["pretrain_run"]) or MlflowClient(store).get_run(r.data.tags["parent_run"])
             assert pre.info.status == "FINISHED" and pre.data.tags["phase"] == "pretrain"
             assert pre.data.tags["sweep.cell"] == r.data.tags["sweep.cell"]
     return cells

@@ -145,10 +145,21 @@ def test_sweep_killed_midway_resumes_without_losing_or_duplicating(workspace, tm
     assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parent[0].info.run_id}
     for r in cells:
         if r.data.tags["phase"] == "finetune" and r.info.status == "FINISHED":
-            pre = MlflowClient(store).get_run(r.data.tags["parent_run"])
+            pre = MlflowClient(store).get_run(r.data.tags["pretrain_run"])
             assert pre.data.tags["sweep.cell"] == r.data.tags["sweep.cell"] and pre.data.tags["phase"] == "pretrain"
+    # the parent summarises the recorded runs for the MLflow UI: means over seeds, links, the sweep's duration
+    top = MlflowClient(store).get_run(parent[0].info.run_id)
+    note = top.data.tags["mlflow.note.content"]
+    recorded = [r for r in cells if r.info.status == "FINISHED"]
+    assert all(f"/runs/{r.info.run_id})" in note for r in recorded) and "viewStateShareKey=" in note
+    for subset in ("all", "near-focus"):
+        mine = [r.data.metrics["ood/bench/dice"] for r in recorded
+                if r.data.tags["sweep.subset"] == subset and r.data.tags["phase"] == "pretrain"]
+        assert top.data.metrics[f"summary/{subset}/pretrain/ood_bench_dice"] == pytest.approx(sum(mine) / len(mine))
+    assert top.info.end_time == max(r.info.end_time for r in recorded)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # idempotent: nothing to do
     assert again.returncode == 0 and len(tracked_runs(store, filter_string="tags.kind = 'cell'")) == len(cells)
+    assert MlflowClient(store).get_metric_history(top.info.run_id, "summary/all/pretrain/ood_bench_dice").__len__() == 1
 
 
 @pytest.mark.slow
@@ -183,6 +194,13 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
             run = next(r for r in trials if r.data.tags["trial"] == str(t.number))
             assert run.data.metrics["objective"] == pytest.approx(t.value)
     _assert_one_run_per_trial(study, trials)
+    # the parent says what the study found, for a reader of the MLflow UI
+    top = parent[0].data
+    assert top.metrics["summary/best_objective"] == pytest.approx(study.best_value)
+    assert top.metrics["summary/n_complete"] == states["COMPLETE"]
+    best_run = study.best_trial.user_attrs["mlflow_run"]
+    assert f"/runs/{best_run})" in top.tags["mlflow.note.content"] and "dashboard --study s" in top.tags[
+        "mlflow.note.content"]
 
 
 def _journal(path):

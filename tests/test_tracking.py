@@ -171,8 +171,31 @@ def test_dataset_inputs_carry_the_full_content_hash(uri):
     tags = {t.key: t.value for t in train.tags}
     assert tags["content_hash"] == h and tags["filter"] == "imaging.defocus_A >= -200" and tags["n_samples"] == "120"
     assert data.data.tags["dataset.train.au-small.content_hash"] == h
-    assert data.data.tags["dataset.train.au-small.filter"] == "imaging.defocus_A >= -200"
     assert data.data.tags["dataset.validation.au-small.content_hash"] == h
+    assert not any(k.endswith((".filter", ".n_samples")) for k in data.data.tags)  # in the inputs, not 30 more tags
+
+
+def test_dataset_input_of_a_selection_has_its_own_digest_profile_and_schema(uri):
+    import json
+
+    h = "cd" * 32
+    with run(uri) as r:
+        r.log_dataset("train", "pool", "/data/pool", h, 40, "structure.n_defects >= 1", digest="1" * 64,
+                      profile={"n_structures": 10, "defocus_A": {"min": -200.0, "median": 0.0, "max": 200.0}},
+                      image_shape=(64, 64), subset="defected")
+    with run(uri) as other:
+        r2 = other
+        other.log_dataset("train", "pool", "/data/pool", h, 90, None, digest="2" * 64, subset="all")
+    first, second = get(uri, r.run_id).inputs.dataset_inputs[0], get(uri, r2.run_id).inputs.dataset_inputs[0]
+    assert (first.dataset.digest, second.dataset.digest) == ("1" * 36, "2" * 36)  # one input per subset
+    profile = json.loads(first.dataset.profile)
+    assert profile["filter"] == "structure.n_defects >= 1" and profile["n_samples"] == 40
+    assert profile["defocus_A"]["max"] == 200.0 and profile["dataset_content_hash"] == h
+    assert "subset" not in profile  # shared by every run that logs the same selection: the subset is the run's tag
+    assert {t.key: t.value for t in first.tags}["subset"] == "defected"
+    schema = json.loads(first.dataset.schema)["mlflow_colspec"]
+    assert [c["name"] for c in schema] == ["image", "mask"]
+    assert schema[0]["tensor-spec"] == {"dtype": "float32", "shape": [-1, 64, 64]}
 
 
 def test_model_round_trip_by_run_id_uri_and_path(uri, tmp_path):

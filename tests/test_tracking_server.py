@@ -59,7 +59,7 @@ def test_train_and_predict_through_the_server_with_artifacts_in_s3(mlflow_server
     assert np.load(tmp_path / "pred" / "micrograph_mask.npy").shape == (48, 40)
     finetuned = _run("finetune", "--config", str(tmp_path / "train.yaml"), "--from", run_id, "--set", "epochs=1",
                      "--quiet", env=env).stdout.strip().splitlines()[-1]
-    assert MlflowClient(mlflow_server).get_run(finetuned).data.tags["parent_run"] == run_id
+    assert MlflowClient(mlflow_server).get_run(finetuned).data.tags["pretrain_run"] == run_id
 
 
 def test_a_sweep_and_its_report_through_the_server_with_claims_in_postgresql(mlflow_server, postgres_url, workspace,

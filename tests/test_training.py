@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from hrtem_core.config import set_dotted
 from mlplatform.config import ConfigError, config_from_dict
-from mlplatform.curation import CurationError, scan_dataset, select
+from mlplatform.curation import CurationError, scan_dataset, select, selection_digest
 from mlplatform.metrics import SegmentationScores
 from mlplatform.predict import predict_path
 from mlplatform.train import train
@@ -80,12 +80,26 @@ def test_pretrain_run_records_everything(pretrained, datasets, store):
     assert tags["dataset.benchmark.bench-a.content_hash"] == hashes["bench-a"]
     assert tags["dataset.benchmark.lowdose.content_hash"] == hashes["bench-lowdose"]
     inputs = {(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
-    assert ("bench-a", hashes["bench-a"][:36]) in inputs
+    # a benchmark's input is its selection: all of bench-a, the capped 4 of lowdose
+    bench_a = selection_digest(select(scan_dataset(datasets["bench-a"]), None, 64, None, seed=0))
+    lowdose = selection_digest(select(scan_dataset(datasets["bench-lowdose"]), None, 4, None, seed=0))
+    assert {("bench-a", bench_a[:36]), ("lowdose", lowdose[:36])} <= inputs
     assert run.data.params["data.crop_px"] == "48"
+    assert run.info.run_name == f"{tags['subset']}-s3-pretrain" and tags["mlflow.note.content"].startswith(
+        f"**Pretrain** of subset **{tags['subset']}**, seed 3")
     artifacts = {a.path for a in client.list_artifacts(pretrained)}
-    assert {"checkpoints", "config", "predictions"} <= artifacts
-    assert {a.path for a in client.list_artifacts(pretrained, "predictions")} == {
-        "predictions/bench-a.png", "predictions/lowdose.png"}
+    assert {"checkpoints", "config"} <= artifacts
+    # prediction panels at every epoch, per benchmark, as MLflow images (compared across steps and runs in the UI)
+    images = {a.path for a in client.list_artifacts(pretrained, "images")}
+    for name in ("bench-a", "lowdose"):
+        steps = {int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith(f"images/predictions~{name}+")
+                 and p.endswith(".png")}
+        assert steps == set(range(EPOCHS)), images
+    # the model carries the metrics of the epoch it holds (the last), and a name that says subset, seed and phase
+    model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    assert model.name == f"{tags['subset']}-s3-pretrain".replace(" ", "_") or model.name.endswith("-s3-pretrain")
+    assert {m.key: m.value for m in model.metrics}["ood/mean/dice"] == _history(client, pretrained,
+                                                                                "ood/mean/dice")[-1][1]
 
 
 def test_predict_reproduces_the_logged_benchmark_dice(pretrained, datasets, store, tmp_path):
@@ -119,9 +133,15 @@ def test_finetune_records_its_parent_and_freezes_the_encoder(pretrained, dataset
     run = MlflowClient(store).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["phase"] == "finetune"
-    assert run.data.tags["parent_run"] == pretrained and run.data.tags["mlflow.parentRunId"] == pretrained
+    assert run.data.tags["pretrain_run"] == pretrained and run.data.tags["mlflow.parentRunId"] == pretrained
     assert int(run.data.tags["model.trainable_parameters"]) < int(run.data.tags["model.parameters"])
-    assert [s for s, _ in _history(MlflowClient(store), run_id, "ood/bench-a/dice")] == [0]
+    # its epochs continue the pretrain's count (EPOCHS of them), in the UI and in the report alike
+    assert run.data.tags["epoch_offset"] == str(EPOCHS)
+    assert [s for s, _ in _history(MlflowClient(store), run_id, "ood/bench-a/dice")] == [EPOCHS]
+    pre = MlflowClient(store).get_run(pretrained).data.tags
+    assert run.data.tags["subset"] == pre["subset"] and run.data.tags["subset.filter"] == pre["subset.filter"]
+    assert run.data.tags["finetune.data"].endswith(": all") and "Fine-tuned from [" in run.data.tags[
+        "mlflow.note.content"]
 
 
 def test_same_config_and_seed_give_the_same_metrics(pretrained, datasets, store):

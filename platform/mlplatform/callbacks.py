@@ -70,10 +70,13 @@ class OODEvaluation(L.Callback):
 
 
 class EpochTracking(L.Callback):
-    """Logs the epoch's metrics to the tracked run with step = epoch (0-based), once per epoch, from rank 0."""
+    """Logs the epoch's metrics to the tracked run, once per epoch, from rank 0, with step = ``step_offset`` + epoch
+    (0-based): a fine-tune's offset is its pretrain's epoch count, so its curves continue the pretrain's."""
 
-    def __init__(self, run=None):
+    def __init__(self, run=None, step_offset: int = 0):
         self.run = run  # a TrackedRun on rank 0 (set once the run exists); None on the other ranks
+        self.step_offset = step_offset
+        self.last_step: int | None = None  # the step of the last epoch logged
         self._started = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -84,5 +87,27 @@ class EpochTracking(L.Callback):
         metrics["train/loss"] = pl_module.train_loss_of_epoch()
         metrics["time/epoch_s"] = time.perf_counter() - self._started
         if trainer.is_global_zero and self.run is not None:
-            self.run.log_metrics(metrics, step=trainer.current_epoch)
+            self.last_step = self.step_offset + trainer.current_epoch
+            self.run.log_metrics(metrics, step=self.last_step)
         pl_module.epoch_metrics = {}
+
+
+class PredictionImages(L.Callback):
+    """On the epochs the OOD scores are computed, logs one labelled image per benchmark of the predictions on fixed
+    samples (``figures.prediction_panels``) under key ``predictions/<benchmark>``, with the tracking step, from rank 0.
+    ``samples``: benchmark -> [(metadata, normalised image, mask)]."""
+
+    def __init__(self, samples: dict[str, list], ood: OODEvaluation, tracking: EpochTracking, label: str):
+        self.samples, self.ood, self.tracking, self.label = samples, ood, tracking, label
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        run = self.tracking.run
+        if trainer.sanity_checking or run is None or not trainer.is_global_zero or not self.ood.due(trainer):
+            return
+        from .figures import prediction_panels
+
+        step = self.tracking.step_offset + trainer.current_epoch
+        for name, samples in self.samples.items():
+            if samples:
+                image = prediction_panels(pl_module, samples, f"{name} | {self.label} | epoch {step}")
+                run.log_image(image, f"predictions/{name}", step)

@@ -31,10 +31,12 @@ import json
 import operator
 import os
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from hrtem_core.dataset import MANIFEST, iter_tar_samples, read_manifest
 from hrtem_core.errors import DatasetError, InputError
@@ -424,3 +426,44 @@ def _compact(expr: str) -> str:
     for op in (">=", "<=", "==", "!=", ">", "<"):
         expr = expr.replace(f" {op} ", op)
     return expr
+
+
+# -------------------------------------------------------------------------------------------- a selection's identity
+def selection_digest(records: Sequence[SampleRecord], filter: str | None = None) -> str:
+    """Digest of exactly the samples a run reads and the filter that chose them: each record's dataset content hash
+    and key, sorted, hashed with the filter. Two selections share it only if they are the same samples of the same
+    data, chosen by the same filter (so a dataset input's description, filter included, holds for every run)."""
+    lines = [f"filter {' '.join((filter or '').split())}", *sorted(f"{r.content_hash}/{r.key}" for r in records)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _summary(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    arr = np.asarray(values, dtype=float)
+    return {"min": round(float(arr.min()), 3), "median": round(float(np.median(arr)), 3),
+            "max": round(float(arr.max()), 3)}
+
+
+def selection_profile(records: Sequence[SampleRecord]) -> dict:
+    """What a microscopist asks of a training set, in a few numbers: samples and structures, materials, structure
+    kinds, defocus, dose and particle radius ranges, and how many samples carry how many planar defects."""
+    def get(r: SampleRecord, section: str, key: str):
+        value = (r.meta.get(section) or {}).get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def numbers(section: str, key: str) -> list[float]:
+        return [v for v in (get(r, section, key) for r in records) if v is not None]
+
+    def counts(section: str, key: str) -> dict:
+        found = Counter(str((r.meta.get(section) or {}).get(key)) for r in records
+                        if (r.meta.get(section) or {}).get(key) is not None)
+        return dict(sorted(found.items()))
+
+    profile = {"n_samples": len(records), "n_structures": len({r.structure_id for r in records}),
+               "material": counts("structure", "material"), "structure_kind": counts("structure", "kind"),
+               "n_defects": counts("structure", "n_defects"),
+               "defocus_A": _summary(numbers("imaging", "defocus_A")),
+               "dose_e_per_A2": _summary(numbers("imaging", "dose_e_per_A2")),
+               "radius_A": _summary(numbers("structure", "radius_A"))}
+    return {k: v for k, v in profile.items() if v not in (None, {})}

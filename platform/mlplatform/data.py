@@ -30,7 +30,8 @@ from hrtem_core.errors import InputError
 from hrtem_core.locations import register_webdataset_schemes
 
 from .config import DataConfig, DatasetRef, TrainConfig
-from .curation import SampleRecord, scan_dataset, select, split_by_structure, subset_name
+from .curation import (SampleRecord, scan_dataset, select, selection_digest, selection_profile, split_by_structure,
+                       subset_name)
 from .transforms import build_augmentation, normalize
 
 # the benchmark subsets must not depend on the training seed: every run is scored on the same images
@@ -59,9 +60,19 @@ class DatasetUse:
     role: str  # train | validation | benchmark
     name: str
     path: str
-    content_hash: str
+    content_hash: str  # of the whole dataset
     filter: str | None
     n_samples: int
+    digest: str = ""  # of the selected samples and the filter (curation.selection_digest)
+    profile: dict = field(default_factory=dict)  # curation.selection_profile of the selected samples
+    image_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, role: str, name: str, index, filter: str | None, records: list) -> DatasetUse:
+        shape = next((tuple(r.meta["imaging"]["shape"]) for r in records
+                      if isinstance((r.meta.get("imaging") or {}).get("shape"), list)), None)
+        return cls(role, name, str(index.path), index.content_hash, filter, len(records),
+                   selection_digest(records, filter), selection_profile(records), shape)
 
 
 @dataclass
@@ -112,10 +123,9 @@ def curate(config: TrainConfig) -> CuratedData:
                                                for ref, index, _ in uses))
     for ref, index, records in uses:
         name = ref.name or index.name
-        n_train = sum(str(r.dataset_path) == str(index.path) for r in train)
-        out.uses.append(DatasetUse("train", name, str(index.path), index.content_hash, ref.filter, n_train))
-        out.uses.append(DatasetUse("validation", name, str(index.path), index.content_hash, ref.filter,
-                                   len(records) - n_train))
+        mine = {id(r) for r in records}
+        out.uses.append(DatasetUse.of("train", name, index, ref.filter, [r for r in train if id(r) in mine]))
+        out.uses.append(DatasetUse.of("validation", name, index, ref.filter, [r for r in val if id(r) in mine]))
     for ref in config.benchmarks:
         records, index = _records_for(ref, BENCHMARK_SEED)
         bench_pixel = _common_pixel_size(records, f"benchmark {ref.name}")
@@ -123,8 +133,7 @@ def curate(config: TrainConfig) -> CuratedData:
             raise DataError(f"benchmark {ref.name}: pixel size {bench_pixel} Å differs from the training data's "
                             f"{pixel} Å; resample it (predict rescales, evaluation does not)")
         out.benchmarks[ref.name] = records
-        out.uses.append(DatasetUse("benchmark", ref.name, str(index.path), index.content_hash, ref.filter,
-                                   len(records)))
+        out.uses.append(DatasetUse.of("benchmark", ref.name, index, ref.filter, records))
     return out
 
 
@@ -237,6 +246,40 @@ def _collate(items) -> dict:
     return {"key": [k for k, _, _ in items],
             "image": torch.from_numpy(np.stack([i for _, i, _ in items]))[:, None],
             "mask": torch.from_numpy(np.stack([m for _, _, m in items]))[:, None].float()}
+
+
+def showcase_records(records: list[SampleRecord], n: int) -> list[SampleRecord]:
+    """``n`` samples of a selection to show predictions on: of different structures where there are enough, spread
+    over the defocus range, chosen by the records alone (the same for every run that reads the same selection)."""
+    if n <= 0 or not records:
+        return []
+    first_per_structure = {}
+    for r in sorted(records, key=lambda r: (r.dataset_path, r.key)):
+        first_per_structure.setdefault(r.structure_id, r)
+    pool = list(first_per_structure.values()) if len(first_per_structure) >= n else \
+        sorted(records, key=lambda r: (r.dataset_path, r.key))
+    pool.sort(key=lambda r: ((r.meta.get("imaging") or {}).get("defocus_A") or 0.0, r.dataset_path, r.key))
+    if len(pool) <= n:
+        return pool
+    return [pool[round(i * (len(pool) - 1) / (n - 1))] for i in range(n)] if n > 1 else [pool[len(pool) // 2]]
+
+
+def read_samples(records: list[SampleRecord], d: DataConfig) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """(metadata, normalised image, mask) of each record, in the records' order, read in this process (no ranks, no
+    loader workers)."""
+    if not records:
+        return []
+    pipeline = wds.DataPipeline(wds.SimpleShardList(sorted({r.shard for r in records})), wds.tarfile_to_samples(),
+                                wds.select(_Selected(records)))
+    found = {}
+    norm = d.normalization.model_dump()
+    for sample in pipeline:
+        image, mask = _decode(sample)
+        found[(sample["__url__"], sample["__key__"])] = (normalize(image, norm), mask)
+    missing = [f"{r.shard}:{r.key}" for r in records if (r.shard, r.key) not in found]
+    if missing:
+        raise DataError(f"samples listed by the dataset index are not in their shards: {', '.join(missing[:5])}")
+    return [(r.meta, *found[(r.shard, r.key)]) for r in records]
 
 
 def check_eval_shards(curated: CuratedData, ranks: int, workers: int) -> None:

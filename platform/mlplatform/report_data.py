@@ -2,7 +2,8 @@
 values derived from them for a report.
 
 A sweep is a parent run tagged ``sweep=<name>, kind=sweep`` whose children (``mlflow.parentRunId``) are cells tagged
-``kind=cell, sweep.subset, seed, phase`` (fine-tunes also ``parent_run`` = their pretrain run). A study is a parent
+``kind=cell, sweep.subset, seed, phase`` (fine-tunes also ``pretrain_run`` = their pretrain run, ``parent_run`` in runs
+made before that tag, and ``epoch_offset``: their steps continue the pretrain's epoch count). A study is a parent
 run tagged ``study=<name>, kind=study`` (plus ``optuna.storage`` and ``optuna.study_name``) whose children are trials
 tagged ``kind=trial, trial=<number>`` with params ``trial.<name>`` and the metric ``objective``.
 
@@ -22,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from . import analysis
+from .model_format import EPOCH_OFFSET, LEGACY_PRETRAIN_RUN, PRETRAIN_RUN
 from .store import resolve_tracking_uri
 
 PHASES = ("pretrain", "finetune")
@@ -99,6 +101,11 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {int(m.step): float(m.value) for m in points}
 
 
+def _pretrain_of(run) -> str | None:
+    tags = run.data.tags
+    return tags.get(PRETRAIN_RUN) or tags.get(LEGACY_PRETRAIN_RUN)
+
+
 def _epochs(client: MlflowClient, run, steps: list[int] | None = None) -> int | None:
     """Epochs a run trained: its ``epochs`` param (the config), else its last logged step + 1."""
     n = _int_or_none(run.data.params.get("epochs"))
@@ -138,10 +145,11 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
         tags = r.data.tags
         row = dict(run_id=r.info.run_id, subset=tags.get("sweep.subset", tags.get("subset")),
                    seed=_int_or_none(tags.get("seed")), phase=tags.get("phase"), status=r.info.status,
-                   parent_run=tags.get("parent_run") if tags.get("phase") == "finetune" else None)
+                   parent_run=_pretrain_of(r) if tags.get("phase") == "finetune" else None)
         steps = []
+        shift = _int_or_none(tags.get(EPOCH_OFFSET)) or 0  # logged step = epoch_offset + epoch
         for b in sorted(m.group(1) for k in r.data.metrics if (m := _OOD_DICE.match(k))):
-            points = _history(client, r.info.run_id, f"ood/{b}/dice")
+            points = {s - shift: v for s, v in _history(client, r.info.run_id, f"ood/{b}/dice").items()}
             if not points:
                 continue
             steps += points
@@ -154,7 +162,7 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
 
     def offset(run_id: str) -> float:
         """Where a fine-tune's epoch 0 lies on the t axis: after all of its parent's epochs."""
-        parent_id = by_id[run_id].data.tags.get("parent_run")
+        parent_id = _pretrain_of(by_id[run_id])
         if not parent_id:
             return np.nan
         if parent_id not in epochs:  # the pretrain is not a finished cell of this sweep: ask MLflow
@@ -178,6 +186,9 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
         warnings.warn(f"fine-tune runs without a readable parent pretrain, left off the time axis: {', '.join(lost)}")
     history = _order(history)  # stable: each run's rows stay by benchmark, then epoch
     runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses))
+    # for links to the MLflow UI: each run's experiment (the last column of runs.csv) and the parent's
+    runs["experiment_id"] = runs["run_id"].map({r.info.run_id: r.info.experiment_id for r in cells})
+    runs.attrs["experiment_id"] = parent.info.experiment_id
     return runs, history
 
 
@@ -249,6 +260,9 @@ def collect_study(tracking_uri: str | None, name: str):
             notes.append(f"multi-objective study ({len(study.directions)} objectives): no best-so-far line")
     trials.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, direction=direction, notes=notes,
                         storage=storage, study_name=study_name)
+    # for links to the MLflow UI: each trial run's experiment (the last column) and the parent's
+    trials["experiment_id"] = trials["run_id"].map({r.info.run_id: r.info.experiment_id for r in runs})
+    trials.attrs["experiment_id"] = parent.info.experiment_id
     return trials, study
 
 

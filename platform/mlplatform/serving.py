@@ -19,11 +19,11 @@ from pathlib import Path
 import mlflow
 import torch
 
-from mlplatform.model_format import METADATA, REQUIRED_METADATA, RUN_ID, THRESHOLD, WEIGHTS
+from mlplatform.model_format import METADATA, MODEL_URI_TAG, REQUIRED_METADATA, RUN_ID, THRESHOLD, WEIGHTS
 from mlplatform.models import build_model
 from mlplatform.store import URI_SCHEME, process_tracking_uri, quiet_mlflow, resolve_tracking_uri
 
-ACCEPTED_FORMS = ("accepted: a run id (32 hex characters, meaning runs:/<id>/model), an MLflow model URI "
+ACCEPTED_FORMS = ("accepted: a run id (32 hex characters: the model that run logged), an MLflow model URI "
                   "(runs:/<run_id>/<name>, models:/<model_id>, models:/<name>/<version>, file:///...), "
                   "or a local folder of a logged model (holding MLmodel and artifacts/, or weights.pt + metadata.json)")
 
@@ -51,6 +51,18 @@ def _model_files(folder: Path) -> Path | None:
     return None
 
 
+def _model_of_run(run_id: str, tracking_uri: str) -> str:
+    """The URI of the model a run logged: its ``model.uri`` tag; ``runs:/<id>/model`` for runs that have none."""
+    from mlflow import MlflowClient
+
+    try:
+        tag = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MODEL_URI_TAG)
+    except Exception as exc:  # noqa: BLE001  MlflowException (no such run), a refused connection...
+        raise ModelRefError(f"model {run_id!r}: run {run_id} could not be read from {tracking_uri}: "
+                            f"{type(exc).__name__}: {exc}; {ACCEPTED_FORMS}") from None
+    return tag or f"runs:/{run_id}/model"
+
+
 def load_model(ref: str | Path, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(model, metadata) from a run id, an MLflow model URI or a local logged-model folder; model on CPU, in eval."""
     ref = str(ref)
@@ -61,13 +73,13 @@ def load_model(ref: str | Path, tracking_uri: str | None = None) -> tuple[torch.
             raise ModelRefError(f"model {ref!r}: neither it nor its artifacts/ holds {WEIGHTS} and {METADATA}; "
                                 f"{ACCEPTED_FORMS}")
         return build_from_files(files / WEIGHTS, files / METADATA)
+    turi = resolve_tracking_uri(tracking_uri)
     if RUN_ID.fullmatch(ref):
-        uri = f"runs:/{ref}/model"
+        uri = _model_of_run(ref, turi)
     elif URI_SCHEME.match(ref):
         uri = ref
     else:
         raise ModelRefError(f"model {ref!r}: no such file or folder, not a run id and not a URI; {ACCEPTED_FORMS}")
-    turi = resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with quiet_mlflow(), process_tracking_uri(turi):

@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from mlplatform.model_format import METADATA, REQUIRED_METADATA, THRESHOLD, WEIGHTS
+from mlplatform.model_format import METADATA, MODEL_URI_TAG, REQUIRED_METADATA, THRESHOLD, WEIGHTS
+from mlplatform.mlflow_ui import EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, describe_experiment
 from mlplatform.models import build_model
 from mlplatform.provenance import __version__, git_tags, package_versions
 from mlplatform.serving import load_model  # noqa: F401  (re-exported, see the module docstring)
@@ -45,6 +46,15 @@ def _clip(text: str, limit: int, note: str = " ...[truncated]") -> str:
     return text if len(text) <= limit else text[: limit - len(note)] + note
 
 
+EXPERIMENT_DESCRIPTION = (
+    "Segmentation networks trained on simulated HRTEM micrographs and scored on out-of-distribution benchmarks "
+    "after every epoch (`ood/<benchmark>/dice`, their mean `ood/mean/dice`).\n\n"
+    "A sweep or study is a parent run (tag `kind` = `sweep` or `study`) with a summary, its description and its "
+    "report; its runs are tagged `subset`, `seed` and `phase`. `python -m experiments ui` prints the URL of the "
+    "latest sweep's comparison view (runs grouped by subset and phase, charted per epoch). Each run's dataset "
+    "inputs identify the exact samples it read (digest over the selected samples; filter, counts and a profile).")
+
+
 def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
     """Experiment id by name, created (with local artifacts next to a SQLite store) when missing."""
     uri = resolve_tracking_uri(tracking_uri)
@@ -56,9 +66,14 @@ def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
             if exp.lifecycle_stage == "deleted":
                 raise MlflowException(f"experiment {name!r} ({exp.experiment_id}) is deleted in {uri}: restore it "
                                       "(MlflowClient().restore_experiment) or remove it for good (mlflow gc)")
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:  # made before we marked ours, or by someone else
+                describe_experiment(client, exp.experiment_id, EXPERIMENT_DESCRIPTION)
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri))
+            exp_id = client.create_experiment(name, artifact_location=artifact_location(uri),
+                                              tags={EXPERIMENT_KIND_TAG: TRAINING_KIND,
+                                                    NOTE_TAG: EXPERIMENT_DESCRIPTION})
+            return exp_id
         except MlflowException as exc:  # another worker created it between our two calls: read it back
             if attempt or "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
@@ -94,6 +109,18 @@ def close_run(client: MlflowClient, run_id: str, status: str, reason: str, super
     if superseded:
         client.set_tag(run_id, "superseded", "true")
     client.set_terminated(run_id, status)
+
+
+def _array_schema(image_shape: tuple[int, ...] | None) -> str | None:
+    """MLflow schema JSON of a sample as training reads it: a float32 image and a uint8 mask of one shape."""
+    if not image_shape:
+        return None
+    import numpy as np
+    from mlflow.types import Schema, TensorSpec
+
+    shape = (-1, *(int(n) for n in image_shape))
+    schema = Schema([TensorSpec(np.dtype("float32"), shape, "image"), TensorSpec(np.dtype("uint8"), shape, "mask")])
+    return json.dumps({"mlflow_colspec": schema.to_dict()})
 
 
 class Interrupted(KeyboardInterrupt):
@@ -265,11 +292,18 @@ class TrackedRun:
                                                  for k, v in tags.items()])
 
     def log_dataset(self, role: str, name: str, path: str, content_hash: str, n_samples: int,
-                    filter: str | None) -> None:
-        """A dataset input (context = role) with our full content hash in its tags, plus run tags to query by."""
+                    filter: str | None, digest: str | None = None, profile: dict | None = None,
+                    image_shape: tuple[int, ...] | None = None, subset: str | None = None) -> None:
+        """A dataset input (context = role) for the samples this run reads, plus one run tag to query by.
+
+        Its digest is ``digest`` (of the selected samples and filter, curation.selection_digest), so runs that read
+        different subsets of one dataset show different inputs; without it, the dataset's content hash. The input's
+        profile (shown in the UI's dataset drawer) is ``profile`` with the filter, the sample count and the dataset's
+        full content hash; its schema, the image and mask arrays of ``image_shape``. The input's tags add the role,
+        path and ``subset`` (this run's subset name, for train and validation data)."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset as DatasetEntity
 
         path = str(path)
         local = str(Path(path).absolute()) if not has_scheme(path) else path
@@ -279,16 +313,21 @@ class TrackedRun:
                 source = resolve_dataset_source(local)
         except MlflowException:  # e.g. WebDataset pipe: URLs, which no MLflow source understands
             source = CodeDatasetSource(tags={"uri": path})
-        digest = content_hash[:MAX_DIGEST]
-        # MLflow keeps one input per (dataset name, digest) and run: a second role of the same data (e.g. the
-        # validation split of a training set) would silently vanish, so it gets its own name
+        digest = (digest or content_hash)[:MAX_DIGEST]
+        # MLflow keeps one input per (dataset name, digest) and run: a second role of the same samples would
+        # silently vanish, so it gets its own name
         ds_name = name if (name, digest) not in self._datasets else f"{name}/{role}"
         self._datasets.add((ds_name, digest))
-        dataset = MetaDataset(source=source, name=ds_name, digest=digest)
+        # MLflow stores one dataset per (name, digest) and experiment, shared by every run that logs it: the profile
+        # holds only what the digest pins (the samples and the filter), never this run's role or subset
+        full_profile = {"filter": filter or "all", "n_samples": int(n_samples), **(profile or {}),
+                        "dataset_content_hash": content_hash}
+        entity = DatasetEntity(name=ds_name, digest=digest, source_type=source._get_source_type(),
+                               source=source.to_json(), schema=_array_schema(image_shape),
+                               profile=json.dumps(full_profile))
         input_tags = {"mlflow.data.context": role, "content_hash": content_hash, "filter": filter or "",
-                      "n_samples": str(int(n_samples)), "path": path}
-        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(k, _clip(v, MAX_INPUT_TAG_VALUE))
-                                                                 for k, v in input_tags.items()])
+                      "n_samples": str(int(n_samples)), "path": path, **({"subset": subset} if subset else {})}
+        entry = DatasetInput(entity, tags=[InputTag(k, _clip(v, MAX_INPUT_TAG_VALUE)) for k, v in input_tags.items()])
         for attempt in range(3):
             try:
                 self.client.log_inputs(self.run_id, datasets=[entry])
@@ -299,8 +338,7 @@ class TrackedRun:
                 if attempt == 2 or not is_insert_race(exc):
                     raise
         key = f"dataset.{role}." + re.sub(r"[^\w. /:-]", "_", name)  # tag keys allow only these characters
-        self.set_tags({f"{key}.content_hash": content_hash, f"{key}.filter": filter or "",
-                       f"{key}.n_samples": int(n_samples)})
+        self.set_tags({f"{key}.content_hash": content_hash})
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
@@ -311,12 +349,19 @@ class TrackedRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_image(self, image, key: str, step: int) -> None:
+        """An image in MLflow's per-step image view (compared across steps and runs in the UI)."""
+        with quiet_mlflow():
+            self.client.log_image(self.run_id, image, key=key, step=int(step))
+
     def log_figure(self, fig, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file)
 
-    def log_model(self, model, metadata: dict, artifact_path: str = "model") -> str:
-        """Log the network as a models-from-code pyfunc (pyfunc_model.py + weights.pt + metadata.json); its models:/
-        URI.
+    def log_model(self, model, metadata: dict, name: str = "model", step: int = 0,
+                  description: str | None = None) -> str:
+        """Log the network as a models-from-code pyfunc (pyfunc_model.py + weights.pt + metadata.json) named ``name``;
+        its models:/ URI, also recorded in the run's ``model.uri`` tag. The run's metrics at ``step`` become the
+        model's metrics (MLflow links them): log it at the step of the epoch whose weights it holds.
 
         ``metadata`` needs at least preset, pixel_size_A and normalization; threshold defaults to
         ``model_format.THRESHOLD`` and package versions are added. The weights are checked against build_model(preset) here, not at first load.
@@ -345,10 +390,12 @@ class TrackedRun:
             reqs = [f"mlflow=={packages['mlflow']}", f"torch=={packages['torch'].split('+')[0]}",
                     f"monai=={packages['monai']}", f"numpy=={packages['numpy']}", "scipy"]
             with quiet_mlflow():
-                info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
+                info = mlflow.pyfunc.log_model(name=name, python_model=str(MODEL_CODE),
                                                artifacts={"weights": str(weights), "metadata": str(meta_file)},
-                                               pip_requirements=reqs)
-        self.set_tags({f"{artifact_path}.uri": info.model_uri})
+                                               pip_requirements=reqs, step=int(step))
+        if description:  # shown on the model's page
+            self.client.set_logged_model_tags(info.model_id, {NOTE_TAG: description})
+        self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 
 

@@ -35,11 +35,12 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from hrtem_core.processes import die_with_parent
 
-from .callbacks import EpochTracking, OODEvaluation
+from .callbacks import EpochTracking, OODEvaluation, PredictionImages
 from .config import TrainConfig, flatten
-from .data import CuratedData, DataError, SegmentationDataModule, check_eval_shards, curate
-from .figures import prediction_figure
-from .model_format import RUN_ID, THRESHOLD
+from .data import (CuratedData, DataError, SegmentationDataModule, check_eval_shards, curate, read_samples,
+                   showcase_records)
+from .model_format import EPOCH_OFFSET, PRETRAIN_RUN, RUN_ID, THRESHOLD
+from .mlflow_ui import NOTE_TAG
 from .models import count_parameters
 from .module import SegmentationModule
 from .provenance import __version__
@@ -58,6 +59,48 @@ def parent_run_id(ref: str) -> str | None:
     return m.group(1) if m else None
 
 
+def model_name(subset: str, seed: int, phase: str) -> str:
+    """The logged model's name: subset, seed and phase (MLflow refuses '/', ':', '.', '%' and quotes: anything but
+    letters, digits, '-' and '_' becomes '_')."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{subset}-s{seed}-{phase}").strip("_") or phase
+
+
+def _pretrain_filter(meta: dict) -> str:
+    """The pretrain data's description, from the parent model's metadata (older models: from its train datasets)."""
+    if meta.get("subset_filter"):
+        return meta["subset_filter"]
+    return " ; ".join(f"{d.get('name')}: {d.get('filter') or 'all'}" for d in meta.get("train_datasets") or [])
+
+
+def describe_run(config: TrainConfig, phase: str, subset: str, subset_filter: str, curated: CuratedData,
+                 parent: str | None, step_offset: int, tracking_uri: str) -> str:
+    """The run's description (MLflow's note, shown on the run page), in Markdown."""
+    n = {role: sum(u.n_samples for u in curated.uses if u.role == role) for role in ("train", "validation")}
+    lines = [f"**{phase.capitalize()}** of subset **{subset}**, seed {config.seed}: `{config.model.preset}` network, "
+             f"{config.epochs} epoch(s) of {config.data.steps_per_epoch} batches of {config.data.batch_size}."]
+    if phase == "finetune":
+        link = parent or "?"
+        if parent:
+            try:
+                from mlflow import MlflowClient
+
+                pre = MlflowClient(tracking_uri).get_run(parent)
+                link = f"[{pre.info.run_name}](#/experiments/{pre.info.experiment_id}/runs/{parent})"
+            except Exception:  # noqa: BLE001  a description must not fail a run
+                pass
+        lines.append(f"- Fine-tuned from {link} (pretrained on {subset_filter or 'its data'}); its epochs continue "
+                     f"the pretrain's count: steps {step_offset}-{step_offset + config.epochs - 1}.")
+        lines.append(f"- Fine-tuning data: {curated.subset_filter} ({n['train']} train / {n['validation']} "
+                     "validation samples).")
+    else:
+        lines.append(f"- Training data: {subset_filter} ({n['train']} train / {n['validation']} validation samples).")
+    if curated.benchmarks:
+        lines.append(f"- OOD benchmarks ({', '.join(f'{k} ({len(v)})' for k, v in curated.benchmarks.items())}): "
+                     f"Dice every {config.ood_interval} epoch(s) as `ood/<benchmark>/dice`, their mean as "
+                     "`ood/mean/dice`; predictions on fixed images under Images (`predictions/<benchmark>`).")
+    return "\n".join(lines)
+
+
 def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
     """A fine-tune keeps the parent's architecture and input contract (normalisation)."""
     data = config.resolved()
@@ -73,7 +116,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     """Train one model; returns the MLflow run id (None in a rank other than 0 of a cluster-launched DDP job).
 
     ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
-    run its model came from) is recorded in the ``parent_run`` tag either way. ``callbacks`` are extra Lightning
+    run its model came from) is recorded in the ``pretrain_run`` tag either way. ``callbacks`` are extra Lightning
     callbacks (e.g. Optuna pruning). ``on_start(run_id)`` and ``commit(run_id) -> bool`` are the hooks of a work
     queue (see :class:`~mlplatform.tracking.TrackedRun`): a refused commit ends the run KILLED and raises
     :class:`~mlplatform.tracking.Superseded`. Under DDP, ``callbacks`` and the hooks run in rank 0 only (see the module
@@ -96,27 +139,38 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                         f"{parent_meta['pixel_size_A']} Å: resample the data first")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
+    # a fine-tune belongs to its pretrain's subset; its own data are recorded as finetune.data
+    subset = config.tracking.subset or (parent_meta or {}).get("subset") or curated.subset
+    subset_filter = curated.subset_filter if parent_meta is None else _pretrain_filter(parent_meta)
+    step_offset = 0 if parent_meta is None else int(parent_meta.get("epoch_offset", 0)) + int(parent_meta["epochs"])
     tags = {
         "phase": phase,
         "seed": str(config.seed),
-        "subset": curated.subset,
-        "subset.filter": curated.subset_filter,
+        "subset": subset,
+        "subset.filter": subset_filter,
         "model.preset": config.model.preset,
         "config.hash": config.hash(),
         **(extra_tags or {}),
     }
     if init_from:
         tags["init_from"] = init_from
+        tags["finetune.data"] = curated.subset_filter
+        tags[EPOCH_OFFSET] = str(step_offset)
     if parent:
-        tags["parent_run"] = parent
-    run_name = config.tracking.run_name or f"{phase}-{curated.subset}-s{config.seed}"
+        tags[PRETRAIN_RUN] = parent
+    run_name = config.tracking.run_name or f"{subset}-s{config.seed}-{phase}"
     params = {**flatten(config.resolved()), **(extra_params or {})}
     freeze = phase == "finetune" and config.finetune.freeze_encoder
     datamodule = SegmentationDataModule(config, curated)
-    tracking = EpochTracking()  # it gets the run once the run exists
+    tracking = EpochTracking(step_offset=step_offset)  # it gets the run once the run exists
+    ood = OODEvaluation(datamodule, list(curated.benchmarks), config.ood_interval)
+    n_images = config.tracking.n_prediction_images
+    showcase = {name: read_samples(showcase_records(records, n_images), config.data)
+                for name, records in curated.benchmarks.items()} if n_images else {}
+    images = PredictionImages(showcase, ood, tracking, f"{run_name}")
     with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
-        trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir, [tracking, *(callbacks or [])],
-                                       progress)
+        trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir, [tracking, images, *(callbacks or [])],
+                                       progress, ood=ood)
         check_eval_shards(curated, trainer.world_size, config.data.num_workers)
         if trainer.global_rank != 0:
             if on_start is not None or commit is not None:
@@ -130,7 +184,11 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                         stop_exceptions=stop_exceptions, on_start=on_start, commit=commit) as run:
             tracking.run = run
             for use in curated.uses:
-                run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter)
+                run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter,
+                                digest=use.digest, profile=use.profile, image_shape=use.image_shape,
+                                subset=subset if use.role in ("train", "validation") else None)
+            note = describe_run(config, phase, subset, subset_filter, curated, parent, step_offset, uri)
+            run.set_tags({NOTE_TAG: note})
             run.log_dict(config.resolved(), "config/resolved.yaml")
             module = SegmentationModule(config, network, freeze_encoder=freeze)
             run.set_tags({"model.parameters": str(count_parameters(module.model)),
@@ -144,25 +202,24 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                 "threshold": THRESHOLD,
                 "phase": phase,
                 "epochs": config.epochs,
+                "epoch_offset": step_offset,
                 "run_id": run.run_id,
                 "parent_run": parent,
+                "subset": subset,
+                "subset_filter": subset_filter,
                 "config_hash": config.hash(),
-                "train_datasets": [{"name": u.name, "content_hash": u.content_hash, "filter": u.filter}
+                "train_datasets": [{"name": u.name, "content_hash": u.content_hash, "filter": u.filter,
+                                    "digest": u.digest, "n_samples": u.n_samples}
                                    for u in curated.uses if u.role == "train"],
                 "platform_version": __version__,
             }
-            run.log_model(module.model, metadata)
+            # the model is the network as the last epoch left it: it carries that epoch's metrics
+            last = tracking.last_step if tracking.last_step is not None else step_offset
+            run.log_model(module.model, metadata, name=model_name(subset, config.seed, phase), step=last,
+                          description=f"The network of run {run_name} after its last epoch (step {last}); its "
+                          f"metrics are that epoch's.\n\n{note}")
             if checkpoint.best_model_path:
                 run.log_artifact(checkpoint.best_model_path, "checkpoints")
-            n_images = config.tracking.n_prediction_images
-            if n_images:
-                import matplotlib.pyplot as plt
-
-                for name in curated.benchmarks:
-                    fig = prediction_figure(module, datamodule.benchmark_dataloader(name), f"{name} ({phase})",
-                                            n_images)
-                    run.log_figure(fig, f"predictions/{name}.png")
-                    plt.close(fig)
             return run.run_id
 
 
@@ -192,7 +249,8 @@ def _launched_by_cluster() -> bool:
 
 
 def _trainer(config: TrainConfig, curated: CuratedData, datamodule, ckpt_dir: str, callbacks: list, progress: bool,
-             environment: _LocalRanks | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
+             environment: _LocalRanks | None = None, ood: OODEvaluation | None = None
+             ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer of every rank, with its ranks known (``global_rank``, ``world_size``) before fit."""
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor="val/dice", mode="max", save_top_k=1,
                                  filename="best-epoch{epoch}", auto_insert_metric_name=False)
@@ -203,8 +261,8 @@ def _trainer(config: TrainConfig, curated: CuratedData, datamodule, ckpt_dir: st
         max_epochs=config.epochs, limit_train_batches=config.data.steps_per_epoch,
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=t.precision, deterministic=t.deterministic, plugins=[environment] if environment else None,
-        logger=False, callbacks=[checkpoint, OODEvaluation(datamodule, list(curated.benchmarks), config.ood_interval),
-                                 *callbacks],
+        logger=False, callbacks=[checkpoint, ood or OODEvaluation(datamodule, list(curated.benchmarks),
+                                                                  config.ood_interval), *callbacks],
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
     )
