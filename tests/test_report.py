@@ -1,7 +1,9 @@
 """Reports read from a real MLflow SQLite store (runs made with MlflowClient, tagged as the sweep and study launchers
 tag them) and a real Optuna storage."""
 
+import base64
 import time
+from html.parser import HTMLParser
 
 import mlflow
 import numpy as np
@@ -13,7 +15,7 @@ from mlflow.entities import Metric, Param
 from scipy import stats
 
 from mlplatform import analysis
-from mlplatform.report import collect_study, collect_sweep, param_importances, write_report
+from mlplatform.report import collect_study, collect_sweep, default_ui_url, param_importances, write_report
 from mlplatform.tracking import get_or_create_experiment
 
 SUBSETS, SEEDS, BENCHMARKS = ("narrow", "wide"), (0, 1, 2), ("cdse", "au-big")
@@ -188,6 +190,108 @@ def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
     assert {f.path for f in client.list_artifacts(parent, "report")} == logged
 
 
+class Page(HTMLParser):
+    """The <img> tags of a page, and its links: (attributes, text)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.imgs, self.links, self._link = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        elif tag == "a":
+            self._link = (dict(attrs), [])
+
+    def handle_data(self, data):
+        if self._link:
+            self._link[1].append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "a" and self._link:
+            self.links.append((self._link[0], "".join(self._link[1])))
+            self._link = None
+
+
+PNG_URI = "data:image/png;base64,"
+
+
+def assert_self_contained(index):
+    """Every figure embedded (no <img> loads a file: MLflow's sandboxed preview resolves no relative path), every
+    PNG written embedded byte for byte, and the page not much larger than its figures."""
+    text = index.read_text()
+    page = Page(text)
+    assert page.imgs and all(img["src"].startswith(PNG_URI) for img in page.imgs)
+    assert text.count("src=") == len(page.imgs)  # no other element loads anything
+    embedded = sorted(base64.b64decode(img["src"][len(PNG_URI):], validate=True) for img in page.imgs)
+    pngs = sorted(p.read_bytes() for p in index.parent.glob("*.png"))
+    assert embedded == pngs
+    assert len(text.encode()) < 1.4 * sum(map(len, pngs)) + 100_000
+    return page
+
+
+def run_hrefs(page):
+    """link text -> the hrefs of the links to MLflow run pages with that text, each opened in a new tab."""
+    hrefs = {}
+    for attrs, text in page.links:
+        if "/runs/" in attrs["href"]:
+            assert attrs.get("target") == "_blank" and attrs.get("rel") == "noopener"
+            hrefs.setdefault(text, set()).add(attrs["href"])
+    return hrefs
+
+
+def test_sweep_report_is_self_contained_and_links_each_run(sweep, tmp_path):
+    uri, parent, ids = sweep
+    client = MlflowClient(uri)
+    experiment = {rid: client.get_run(rid).info.experiment_id for rid in [parent, *ids.values()]}
+    given = "https://mlflow.example.org/team"
+    for out, ui_url, base in ((tmp_path / "default", None, "http://127.0.0.1:5000"),  # sqlite store: the local UI
+                              (tmp_path / "given", given + "/", given)):
+        index = write_report("sweep", "curation-1", uri, out, ui_url=ui_url)
+        page = assert_self_contained(index)
+        assert len(page.imgs) == 2 * (len(BENCHMARKS) + 1)  # distribution and dynamics per benchmark and the mean
+        hrefs = run_hrefs(page)
+        assert set(hrefs) == {parent, *ids.values()}  # every run of the table (and the parent), nothing else
+        for rid, found in hrefs.items():
+            assert found == {f"{base}/#/experiments/{experiment[rid]}/runs/{rid}"}
+        assert f"{base}/#/experiments/{experiment[parent]}" in {a["href"] for a, _ in page.links}
+        runs = pd.read_csv(out / "runs.csv", dtype={"experiment_id": str})
+        assert runs.columns[-1] == "experiment_id"  # new columns go last: existing readers keep their columns
+        assert dict(zip(runs["run_id"], runs["experiment_id"])) == {rid: experiment[rid] for rid in ids.values()}
+        page_text = index.read_text()
+        for name in (p.name for p in out.glob("*.png")):  # the files are still linked, for a copy opened from disk
+            assert f"<a href='{name}'>" in page_text
+
+
+def test_ui_url_default_and_checks(sweep, tmp_path):
+    assert default_ui_url("sqlite:///mlruns/mlflow.db") == "http://127.0.0.1:5000"
+    assert default_ui_url("file:///tmp/mlruns") == "http://127.0.0.1:5000"
+    assert default_ui_url("http://tracking:5000") == "http://tracking:5000"
+    assert default_ui_url("HTTPS://mlflow.example.org/prefix/") == "https://mlflow.example.org/prefix"
+    assert default_ui_url("http://user:secret@tracking:5000/?x=1") == "http://tracking:5000"  # no credentials in pages
+    with pytest.raises(ValueError, match="ui_url 'localhost:5000'.*http"):
+        write_report("sweep", "curation-1", sweep[0], tmp_path / "r", ui_url="localhost:5000")
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_command_ui_url(sweep, tmp_path, capsys):
+    from experiments.cli import main
+
+    uri, parent, ids = sweep
+    out = tmp_path / "cli"
+    assert main(["report", "--sweep", "curation-1", "--tracking-uri", uri, "--out", str(out),
+                 "--ui-url", "http://mlflow.internal:8080"]) == 0
+    assert f"report: {out / 'index.html'}" in capsys.readouterr().out
+    experiment = MlflowClient(uri).get_run(parent).info.experiment_id
+    rid = ids[("wide", 2, "finetune")]
+    assert run_hrefs(Page((out / "index.html").read_text()))[rid] == {
+        f"http://mlflow.internal:8080/#/experiments/{experiment}/runs/{rid}"}
+    assert main(["report", "--sweep", "curation-1", "--tracking-uri", uri, "--out", str(tmp_path / "bad"),
+                 "--ui-url", "ftp://x"]) == 2
+    assert "ui_url 'ftp://x'" in capsys.readouterr().err
+
+
 def test_a_sweep_with_a_cell_recorded_twice_is_refused_with_the_run_ids(uri, tmp_path):
     parent, ids = make_sweep(uri, name="twice", duplicate=True)
     first = ids[("wide", 0, "finetune")]
@@ -273,6 +377,23 @@ def test_collect_study_and_report(uri, tmp_path):
     assert importances["importance"].sum() == pytest.approx(1.0)
     logged = {f.path for f in MlflowClient(uri).list_artifacts(parent, "report")}
     assert "report/index.html" in logged and "report/optimization_history.png" in logged
+
+    page = assert_self_contained(index)
+    assert len(page.imgs) == 2  # history and importances
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    trial_runs = pd.read_csv(out / "trials.csv", dtype={"experiment_id": str})
+    assert trial_runs.columns[-1] == "experiment_id" and (trial_runs["experiment_id"] == experiment).all()
+    assert all(client.get_run(rid).info.experiment_id == experiment for rid in trial_runs["run_id"])
+    best_run = trial_runs.loc[trial_runs["trial"] == best.number, "run_id"].item()
+    given = write_report("study", "lr-study", uri, tmp_path / "given", ui_url="http://mlflow.lab:5000")
+    for page, base in ((page, "http://127.0.0.1:5000"), (Page(given.read_text()), "http://mlflow.lab:5000")):
+        hrefs = run_hrefs(page)
+        assert set(hrefs) == {parent, *trial_runs["run_id"]}  # every trial, pruned one included, and the parent
+        for rid, found in hrefs.items():
+            assert found == {f"{base}/#/experiments/{experiment}/runs/{rid}"}
+    best_line = next(line for line in index.read_text().splitlines() if line.startswith("<p>Best:"))
+    assert f"/#/experiments/{experiment}/runs/{best_run}'" in best_line
 
 
 def test_study_with_too_few_trials_or_no_storage_still_reports(uri, tmp_path):

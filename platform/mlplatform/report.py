@@ -4,40 +4,65 @@ The layers, each its own module: ``report_data`` reads MLflow (and Optuna) into 
 shown; ``report_figures`` turns tables into matplotlib Figures; ``report_html`` renders the page. This module is the
 edge: the only one that writes files. The report is built in a temporary folder next to ``out_dir``, each file is
 then moved in with an atomic rename (index.html last, so it never links to a missing file) and logged under
-``report/`` on the parent run.
+``report/`` on the parent run. index.html embeds its figures (MLflow's UI previews it in a sandbox where relative
+paths resolve to nothing) and links each run id to the run's page in the MLflow UI.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
 from . import analysis, report_html
+from .mlflow_ui import DEFAULT_UI
 from .report_data import (benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep, param_importances,
                           underpowered)
 from .report_figures import (benchmark_label, distribution_figure, dynamics_figure, history_figure,
                              importance_figure)
 
 KINDS = ("sweep", "study")
+LOCAL_UI_URL = DEFAULT_UI  # what `python -m experiments ui` serves
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+def _http_url(url: str) -> str | None:
+    """``url`` without credentials, query or fragment (and a trailing slash) if it is http(s)://HOST..., else None."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
+
+
+def default_ui_url(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: the tracking server itself when it is one (http(s)://), else the
+    local UI of ``python -m experiments ui``."""
+    return _http_url(tracking_uri) or LOCAL_UI_URL
+
+
+def _save(fig: Figure, path: Path, images: dict[str, bytes]) -> None:
+    """Write the figure as PNG to ``path`` and keep its bytes in ``images`` (under the file name) for the page."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    path.write_bytes(buf.getvalue())
+    images[path.name] = buf.getvalue()
 
 
 def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str, method: str, correction: str,
-                 generated: datetime) -> str:
+                 generated: datetime, ui_url: str) -> str:
     """Write the sweep's tables and figures into ``out``; the page's text."""
     runs.to_csv(out / report_html.RUNS_CSV, index=False)
     history.to_csv(out / report_html.HISTORY_CSV, index=False)
-    tables = {}
+    tables, images = {}, {}
     for b in benchmarks(runs):
         files = report_html.benchmark_files(b)
         summary, tests = benchmark_tables(runs, b, method, correction)
@@ -45,55 +70,62 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
         tests.to_csv(out / files["pairwise"], index=False)
         label = benchmark_label(b)
         _save(distribution_figure(runs, b, f"Sweep {name}: OOD Dice on {label} per training subset"),
-              out / files["distribution"])
+              out / files["distribution"], images)
         _save(dynamics_figure(history, b, f"Sweep {name}: OOD Dice on {label} during training\n(median over seeds, "
-                                          "band: inter-quartile range)"), out / files["dynamics"])
+                                          "band: inter-quartile range)"), out / files["dynamics"], images)
         tables[b] = (summary, tests, underpowered(tests))
-    return report_html.sweep_page(name, runs.attrs, tables, method, correction, generated)
+    return report_html.sweep_page(name, runs, tables, method, correction, generated, images, ui_url)
 
 
-def _write_study(out: Path, trials: pd.DataFrame, study, name: str, generated: datetime) -> str:
+def _write_study(out: Path, trials: pd.DataFrame, study, name: str, generated: datetime, ui_url: str) -> str:
     """Write the study's tables and figures into ``out``; the page's text."""
     trials.to_csv(out / report_html.TRIALS_CSV, index=False)
+    images = {}
     _save(history_figure(trials, trials.attrs.get("direction"), f"Study {name}: optimisation history"),
-          out / report_html.HISTORY_PNG)
+          out / report_html.HISTORY_PNG, images)
     importances, why = param_importances(study)
     if importances:
         pd.DataFrame({"param": list(importances), "importance": list(importances.values())}).to_csv(
             out / report_html.IMPORTANCES_CSV, index=False)
         _save(importance_figure(importances, f"Study {name}: parameter importances"),
-              out / report_html.IMPORTANCES_PNG)
-    return report_html.study_page(name, trials, best_trial(trials), importances, why, generated)
+              out / report_html.IMPORTANCES_PNG, images)
+    return report_html.study_page(name, trials, best_trial(trials), importances, why, generated, images, ui_url)
 
 
 def write_report(kind: str, name: str, tracking_uri: str | None, out_dir, method: str = "mannwhitney",
-                 correction: str = "holm") -> Path:
+                 correction: str = "holm", ui_url: str | None = None) -> Path:
     """Write the report of sweep or study ``name`` into ``out_dir`` and log it under ``report/`` on its parent run.
 
     Sweep: runs.csv, history.csv, and per benchmark distribution_<b>.png, dynamics_<b>.png, summary_<b>.csv,
     pairwise_<b>.csv (``method``/``correction`` as in analysis.pairwise_tests). Study: trials.csv,
-    optimization_history.png, param_importances.png/.csv (when computable). Both: index.html. Files of the same name
-    in out_dir are replaced (one atomic rename each); other files there are left alone and not logged.
-    Returns the path of index.html. ValueError when the sweep/study or its finished runs are missing.
+    optimization_history.png, param_importances.png/.csv (when computable). Both: index.html, with the figures
+    embedded (data: URIs, so that it renders in MLflow's artifact preview) and every run id linked to
+    ``{ui_url}/#/experiments/{experiment_id}/runs/{run_id}`` (default: ``default_ui_url`` of the tracking URI). Files
+    of the same name in out_dir are replaced (one atomic rename each); other files there are left alone and not
+    logged. Returns the path of index.html. ValueError when the sweep/study or its finished runs are missing, or
+    ``ui_url`` is not http(s)://.
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}; allowed: {', '.join(KINDS)}")
     if method not in analysis.METHODS or correction not in analysis.CORRECTIONS:
         raise ValueError(f"method {method!r}, correction {correction!r}; allowed: {', '.join(analysis.METHODS)} "
                          f"and {', '.join(analysis.CORRECTIONS)}")
+    if ui_url is not None and _http_url(ui_url) is None:
+        raise ValueError(f"ui_url {ui_url!r}: expected the MLflow UI's address, http(s)://HOST[:PORT][/PATH]")
     if kind == "sweep":
         runs, history = collect_sweep(tracking_uri, name)
         parent_id, uri = runs.attrs["parent_run_id"], runs.attrs["tracking_uri"]
     else:
         trials, study = collect_study(tracking_uri, name)
         parent_id, uri = trials.attrs["parent_run_id"], trials.attrs["tracking_uri"]
+    ui_url = _http_url(ui_url) if ui_url is not None else default_ui_url(uri)
     out = Path(out_dir).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: renames are atomic
     generated = datetime.now(timezone.utc)
     try:
-        page = (_write_sweep(tmp, runs, history, name, method, correction, generated) if kind == "sweep"
-                else _write_study(tmp, trials, study, name, generated))
+        page = (_write_sweep(tmp, runs, history, name, method, correction, generated, ui_url) if kind == "sweep"
+                else _write_study(tmp, trials, study, name, generated, ui_url))
         (tmp / report_html.INDEX).write_text(page, encoding="utf-8")
         out.mkdir(exist_ok=True)
         files = sorted(p.name for p in tmp.iterdir() if p.name != report_html.INDEX) + [report_html.INDEX]
@@ -107,5 +139,5 @@ def write_report(kind: str, name: str, tracking_uri: str | None, out_dir, method
     return out / report_html.INDEX
 
 
-__all__ = ["collect_sweep", "collect_study", "write_report", "param_importances", "distribution_figure",
-           "dynamics_figure", "history_figure", "importance_figure"]
+__all__ = ["collect_sweep", "collect_study", "write_report", "default_ui_url", "param_importances",
+           "distribution_figure", "dynamics_figure", "history_figure", "importance_figure"]

@@ -1,12 +1,20 @@
 """Report pages: tables and values (from ``report_data``) -> the text of index.html, and the names of the files it
-links to. Pure: nothing is read or written here (the caller passes the generation time, too).
+links to. Pure: nothing is read or written here (the caller passes the generation time and the figures' PNG bytes).
+
+The page is self-contained where it has to be: MLflow's UI previews an HTML artifact in a sandboxed frame (no
+same-origin) where relative paths resolve to nothing, so every figure is embedded as a ``data:image/png;base64`` URI.
+Links to the PNG and CSV files stay relative (they work when the folder is opened from disk); run ids link to the
+run's page in the MLflow UI (``{ui_url}/#/experiments/{experiment_id}/runs/{run_id}``, in a new tab).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import re
+from collections.abc import Mapping
 from datetime import datetime
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -20,7 +28,7 @@ IMPORTANCES_PNG, IMPORTANCES_CSV = "param_importances.png", "param_importances.c
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right}th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}.note{color:#7a4b00}
-code{background:#f4f4f4;padding:0 3px}"""
+code{background:#f4f4f4;padding:0 3px}figure{margin:0 0 1em}figcaption{font-size:12px;color:#555}"""
 SUMMARY_COLUMNS = ["measure", "subset", "phase", "n", "median", "mean", "ci_lo", "ci_hi", "std", "q1", "q3", "min",
                    "max"]
 
@@ -37,8 +45,63 @@ def benchmark_files(benchmark: str) -> dict[str, str]:
             "summary": f"summary_{slug}.csv", "pairwise": f"pairwise_{slug}.csv"}
 
 
-def table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, na_rep="–", float_format=lambda v: f"{v:.4g}", escape=True)
+def png_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` of a PNG's bytes."""
+    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not PNG data")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure(name: str, images: Mapping[str, bytes], alt: str) -> str:
+    """Figure ``name`` (a key of ``images``: file name -> PNG bytes) embedded in the page, captioned with a link to
+    its file."""
+    return (f"<figure><img src='{png_data_uri(images[name])}' alt='{html.escape(alt)}'>"
+            f"<figcaption><a href='{html.escape(name)}'>{html.escape(name)}</a></figcaption></figure>")
+
+
+def experiment_url(ui_url: str, experiment_id) -> str:
+    """The MLflow UI's page of an experiment."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{quote(str(experiment_id), safe='')}"
+
+
+def run_url(ui_url: str, experiment_id, run_id: str) -> str:
+    """The MLflow UI's page of a run."""
+    return f"{experiment_url(ui_url, experiment_id)}/runs/{quote(str(run_id), safe='')}"
+
+
+def _known(value) -> bool:
+    return value is not None and not (isinstance(value, float) and value != value) and str(value) != ""
+
+
+def link(url: str, text: str, code: bool = False) -> str:
+    """An HTML link opened in a new tab (MLflow's sandboxed preview may refuse to open it; from disk it works)."""
+    inner = f"<code>{html.escape(text)}</code>" if code else html.escape(text)
+    return f"<a href='{html.escape(url)}' target='_blank' rel='noopener'>{inner}</a>"
+
+
+def run_urls(runs: pd.DataFrame, ui_url: str) -> dict[str, str]:
+    """run id -> its page in the MLflow UI, for the rows of a runs/trials table with a known ``experiment_id``."""
+    if "experiment_id" not in runs.columns:
+        return {}
+    return {str(r): run_url(ui_url, e, r) for r, e in zip(runs["run_id"], runs["experiment_id"])
+            if _known(r) and _known(e)}
+
+
+_CELL = re.compile(r"<td>([^<]*)</td>")
+
+
+def table(df: pd.DataFrame, run_links: Mapping[str, str] | None = None) -> str:
+    """``df`` as an HTML table; with ``run_links`` (run id -> URL) every cell holding one of those run ids (a run's
+    own id, or a fine-tune's pretrain when that is a run of the table) links to it."""
+    text = df.to_html(index=False, border=0, na_rep="–", float_format=lambda v: f"{v:.4g}", escape=True)
+    if not run_links:
+        return text
+
+    def linked(cell: re.Match) -> str:
+        key = html.unescape(cell.group(1))
+        return f"<td>{link(run_links[key], key)}</td>" if key in run_links else cell.group(0)
+
+    return _CELL.sub(linked, text)
 
 
 def page(title: str, body: list[str], generated: datetime) -> str:
@@ -49,13 +112,31 @@ def page(title: str, body: list[str], generated: datetime) -> str:
             f"\n<p><small>Generated {stamp} by mlplatform.report.</small></p></body></html>\n")
 
 
-def sweep_page(name: str, attrs: dict, tables: dict[str, tuple[pd.DataFrame, pd.DataFrame, list[tuple[int, int]]]],
-               method: str, correction: str, generated: datetime) -> str:
-    """The sweep report. ``attrs``: the runs table's attrs (parent_run_id, tracking_uri, cell_statuses); ``tables``:
-    benchmark -> (summary, tests, underpowered seed counts), in page order."""
+def _parent(attrs: dict, ui_url: str) -> str:
+    """The parent run (linked to its page) and its experiment (linked to the experiment's page), as HTML."""
+    pid, eid = attrs["parent_run_id"], attrs.get("experiment_id")
+    if not _known(eid):
+        return f"parent run <code>{html.escape(pid)}</code>"
+    return (f"parent run {link(run_url(ui_url, eid, pid), pid, code=True)} (experiment "
+            f"{link(experiment_url(ui_url, eid), str(eid), code=True)})")
+
+
+def _run_columns(runs: pd.DataFrame) -> list[str]:
+    """The runs table as shown: who each run is, and its final OOD Dice per benchmark (runs.csv has everything)."""
+    return [c for c in runs.columns if c not in ("status", "experiment_id") and "/" not in c] + [
+        c for c in runs.columns if c.startswith("final/")]
+
+
+def sweep_page(name: str, runs: pd.DataFrame,
+               tables: dict[str, tuple[pd.DataFrame, pd.DataFrame, list[tuple[int, int]]]], method: str,
+               correction: str, generated: datetime, images: Mapping[str, bytes], ui_url: str) -> str:
+    """The sweep report. ``runs``: the runs table with its attrs (parent_run_id, experiment_id, tracking_uri,
+    cell_statuses); ``tables``: benchmark -> (summary, tests, underpowered seed counts), in page order; ``images``:
+    PNG file name -> bytes, for every figure of ``benchmark_files``; ``ui_url``: the MLflow UI the run ids link to."""
     e = html.escape
+    attrs = runs.attrs
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(attrs.get("cell_statuses", {}).items()))
-    body = [f"<p>Sweep <b>{e(name)}</b>, parent run <code>{e(attrs['parent_run_id'])}</code> in "
+    body = [f"<p>Sweep <b>{e(name)}</b>, {_parent(attrs, ui_url)} in "
             f"<code>{e(attrs['tracking_uri'])}</code>. Cell runs: {e(statuses)}; only FINISHED ones are used. "
             f"Data: <a href='{RUNS_CSV}'>{RUNS_CSV}</a> (one row per run), <a href='{HISTORY_CSV}'>{HISTORY_CSV}</a> "
             "(OOD Dice per epoch).</p>",
@@ -74,10 +155,10 @@ def sweep_page(name: str, attrs: dict, tables: dict[str, tuple[pd.DataFrame, pd.
     for b, (summary, tests, small) in tables.items():
         files = benchmark_files(b)
         body += [f"<h2>{'Mean over benchmarks' if b == 'mean' else 'Benchmark ' + e(b)}</h2>",
-                 f"<img src='{files['distribution']}' alt='distribution of OOD Dice on {e(b)}'>",
+                 figure(files["distribution"], images, f"distribution of OOD Dice on {b}"),
                  f"<h3>Summary per subset and phase</h3><p><a href='{files['summary']}'>{files['summary']}</a></p>",
                  table(summary[SUMMARY_COLUMNS]),
-                 f"<h3>Dynamics</h3><img src='{files['dynamics']}' alt='OOD Dice per epoch on {e(b)}'>"
+                 "<h3>Dynamics</h3>" + figure(files["dynamics"], images, f"OOD Dice per epoch on {b}") +
                  "<p>Fine-tune epochs continue the count of their pretrain's epochs, so each subset's pretrain and "
                  "fine-tune form one curve; the dashed line is where fine-tuning starts.</p>",
                  f"<h3>Pairwise comparisons between subsets</h3><p>{e(test_text)}. p-values are corrected "
@@ -89,38 +170,48 @@ def sweep_page(name: str, attrs: dict, tables: dict[str, tuple[pd.DataFrame, pd.
                         " the smallest two-sided p an exact test can reach is " +
                         ", ".join(f"{analysis.min_attainable_p(a, c):.3g}" for a, c in small) +
                         f": no difference can be significant at {analysis.ALPHA}, however large. Run more seeds.</p>")
+    body += ["<h2>Runs</h2><p>The FINISHED cell runs, with their final OOD Dice per benchmark; each run id opens "
+             f"the run in the MLflow UI at <code>{e(ui_url)}</code>. All values: <a href='{RUNS_CSV}'>{RUNS_CSV}</a>"
+             "</p>", table(runs[_run_columns(runs)], run_urls(runs, ui_url))]
     return page(f"Sweep report: {name}", body, generated)
 
 
 def study_page(name: str, trials: pd.DataFrame, best: pd.Series | None, importances: dict[str, float],
-               why_no_importances: str | None, generated: datetime) -> str:
-    """The study report. ``trials`` with its attrs (parent_run_id, tracking_uri, study_name, storage, notes);
-    ``best``: the best trial's row or None; ``importances`` empty when ``why_no_importances`` says why."""
+               why_no_importances: str | None, generated: datetime, images: Mapping[str, bytes], ui_url: str) -> str:
+    """The study report. ``trials`` with its attrs (parent_run_id, experiment_id, tracking_uri, study_name, storage,
+    notes); ``best``: the best trial's row or None; ``importances`` empty when ``why_no_importances`` says why;
+    ``images``: PNG file name -> bytes (HISTORY_PNG, and IMPORTANCES_PNG with importances); ``ui_url``: the MLflow
+    UI the run ids link to."""
     e = html.escape
     a = trials.attrs
+    links = run_urls(trials, ui_url)
     counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().sort_index().items())
-    body = [f"<p>Study <b>{e(name)}</b>, parent run <code>{e(a['parent_run_id'])}</code> in "
+    body = [f"<p>Study <b>{e(name)}</b>, {_parent(a, ui_url)} in "
             f"<code>{e(a['tracking_uri'])}</code>; Optuna study <code>{e(str(a.get('study_name')))}</code> in "
             f"<code>{e(str(a.get('storage')))}</code>. Trial runs: {e(counts)}. "
             f"<a href='{TRIALS_CSV}'>{TRIALS_CSV}</a></p>"]
     if best is not None:
         params = ", ".join(f"{k[len('trial.'):]} = {best[k]:.4g}" if isinstance(best[k], float) else
                            f"{k[len('trial.'):]} = {best[k]}" for k in trials.columns if k.startswith("trial."))
-        body.append(f"<p>Best: trial {int(best['trial'])}, objective {best['objective']:.4g} ({e(params)}).</p>")
+        run = str(best["run_id"])
+        body.append(f"<p>Best: trial {int(best['trial'])}, objective {best['objective']:.4g} ({e(params)}); run "
+                    f"{link(links[run], run, code=True) if run in links else f'<code>{e(run)}</code>'}.</p>")
     body += [f"<p class='note'>{e(n)}</p>" for n in a.get("notes", [])]
-    body += [f"<h2>Optimisation history</h2><img src='{HISTORY_PNG}' alt='optimisation history'>"
+    body += ["<h2>Optimisation history</h2>" + figure(HISTORY_PNG, images, "optimisation history") +
              "<p>Objective of every completed trial by trial number (pruned and failed trials have none); the line is "
              "the best value so far.</p>",
              "<h2>Parameter importances</h2>"]
     if importances:
-        body.append(f"<img src='{IMPORTANCES_PNG}' alt='parameter importances'><p>From "
+        body.append(figure(IMPORTANCES_PNG, images, "parameter importances") + "<p>From "
                     "<code>optuna.importance.get_param_importances</code> (Optuna's default evaluator) on the "
                     "completed trials: how much each parameter accounts for good objective values. With few trials "
                     f"this is indicative only. <a href='{IMPORTANCES_CSV}'>{IMPORTANCES_CSV}</a></p>")
     else:
         body.append(f"<p class='note'>Not computed: {e(why_no_importances)}.</p>")
-    body += ["<h2>Trials</h2>", table(trials)]
+    body += ["<h2>Trials</h2><p>Each run id opens the trial's run in the MLflow UI at "
+             f"<code>{e(ui_url)}</code>.</p>", table(trials.drop(columns="experiment_id", errors="ignore"), links)]
     return page(f"Study report: {name}", body, generated)
 
 
-__all__ = ["INDEX", "benchmark_files", "table", "page", "sweep_page", "study_page"]
+__all__ = ["INDEX", "benchmark_files", "png_data_uri", "figure", "experiment_url", "run_url", "run_urls", "link",
+           "table", "page", "sweep_page", "study_page"]
