@@ -47,15 +47,15 @@ def _describe(meta: dict) -> list[str]:
     imaging, structure = meta.get("imaging") or {}, meta.get("structure") or {}
     first = " ".join(str(x) for x in (structure.get("material"), structure.get("kind")) if x) or "structure"
     if isinstance(structure.get("radius_A"), (int, float)):
-        first += f" r={structure['radius_A']:.0f}A"
+        first += f", r {structure['radius_A']:.0f} A"
     if structure.get("n_defects"):
-        first += f" {structure['n_defects']} defect(s)"
+        first += f", {structure['n_defects']} defect(s)"
     parts = []
     if isinstance(imaging.get("defocus_A"), (int, float)):
-        parts.append(f"df {imaging['defocus_A']:+.0f}A")
+        parts.append(f"defocus {imaging['defocus_A']:+.0f} A")
     if isinstance(imaging.get("dose_e_per_A2"), (int, float)):
-        parts.append(f"dose {imaging['dose_e_per_A2']:.0f}e/A2")
-    return [first, " ".join(parts)]
+        parts.append(f"dose {imaging['dose_e_per_A2']:.0f} e/A^2")
+    return [first, ", ".join(parts)]
 
 
 @torch.no_grad()
