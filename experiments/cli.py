@@ -97,7 +97,7 @@ def _cmd_report(args) -> int:
     from mlplatform.store import resolve_tracking_uri
 
     kind, name = ("sweep", args.sweep) if args.sweep else ("study", args.study)
-    index = write_report(kind, name, resolve_tracking_uri(args.tracking_uri), args.out)
+    index = write_report(kind, name, resolve_tracking_uri(args.tracking_uri), args.out, ui_url=args.ui_url)
     print(f"report: {index}")
     return 0
 
@@ -105,13 +105,80 @@ def _cmd_report(args) -> int:
 def _cmd_ui(args) -> int:
     import os
 
-    from mlplatform.store import resolve_tracking_uri
+    from mlflow import MlflowClient
+
+    from mlplatform import mlflow_ui
+    from mlplatform.store import ensure_store, resolve_tracking_uri
+
+    from .sweep import latest_sweep, sweep_view
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
-    os.execv(sys.executable, cmd)  # the UI takes over this process: Ctrl-C and exit codes are its own
+    ensure_store(uri)
+    base = f"http://{args.host}:{args.port}"
+    client = MlflowClient(uri)
+    parent = latest_sweep(client)
+    if parent is not None:
+        exp_id, name = parent.info.experiment_id, parent.data.tags.get("sweep")
+        url = mlflow_ui.view_url(base, exp_id, sweep_view(client, exp_id, name))
+        print(f"MLflow UI for {uri}; sweep {name!r} (the latest), runs grouped by subset and phase:\n  {url}",
+              flush=True)
+    else:
+        print(f"MLflow UI for {uri} at {base} (no sweep yet)", flush=True)
+    print("Ctrl-C stops it.", flush=True)
+    # one web worker and no job runner (enough for one user, and light on a laptop); no usage telemetry
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
+    os.execve(sys.executable, cmd, env)  # the UI takes over this process: Ctrl-C and exit codes are its own
+
+
+def _cmd_dashboard(args) -> int:
+    import signal
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    import optuna_dashboard
+
+    from .storage import existing_study
+
+    storage, study_name, study_id = existing_study(args.study, args.storage)  # creates nothing; ValueError: exit 2
+
+    # requests are served in threads (as optuna-dashboard's own command line does), and Ctrl-C asks the server loop to
+    # stop instead of raising KeyboardInterrupt wherever the main thread happens to be: raised inside a request, as in
+    # a single-threaded wsgiref server (optuna_dashboard.run_server), wsgiref's bare except swallows it and the server
+    # runs on; raised while a connection is handed to its thread, socketserver closes the socket under that thread
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *log_args) -> None:  # the page polls the API: no line per request
+            pass
+
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    try:
+        httpd = make_server(args.host, args.port, optuna_dashboard.wsgi(storage), server_class=Server,
+                            handler_class=QuietHandler)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise InputError(f"cannot serve on {host}:{args.port}: {exc.strerror or exc}") from None
+    # the storage's study id is the one the dashboard's pages and API use
+    print(f"optuna-dashboard of study {args.study!r} ({study_name}) at "
+          f"http://{host}:{args.port}/dashboard/studies/{study_id} (Ctrl-C stops it)", flush=True)
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        threading.Thread(target=httpd.shutdown, daemon=True).start()  # serve_forever returns within 0.5 s
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        httpd.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        httpd.server_close()  # waits for the requests in flight (a note or a rename being written)
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -175,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sweep", metavar="NAME")
     which.add_argument("--study", metavar="NAME")
     rp.add_argument("--out", required=True, help="folder for index.html, figures and tables")
+    rp.add_argument("--ui-url", metavar="URL", help="the MLflow UI the report's run ids link to (default: the "
+                    "tracking URI when it is http(s)://, else http://127.0.0.1:5000 as served by `ui`)")
     rp.set_defaults(func=_cmd_report)
     dr = sub.add_parser("doctor", help="find (--fix: repair) orphaned runs, dead workers' claims or trials, and "
                         "duplicates",
@@ -188,7 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr.set_defaults(func=_cmd_doctor)
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
     ui.add_argument("--port", type=positive_int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=_cmd_ui)
+    db = sub.add_parser("dashboard", help="optuna-dashboard of a study, on the Optuna storage it lives in")
+    db.add_argument("--study", required=True, metavar="NAME", help="the study's name (as in its definition)")
+    db.add_argument("--storage", help="the study's Optuna storage, as given to study (default: journal "
+                    "mlruns/optuna-journal.log; journal:PATH, sqlite:///PATH or postgresql://...)")
+    db.add_argument("--port", type=positive_int, default=8080)
+    db.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                    "only; the dashboard can change the study: rename, delete, notes)")
+    db.set_defaults(func=_cmd_dashboard)
     dm = sub.add_parser("demo", help="the main job: a miniature curation study end to end", parents=[tracking])
     dm.add_argument("--out", default="demo", help="folder for data and report (default demo/)")
     dm.add_argument("--workers", type=positive_int, default=2)

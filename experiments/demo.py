@@ -60,6 +60,6 @@ def run_demo(out: str | Path = "demo", workers: int = 2, tracking_uri: str | Non
     print(f"demo finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     print(f"  runs:      {n_runs} tracked runs ({summary['runs_by_status']}) in {uri}")
     print(f"  report:    {index.resolve()}")
-    print("  browse:    python -m experiments ui   (then open http://127.0.0.1:5000)")
+    print("  browse:    python -m experiments ui   (prints the URL of this sweep's comparison view)")
     print(f"  data:      {out.resolve() / 'data'} (delete {out} and mlruns/ to start over)")
     return {**summary, "report": str(index), "seconds": total, "timings": timings}

@@ -45,6 +45,37 @@ def study_storage(url: str | None):
     raise ValueError(f"--storage {url!r}: use journal:PATH (a file), sqlite:///PATH or postgresql://...")
 
 
+# the Optuna study name under which ``python -m experiments study`` keeps the study NAME (``experiments.study``)
+STUDY_PREFIX = "study:"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:`` URL; None for an in-memory database."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def existing_study(name: str, url: str | None) -> tuple[optuna.storages.BaseStorage, str, int]:
+    """(storage, Optuna study name, Optuna study id) of the study ``name`` — as ``study`` created it
+    (``study:NAME``), or an Optuna study of exactly that name — in the storage ``url`` names (the default when None).
+    Creates nothing: ValueError naming the study, and the studies the storage does hold, when it is not there (a
+    journal file or SQLite database that does not exist is not created)."""
+    path = journal_path(url)
+    if path is None and url.startswith("sqlite:"):
+        path = _sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise ValueError(f"no study {name!r}: {path} does not exist" + (" (give --storage)" if url is None else ""))
+    storage = study_storage(url)
+    names = sorted(s.study_name for s in storage.get_all_studies())
+    for candidate in (f"{STUDY_PREFIX}{name}", name):
+        if candidate in names:
+            return storage, candidate, storage.get_study_id_from_name(candidate)
+    there = ", ".join(n.removeprefix(STUDY_PREFIX) for n in names) or "none"
+    raise ValueError(f"no study {name!r} in {storage_url(storage)}; studies there: {there}")
+
+
 def storage_url(storage) -> str:
     if isinstance(storage, optuna.storages.RDBStorage):
         return storage.url
