@@ -46,6 +46,19 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the process group a service was started in (``start_new_session=True``), SIGKILL if it is still
+    there after ``timeout_s``."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class PostgresServer:
     """A running throwaway cluster. ``new_database(name)`` creates an empty database and returns its URL."""
 

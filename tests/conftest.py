@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.services import DaskCluster, ServiceUnavailable, free_loopback_port, throwaway_postgres
+from benchmarks.services import (DaskCluster, ServiceUnavailable, free_loopback_port, stop_process_group,
+                                 throwaway_postgres)
 
 
 def _unavailable(reason: str):
@@ -27,6 +28,19 @@ def _unavailable(reason: str):
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"PostgreSQL test server unavailable in CI: {reason}", pytrace=False)
     pytest.skip(f"PostgreSQL test server unavailable: {reason}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shard_hash_cache(tmp_path_factory):
+    """The cache of verified shard digests (hrtem_core.shard_hashes) in a folder of the session, not in ~/.cache:
+    tests start with none and leave none (subprocesses inherit the variable)."""
+    old = os.environ.get("HRTEM_CACHE_DIR")
+    os.environ["HRTEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("hrtem-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HRTEM_CACHE_DIR", None)
+    else:
+        os.environ["HRTEM_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")
@@ -120,13 +134,7 @@ def mlflow_server(postgres_server, s3_server, tmp_path_factory):
         _wait_http(f"{uri}/health", proc, log)
         yield uri
     finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 # -- the tiny simulated datasets shared by the tests ---------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from benchmarks.services import free_loopback_port
+from benchmarks.services import free_loopback_port, stop_process_group
 from sweep_helpers import sweep_spec, write_spec
 
 pytestmark = pytest.mark.slow
@@ -114,11 +113,7 @@ def ui_url(ui_sweep, tmp_path_factory):
             pytest.fail(f"experiments ui did not answer within 180 s: {log.read_text()[-3000:]}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def _wait_for(driver, predicate, what: str):
