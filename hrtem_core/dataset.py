@@ -30,6 +30,7 @@ from .config import canonical_json
 from .errors import DatasetError
 from .files import atomic_writer, write_atomic
 from .locations import Location, exists, is_url, join, listing, open_read
+from .shard_hashes import ShardHashCache
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -90,8 +91,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(data: bytes, what: str = "array") -> np.ndarray:
+    """The array of a ``.npy`` file's bytes (never a pickle). DatasetError naming ``what`` (e.g. the shard, sample
+    and member) when they are not one: no magic, a header numpy cannot parse, truncated data."""
+    if not data.startswith(NPY_MAGIC):
+        raise DatasetError(f"{what}: not a .npy array (its {len(data)} bytes do not start with the .npy magic)")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise DatasetError(f"{what}: not a valid .npy array ({' '.join(str(exc).split())})") from None
 
 
 def sample_hash(key: str, arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -112,12 +123,28 @@ def content_hash(sample_hashes: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
+class _HashingReader:
+    """A binary file read through a sha256: what is read updates it, ``rest()`` reads what is left and returns the
+    digest of the whole file. tarfile's stream mode ("r|") reads sequentially and only calls ``read``, so a shard is
+    hashed while it is read, in one pass."""
+
+    def __init__(self, fh):
+        self.fh, self.hash = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.hash.update(data)
+        return data
+
+    def rest(self) -> str:
+        for chunk in iter(lambda: self.fh.read(1 << 20), b""):
+            self.hash.update(chunk)
+        return self.hash.hexdigest()
+
+
 def file_sha256(path: Location) -> str:
-    h = hashlib.sha256()
     with open_read(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return _HashingReader(fh).rest()
 
 
 def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
@@ -127,21 +154,35 @@ def encode_sample(key: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
     return out
 
 
-def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, metadata) of one sample's members, checked against the sample contract (DatasetError if not)."""
+def check_image_and_mask(image: np.ndarray, mask: np.ndarray, where: str) -> None:
+    """What training needs of a decoded sample: image and mask 2-D and of one shape, the mask 0/1 (uint8 or bool).
+    DatasetError naming ``where`` (the sample) and what differs."""
+    if image.ndim != 2:
+        raise DatasetError(f"{where}: image must be 2-D [H, W], got shape {image.shape}")
+    if mask.dtype not in (np.uint8, np.bool_):
+        raise DatasetError(f"{where}: mask must be uint8 (0/1) or bool, got {mask.dtype}")
+    if mask.shape != image.shape:
+        raise DatasetError(f"{where}: mask shape {mask.shape} differs from the image's {image.shape}")
+    if mask.dtype == np.uint8 and mask.size and mask.max() > 1:
+        raise DatasetError(f"{where}: mask values must be 0 or 1, found {int(mask.max())}")
+
+
+def decode_sample(key: str, fields: dict[str, bytes], where: str = "") -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, metadata) of one sample's members, checked against the sample contract (DatasetError if not);
+    ``where`` (e.g. ``shard shard-000001.tar, ``) prefixes the sample in messages."""
+    what = f"{where}sample {key}"
     missing = [f for f in (*ARRAY_FIELDS, "json") if f not in fields]
     if missing:
-        raise DatasetError(f"sample {key}: missing {', '.join(missing)}")
-    arrays = {name: load_npy(fields[name]) for name in fields if name.endswith(".npy")}
+        raise DatasetError(f"{what}: missing {', '.join(missing)}")
+    arrays = {name: load_npy(fields[name], f"{what}, {name}") for name in fields if name.endswith(".npy")}
     meta = json.loads(fields["json"])
     image, mask = arrays["image.npy"], arrays["mask.npy"]
     if image.dtype != np.float32 or image.ndim != 2:
-        raise DatasetError(f"sample {key}: image must be float32 [H, W], got {image.dtype} {image.shape}")
+        raise DatasetError(f"{what}: image must be float32 [H, W], got {image.dtype} {image.shape}")
     if mask.dtype != np.uint8 or mask.shape != image.shape:
-        raise DatasetError(f"sample {key}: mask must be uint8 of the image's shape {image.shape}, got "
+        raise DatasetError(f"{what}: mask must be uint8 of the image's shape {image.shape}, got "
                            f"{mask.dtype} {mask.shape}")
-    if mask.size and mask.max() > 1:
-        raise DatasetError(f"sample {key}: mask values must be 0 or 1, found {int(mask.max())}")
+    check_image_and_mask(image, mask, what)
     return arrays, meta
 
 
@@ -174,38 +215,155 @@ def iter_tar_samples(path: Location, fields: Iterable[str] | None = None) -> Ite
     With ``fields``, only those members are read (locally the others are seeked over: indexing reads only the
     metadata). A key with none of the wanted fields is not yielded.
     """
+    with _open_tar(path) as tar:
+        yield from _tar_samples(tar, fields)
+
+
+def _tar_samples(tar: tarfile.TarFile, fields: Iterable[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
     wanted = None if fields is None else set(fields)
     current, found = None, {}
-    with _open_tar(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, base = os.path.split(member.name)
-            key, _, field = base.partition(".")
-            key = f"{dirname}/{key}" if dirname else key
-            if key != current:
-                if current is not None and found:
-                    yield current, found
-                current, found = key, {}
-            if wanted is None or field in wanted:
-                found[field] = tar.extractfile(member).read()
+    for member in tar:
+        if not member.isfile():
+            continue
+        dirname, base = os.path.split(member.name)
+        key, _, field = base.partition(".")
+        key = f"{dirname}/{key}" if dirname else key
+        if key != current:
+            if current is not None and found:
+                yield current, found
+            current, found = key, {}
+        if wanted is None or field in wanted:
+            found[field] = tar.extractfile(member).read()
     if current is not None and found:
         yield current, found
+
+
+def shard_mismatch(root: Location, shard: dict, actual: str) -> DatasetError:
+    return DatasetError(f"dataset {root}: shard {shard['name']}: file sha256 {actual[:16]}… does not match the "
+                        f"manifest's {shard['sha256'][:16]}… (the file changed after the dataset was written)")
+
+
+def iter_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
+               cache: ShardHashCache | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard of a manifest (as :func:`iter_tar_samples`), checked against the manifest's sha256.
+
+    The file is hashed while it is read, streamed in one pass (the members that ``fields`` leaves out are read
+    through, not seeked over), and the digest is compared once the last sample has been yielded: DatasetError naming
+    the dataset, the shard and both digests. What a consumer got is trustworthy only once the iterator is exhausted
+    (:func:`read_shard` collects a shard first). With ``cache``, a local file whose digest is known for its current
+    size and mtime_ns is not hashed again: it is checked against the manifest at once, and read with seeks. Files on
+    object storage are always hashed while read. A shard that is missing or not a tar raises what tarfile or the
+    file system raised.
+    """
+    path = join(root, shard["name"])
+    st = None
+    if not is_url(path):
+        st = os.stat(path)
+        known = cache.lookup(path, st) if cache is not None else None
+        if known is not None:
+            if known != shard["sha256"]:
+                raise shard_mismatch(root, shard, known)
+            yield from iter_tar_samples(path, fields)
+            return
+    with open_read(path) as fh:
+        reader = _HashingReader(fh)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            yield from _tar_samples(tar, fields)
+        digest = reader.rest()  # tarfile stops at the end-of-archive blocks: the padding after them counts too
+    if cache is not None and st is not None:
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not changed while it was read
+            cache.record(path, st, digest)
+    if digest != shard["sha256"]:
+        raise shard_mismatch(root, shard, digest)
+
+
+def read_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
+               cache: ShardHashCache | None = None) -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of :func:`iter_shard`, returned only once the shard's sha256 has been checked."""
+    return list(iter_shard(root, shard, fields, cache))
 
 
 # ------------------------------------------------------------------------------------------------------ manifest
 
 
 def read_manifest(root: Location) -> dict:
+    """The manifest of the dataset at ``root``, checked by :func:`validate_manifest` (DatasetError if it fails)."""
     path = join(root, MANIFEST)
     if not exists(path):
         raise DatasetError(f"{root}: no {MANIFEST}; not a finished dataset (an interrupted 'generate' resumes "
                            "when run again with the same arguments)")
     try:
         with open_read(path) as fh:
-            return json.loads(fh.read())
-    except json.JSONDecodeError as exc:
+            manifest = json.loads(fh.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    return validate_manifest(manifest, path)
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SHARD_ENTRY = "{name, sha256, n_samples, samples}"
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain_file_name(name) -> bool:
+    """A file directly inside the dataset: no folder part, no '..', not absolute, nothing a path could escape by."""
+    return (isinstance(name, str) and name not in ("", ".") and "/" not in name and "\\" not in name
+            and ".." not in name and "\0" not in name and not os.path.isabs(name))
+
+
+def validate_manifest(manifest, where: Location) -> dict:
+    """``manifest`` if it has the shape every reader relies on, else DatasetError naming ``where`` (the manifest's
+    path), the key and what is allowed: a mapping whose ``shards`` (and ``wave_shards``, where present) are lists
+    of entries with a plain file ``name`` inside the dataset and a 64-hex ``sha256``, with ``name`` a string,
+    ``content_hash`` 64 hex digits and ``n_samples`` a count; a shard's ``n_samples`` and ``samples`` ([[key, 64-hex
+    sample hash], ...]) are checked where present."""
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{where}: a manifest must be a JSON object (a mapping with 'shards', 'name', "
+                           f"'content_hash', 'n_samples'), got a {type(manifest).__name__}")
+    if "shards" not in manifest:
+        raise DatasetError(f"{where}: key 'shards' is missing; it must be a list of shard entries {_SHARD_ENTRY}")
+    seen: set[str] = set()
+    for list_key in ("shards", "wave_shards"):
+        entries = manifest.get(list_key, [])
+        if not isinstance(entries, list):
+            raise DatasetError(f"{where}: '{list_key}' must be a list of shard entries {_SHARD_ENTRY}, got a "
+                               f"{type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            at = f"{list_key}[{i}]"
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{where}: '{at}' must be a mapping {_SHARD_ENTRY}, got a {type(entry).__name__}")
+            name = entry.get("name")
+            if not _plain_file_name(name):
+                raise DatasetError(f"{where}: '{at}.name' {name!r} is not allowed: a shard must be a plain file name "
+                                   "inside the dataset (no '/', no '..', not absolute), e.g. 'shard-000000.tar'")
+            if name in seen:
+                raise DatasetError(f"{where}: '{at}.name' {name!r} is listed twice; each shard is listed once")
+            seen.add(name)
+            digest = entry.get("sha256")
+            if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+                raise DatasetError(f"{where}: '{at}.sha256' {digest!r} is not allowed: it must be the file's sha256, "
+                                   "64 lowercase hex digits")
+            if "n_samples" in entry and not _is_count(entry["n_samples"]):
+                raise DatasetError(f"{where}: '{at}.n_samples' {entry['n_samples']!r} must be a count (an integer "
+                                   ">= 0)")
+            samples = entry.get("samples", [])
+            if not (isinstance(samples, list) and all(
+                    isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], str)
+                    and _HEX64.fullmatch(s[1]) for s in samples)):
+                raise DatasetError(f"{where}: '{at}.samples' must be a list of [key, sample hash (64 hex digits)] "
+                                   "pairs")
+    if not isinstance(manifest.get("name"), str):
+        raise DatasetError(f"{where}: 'name' {manifest.get('name')!r} must be the dataset's name (a string)")
+    chash = manifest.get("content_hash")
+    if not (isinstance(chash, str) and _HEX64.fullmatch(chash)):
+        raise DatasetError(f"{where}: 'content_hash' {chash!r} must be 64 lowercase hex digits")
+    if not _is_count(manifest.get("n_samples")):
+        raise DatasetError(f"{where}: 'n_samples' {manifest.get('n_samples')!r} must be a count (an integer >= 0)")
+    return manifest
 
 
 def build_manifest(name: str, shards: list[dict], generation: dict, software: dict, created_utc: str,
@@ -303,15 +461,20 @@ def verify_dataset(root: Location) -> dict:
             raise DatasetError(f"wave shard {shard['name']}: missing")
         if file_sha256(path) != shard["sha256"]:
             raise DatasetError(f"wave shard {shard['name']}: sha256 does not match the manifest")
-    for shard in manifest["shards"]:
+    for i, shard in enumerate(manifest["shards"]):
         path = join(root, shard["name"])
+        absent = [k for k in ("samples", "n_samples") if k not in shard]
+        if absent:
+            raise DatasetError(f"{join(root, MANIFEST)}: 'shards[{i}]' has no {' or '.join(absent)}; verify needs "
+                               f"every shard's {_SHARD_ENTRY}")
         if not exists(path):
             raise DatasetError(f"shard {shard['name']}: missing")
         expected = dict(shard["samples"])
         seen = []
         try:
-            for key, fields in iter_tar_samples(path):
-                arrays, meta = decode_sample(key, fields)
+            # hashed while read: the file's sha256 is checked after its last sample (no second pass, no cache)
+            for key, fields in iter_shard(root, shard):
+                arrays, meta = decode_sample(key, fields, where=f"shard {shard['name']}, ")
                 digest = sample_hash(key, {k: v for k, v in arrays.items() if k in ARRAY_FIELDS}, meta)
                 if key not in expected:
                     raise DatasetError(f"shard {shard['name']}, sample {key}: not listed in the manifest")
@@ -328,8 +491,6 @@ def verify_dataset(root: Location) -> dict:
             raise DatasetError(f"shard {shard['name']}, sample {missing[0]}: listed in the manifest but missing")
         if len(seen) != shard["n_samples"]:
             raise DatasetError(f"shard {shard['name']}: {len(seen)} samples, manifest says {shard['n_samples']}")
-        if file_sha256(path) != shard["sha256"]:
-            raise DatasetError(f"shard {shard['name']}: file sha256 does not match the manifest")
         all_hashes.extend(seen)
     digest = content_hash(all_hashes)
     if digest != manifest["content_hash"]:

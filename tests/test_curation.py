@@ -1,5 +1,6 @@
 """Curation: indexing through the sample contract, the filter language, caps, the structure split, subset names."""
 
+import hashlib
 import io
 import json
 import random
@@ -31,9 +32,10 @@ def _write_dataset(root, samples, name="exp"):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    sha256 = hashlib.sha256((root / "shard-000000.tar").read_bytes()).hexdigest()  # a manifest lists every shard's
     (root / "manifest.json").write_text(json.dumps({
         "name": name, "content_hash": "f" * 64, "n_samples": len(samples),
-        "shards": [{"name": "shard-000000.tar", "n_samples": len(samples)}]}))
+        "shards": [{"name": "shard-000000.tar", "sha256": sha256, "n_samples": len(samples)}]}))
     return root
 
 

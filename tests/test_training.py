@@ -1,6 +1,7 @@
 """Training end to end on tiny data: pretrain, fine-tune, OOD metrics every epoch, lineage, predict, lifecycle."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from hrtem_core.config import set_dotted
+from hrtem_core.dataset import file_sha256
 from mlplatform.config import ConfigError, config_from_dict
 from mlplatform.curation import CurationError, scan_dataset, select, selection_digest
 from mlplatform.metrics import SegmentationScores
@@ -173,7 +175,15 @@ def test_a_run_that_fails_ends_failed_with_the_reason(datasets, store, tmp_path)
     buf = io.BytesIO()
     np.save(buf, np.zeros((7, 7), np.uint8))  # a mask that no longer matches its image: found only when read
     _rewrite_member(Path(victim.shard), f"{victim.key}.mask.npy", buf.getvalue())
-    cfg = _config(datasets, benchmarks=[{"name": "broken", "path": str(broken)}], epochs=1)
+    # the manifest vouches for the new file, so that the shard passes the sha256 check and fails only when decoded
+    manifest = json.loads((broken / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        if shard["name"] == Path(victim.shard).name:
+            shard["sha256"] = file_sha256(Path(victim.shard))
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    # no prediction panels: their samples are read (and this one refused) before the run exists
+    cfg = _config(datasets, benchmarks=[{"name": "broken", "path": str(broken)}], epochs=1,
+                  **{"tracking.n_prediction_images": 0})
     with pytest.raises(Exception):
         train(cfg, tracking_uri=store, progress=False)
     client = MlflowClient(store)

@@ -2,8 +2,11 @@
 
 The platform knows a dataset only through the sample contract (docs/architecture.md, "A dataset on disk", read
 through :mod:`hrtem_core.dataset`): ``manifest.json``
-plus WebDataset tars whose ``<key>.json`` members hold the metadata. Indexing reads only those JSON members; tarfile
-seeks past the arrays, so indexing costs the metadata and the tar headers, not the pixels.
+plus WebDataset tars whose ``<key>.json`` members hold the metadata. Indexing decodes only those JSON members. Every
+shard is checked against the sha256 the manifest records before anything of it is used: the first scan of a file
+hashes it while reading it (one pass), later scans of the unchanged file find its digest in a cache
+(``hrtem_core.shard_hashes``, by path, size and mtime) and seek past the arrays, so they cost the metadata and the
+tar headers, not the pixels.
 
 Filter language (``compile_filter``): a Python-syntax boolean expression over dotted metadata fields, e.g.
 ``-200 <= imaging.defocus_A <= 200 and structure.n_defects >= 1 and not structure.has_stacking_fault``. Allowed:
@@ -38,9 +41,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from hrtem_core.dataset import MANIFEST, iter_tar_samples, read_manifest
+from hrtem_core.dataset import MANIFEST, read_manifest, read_shard
 from hrtem_core.errors import DatasetError, InputError
 from hrtem_core.locations import as_location, exists, is_url, join, name_of
+from hrtem_core.shard_hashes import ShardHashCache
 
 
 class CurationError(InputError):
@@ -93,34 +97,48 @@ def _structure_id(content_hash: str, key: str, meta: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- indexing
-def scan_dataset(path: str | os.PathLike) -> DatasetIndex:
-    """Index a finished dataset from its manifest and the ``.json`` members of its shards (arrays are not read)."""
+def scan_dataset(path: str | os.PathLike, hash_cache: ShardHashCache | None = None) -> DatasetIndex:
+    """Index a finished dataset from its manifest and the ``.json`` members of its shards (arrays are not decoded).
+
+    Every shard is checked against the sha256 its manifest records (``hrtem_core.dataset.read_shard``): hashed while
+    it is scanned, in the same single pass, unless ``hash_cache`` (default: ``ShardHashCache.default()``, saved here)
+    knows the digest of the file as it is now, in which case its arrays are seeked over. A shard that differs from
+    the manifest, or a manifest of the wrong shape, raises DatasetError naming the dataset, the shard and what
+    differs, so nothing reads data that is not what the manifest (and its content hash) says.
+    """
     root = path if is_url(path) else Path(path).resolve()  # a folder, or a prefix on object storage
     mpath = join(root, MANIFEST)
     if not exists(mpath):
         raise CurationError(f"{path}: no {MANIFEST}; not a finished dataset")
     try:
-        manifest = read_manifest(root)
-        name, chash, shards = manifest["name"], manifest["content_hash"], manifest["shards"]
-    except (DatasetError, KeyError, TypeError, OSError) as exc:
-        raise CurationError(f"{mpath}: not a valid dataset manifest ({type(exc).__name__}: {exc})") from None
+        manifest = read_manifest(root)  # checked: DatasetError naming the manifest, the key and what is allowed
+    except OSError as exc:
+        raise CurationError(f"{mpath}: unreadable ({type(exc).__name__}: {exc})") from None
+    name, chash, shards = manifest["name"], manifest["content_hash"], manifest["shards"]
+    cache = ShardHashCache.default() if hash_cache is None else hash_cache
     records: list[SampleRecord] = []
-    for shard in shards:
-        spath = join(root, shard["name"])
-        found = 0
-        try:
-            for key, fields in iter_tar_samples(spath, fields=("json",)):  # the arrays are seeked over
+    try:
+        for shard in shards:
+            spath = join(root, shard["name"])
+            try:  # collected first: nothing is used before the shard's sha256 has been checked
+                samples = read_shard(root, shard, fields=("json",), cache=cache)
+            except (tarfile.TarError, OSError) as exc:
+                raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
+            except DatasetError as exc:
+                raise DatasetError(f"{exc}; 'python -m datagen verify {path}' names the sample") from None
+            for key, fields in samples:
                 try:
                     meta = json.loads(fields["json"])
                 except ValueError as exc:
                     raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
                 records.append(SampleRecord(name, str(root), chash, str(spath), key,
                                             _structure_id(chash, key, meta), meta))
-                found += 1
-        except (tarfile.TarError, OSError) as exc:
-            raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
-        if "n_samples" in shard and found != shard["n_samples"]:
-            raise CurationError(f"{spath}: {found} samples with metadata, manifest says {shard['n_samples']}")
+            if "n_samples" in shard and len(samples) != shard["n_samples"]:
+                raise CurationError(f"{spath}: {len(samples)} samples with metadata, manifest says "
+                                    f"{shard['n_samples']}")
+    finally:
+        if hash_cache is None:
+            cache.save()  # the digests of the shards hashed so far, even when a later one fails
     records.sort(key=lambda r: r.key)
     if len(records) != manifest.get("n_samples"):
         raise CurationError(f"{root}: {len(records)} samples in the shards, manifest says "

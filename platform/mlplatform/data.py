@@ -25,8 +25,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hrtem_core.dataset import load_npy
-from hrtem_core.errors import InputError
+from hrtem_core.dataset import check_image_and_mask, load_npy
+from hrtem_core.errors import DatasetError, InputError
 from hrtem_core.locations import register_webdataset_schemes
 
 from .config import DataConfig, DatasetRef, TrainConfig
@@ -42,6 +42,21 @@ register_webdataset_schemes()  # shards on object storage (s3://...) are read th
 
 class DataError(InputError):
     """Data that cannot be used as configured; the message names the dataset and the problem."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_worker_message(message))
+
+
+def _worker_message(message):
+    """The message a DataLoader worker raised. torch re-raises a worker's exception in the main process as
+    ``type(exc)(text)``, ``text`` being "Caught DataError in DataLoader worker process N.\nOriginal Traceback (most
+    recent call last): ...\nmlplatform.data.DataError: <message>": bad data is bad input, reported in one line
+    like any other, not a traceback."""
+    if not (isinstance(message, str) and message.startswith("Caught ") and "\nOriginal Traceback" in message):
+        return message
+    marker = f"{__name__}.DataError: "
+    at = message.rfind(marker)
+    return message[at + len(marker):].strip() if at >= 0 else message
 
 
 def pixel_size_of(meta: dict) -> float | None:
@@ -141,7 +156,20 @@ def curate(config: TrainConfig) -> CuratedData:
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    return load_npy(sample["image.npy"]), load_npy(sample["mask.npy"])
+    """(image, mask) of a sample as a loader read it, checked: both members present and valid ``.npy``, 2-D, of one
+    shape, the mask 0/1 (uint8 or bool). DataError naming the shard and the sample key otherwise."""
+    where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
+    missing = [name for name in ("image.npy", "mask.npy") if name not in sample]
+    if missing:
+        raise DataError(f"{where}: has no {' and no '.join(missing)} member (a sample is <key>.image.npy, "
+                        "<key>.mask.npy and <key>.json)")
+    try:
+        image = load_npy(sample["image.npy"], f"{where}, image.npy")
+        mask = load_npy(sample["mask.npy"], f"{where}, mask.npy")
+        check_image_and_mask(image, mask, where)
+    except DatasetError as exc:
+        raise DataError(str(exc)) from None
+    return image, mask
 
 
 def _rank_world() -> tuple[int, int]:
