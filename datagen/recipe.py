@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hrtem_core.config import apply_overrides, config_hash, read_yaml_mapping, validate
+from hrtem_core.config import Origins, apply_overrides, config_hash, read_yaml_mapping, validate
 from hrtem_core.errors import ConfigError
 
 from .distributions import Param, bounds
@@ -320,4 +320,5 @@ def recipe_from_dict(data: dict, overrides=(), source: str = "<dict>") -> Recipe
         data = apply_overrides(data, overrides)
     except ConfigError as exc:
         raise RecipeError(str(exc)) from None
-    return validate(Recipe, data, f"recipe {source}", RecipeError)
+    return validate(Recipe, data, f"recipe {source}", RecipeError,
+                    origins=Origins(f"recipe {source}").add_sets(overrides))

@@ -13,15 +13,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from hrtem_core.config import config_hash, parse_override, read_yaml_mapping, require_unique, set_dotted, validate
+from hrtem_core.config import (Origins, StrictModel, config_hash, parse_override, read_yaml_mapping, require_unique,
+                               set_dotted, validate)
 from hrtem_core.errors import ConfigError
 from mlplatform.config import TrainConfig, config_from_dict
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Spec(StrictModel):
+    """Unknown keys refused, numbers finite and not booleans, booleans only true/false (hrtem_core.config)."""
 
 
 class Subset(_Spec):
@@ -138,16 +139,24 @@ class Experiment:
     def name(self) -> str:
         return self.spec.name
 
-    def config(self, *override_maps: dict[str, Any]) -> TrainConfig:
-        """The base config with the spec's ``set``, the given dotted maps, then the command line's ``--set``."""
+    def config(self, *override_maps: dict[str, Any], where: tuple[str, ...] = (), context: str | None = None
+               ) -> TrainConfig:
+        """The base config with the spec's ``set``, the given dotted maps, then the command line's ``--set``.
+
+        ``where[i]`` says where ``override_maps[i]`` comes from in the definition ("subset a", "finetune"), for
+        errors; ``context`` (e.g. "subset a") is added to the names of keys whose values came from elsewhere."""
         data = copy.deepcopy(self.base)
+        kind = self.spec.kind
+        origins = Origins(f"{kind} {self.source}, base {self.spec.base}", context)
+        labels = ("set", *where, *([None] * len(override_maps)))
         try:
-            for mapping in (self.spec.set, *override_maps):
+            for mapping, label in zip((self.spec.set, *override_maps), labels):
                 for key, value in mapping.items():
                     set_dotted(data, key, copy.deepcopy(value))
+                    origins.add(key, f"{kind} {self.source}, {label}" if label else f"{kind} {self.source}")
         except ValueError as exc:
             raise ConfigError(f"{self.source}: {exc}") from None
-        return config_from_dict(data, self.cli_sets, source=f"{self.source} (base {self.spec.base})")
+        return config_from_dict(data, self.cli_sets, origins=origins)
 
     def _definition(self) -> dict:
         return {"spec": self.spec.model_dump(mode="json"), "base": self.base, "set": self.cli_sets}
@@ -179,9 +188,10 @@ def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
     # resolve every run's config now: a bad value fails before any work
     if kind == "sweep":
         for subset in spec.subsets:
-            exp.config(subset.set)
+            exp.config(subset.set, where=(f"subset {subset.name}",))
             if spec.finetune:
-                exp.config(subset.set, spec.finetune.set)
+                exp.config(subset.set, spec.finetune.set, where=(f"subset {subset.name}", "finetune"),
+                           context=f"subset {subset.name}, fine-tune")
     else:
         exp.config()
     return exp

@@ -42,10 +42,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from hrtem_core.config import show_value
+from hrtem_core.errors import ConfigError
 from mlplatform import mlflow_ui
 from mlplatform.store import resolve_tracking_uri
 from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment
-from mlplatform.train import train
+from mlplatform.train import check_trainer, curate_checked, logged_metrics, train
 
 from . import claims
 from .specs import Experiment, Objective, Param, load_experiment
@@ -88,6 +90,34 @@ def _pruner(exp: Experiment):
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
                                            n_warmup_steps=p.n_warmup_steps)
+
+
+# what curation depends on: a search space that varies one of these is checked trial by trial instead
+_CURATION_KEYS = ("seed", "data.train", "data.val_fraction", "data.max_val_samples", "benchmarks")
+
+
+def _varies(exp: Experiment, key: str) -> bool:
+    """Whether the search space sets ``key``, a section above it or a key inside it."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in exp.spec.search_space)
+
+
+def check_study(exp: Experiment, machine: bool = True) -> None:
+    """What the study's definition implies, checked before the study exists (no trial, no MLflow run): its objective
+    is a metric the runs log, and what the search space leaves fixed — the trainer settings on this machine
+    (``machine``; not when other machines train, e.g. Dask workers), the data (filters that select something, enough
+    structures to split, the crop size within the images) — is usable. InputError naming the key and where its value
+    came from."""
+    config = exp.config()
+    metric, allowed = exp.spec.objective.metric, logged_metrics(config)
+    known = metric in allowed or (_varies(exp, "benchmarks") and metric.startswith("ood/"))
+    if not known:
+        raise ConfigError(f"study {exp.source}: objective.metric: {show_value(metric)}: not a metric the runs log "
+                          f"(benchmarks: {', '.join(b.name for b in config.benchmarks) or 'none'}); allowed: "
+                          f"{', '.join(allowed)}")
+    if machine and not _varies(exp, "trainer"):
+        check_trainer(config)
+    if not any(_varies(exp, key) for key in _CURATION_KEYS):
+        curate_checked(config, crop=not _varies(exp, "data.crop_px"))
 
 
 def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optuna.Study:
@@ -191,7 +221,8 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
     with get_heartbeat_thread(tid, storage):
         try:
             sampled = {key: suggest(trial, key, p) for key, p in spec.search_space.items()}
-            config = exp.config(sampled, {"tracking.run_name": f"{exp.name}-trial{trial.number}"})
+            config = exp.config(sampled, {"tracking.run_name": f"{exp.name}-trial{trial.number}"},
+                                where=(f"search_space (trial {trial.number})", "trial"))
             train(config, tracking_uri=tracking_uri, progress=progress, nest_under=parent,
                   extra_tags={"study": exp.name, "kind": "trial", "trial": str(trial.number)},
                   extra_params={f"trial.{k}": v for k, v in sampled.items()},
@@ -611,6 +642,9 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     ``scheduler``; the summary has ``aligned`` (what align_study changed, at the start and at the end) and
     ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
     exp = load_experiment(path, "study", cli_sets)
+    # before the study exists anywhere: a bad definition leaves no trial and no run (the hardware is the workers' own
+    # when they run on a Dask cluster)
+    check_study(exp, machine=scheduler is None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     n_trials = n_trials or exp.spec.n_trials
     storage = study_storage(storage_arg)

@@ -28,11 +28,13 @@ from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from hrtem_core.config import config_hash
+from hrtem_core.errors import ConfigError
 from mlplatform import mlflow_ui
 from mlplatform.model_format import LEGACY_PRETRAIN_RUN, PRETRAIN_RUN
 from mlplatform.store import resolve_tracking_uri
 from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment, is_insert_race
-from mlplatform.train import train
+from mlplatform.train import check_trainer, curate_checked, train
 
 from . import claims
 from .claims import CLAIMED, DONE, FAILED, PENDING
@@ -64,6 +66,45 @@ def phases_of(exp: Experiment) -> list[str]:
 
 def _experiment_name(exp: Experiment) -> str:
     return exp.config(exp.spec.subsets[0].set).tracking.experiment
+
+
+# -- before anything exists: every subset's configs checked against the data and this machine ----------------------
+
+def subset_config(exp: Experiment, subset, phase: str, *more: dict):
+    """The config of ``subset``'s ``phase`` (before a cell's seed), with errors naming the subset."""
+    where, context = (f"subset {subset.name}",), f"subset {subset.name}"
+    if phase == "finetune":
+        return exp.config(subset.set, exp.spec.finetune.set, *more, where=(*where, "finetune"),
+                          context=f"{context}, fine-tune")
+    return exp.config(subset.set, *more, where=where, context=context)
+
+
+def check_sweep(exp: Experiment, machine: bool = True) -> None:
+    """What every subset's configs imply, checked before the sweep is registered (no claim, no MLflow run): the
+    trainer settings on this machine (``machine``; not when other machines train, e.g. Dask workers), and each
+    subset's data curated once (filters that select something, enough structures to split, crop size within the
+    images, benchmarks and fine-tune data at the pretrain's pixel size). InputError naming the subset, the key and
+    where its value came from."""
+    tried: set[str] = set()
+    curated: dict[str, object] = {}
+    for subset in exp.spec.subsets:
+        pixel = {}
+        for phase in phases_of(exp):
+            config = subset_config(exp, subset, phase)
+            settings = config_hash(config.trainer.model_dump(mode="json"))
+            if machine and settings not in tried:
+                check_trainer(config)
+                tried.add(settings)
+            # the data a phase reads: the same definition is curated once (a fine-tune's data are often shared)
+            data = config_hash({"seed": config.seed, "data": config.data.model_dump(mode="json"),
+                                "benchmarks": [b.model_dump(mode="json") for b in config.benchmarks]})
+            if data not in curated:
+                curated[data] = curate_checked(config)
+            pixel[phase] = curated[data].pixel_size_A
+            if phase == "finetune" and abs(pixel[phase] - pixel["pretrain"]) > 1e-6:
+                raise ConfigError(f"{config.origin('data.train')}: {pixel[phase]} Å pixels: the fine-tune data must "
+                                  f"have the pretrain data's pixel size ({pixel['pretrain']} Å); resample them or "
+                                  "choose other data")
 
 
 # -- opening a sweep: idempotent, safe when many processes start at once -------------------------------------------
@@ -239,8 +280,7 @@ def _run_unit(ctx: SweepContext, exp: Experiment, claim: claims.Claim, cell: Cel
     phase = claim.key.phase
     subset = next(s for s in exp.spec.subsets if s.name == cell.subset)
     per_cell = {"seed": cell.seed, "tracking.subset": cell.subset}
-    config = exp.config(subset.set, exp.spec.finetune.set, per_cell) if phase == "finetune" else \
-        exp.config(subset.set, per_cell)
+    config = subset_config(exp, subset, phase, per_cell)
     tags = {"sweep": exp.name, "kind": "cell", "sweep.subset": cell.subset, "sweep.cell": cell.key,
             "sweep.claim_epoch": str(claim.epoch), "sweep.worker": me}
     with claim:
@@ -315,6 +355,9 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     """Run the sweep to the end with ``workers`` local processes, or with one worker per slot of the Dask cluster
     ``scheduler`` (see :func:`workers.run_on_dask`); the claims make the result the same."""
     exp = load_experiment(path, "sweep", cli_sets)
+    # before the sweep exists anywhere: a bad subset leaves no claim and no run (the hardware is the workers' own
+    # when they run on a Dask cluster: each checks it as it trains)
+    check_sweep(exp, machine=scheduler is None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     ctx = open_sweep(exp, storage_url, tracking_uri)
     if scheduler is not None:

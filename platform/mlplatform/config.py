@@ -1,26 +1,37 @@
 """Training configuration: typed, validated once at load, with ``--set dotted.key=value`` overrides.
 
 A config is YAML. ``load_config(path, overrides)`` returns a :class:`TrainConfig`; every error names the dotted key,
-the value and what is allowed. Inside the platform the config is trusted.
+where its value came from (the file or ``--set``), the value and what is allowed. Numbers are finite and never
+booleans; the trainer's accelerator, devices and precision are values Lightning accepts. Inside the platform the
+config is trusted; what depends on the data or the machine (filters, crop size, the accelerator being there) is
+checked by ``mlplatform.train`` (``check_trainer``, ``curate_checked``) before a run exists, its errors naming keys by :meth:`TrainConfig.origin`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 # the override grammar, YAML reading, error formatting and hashing are shared with recipes and experiments
-from hrtem_core.config import apply_overrides, config_hash, read_yaml_mapping, require_unique, validate
+from hrtem_core.config import (Origins, StrictModel, apply_overrides, config_hash, read_yaml_mapping, require_unique,
+                               validate)
 from hrtem_core.errors import ConfigError
 
-__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "flatten", "require_unique"]
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "load_config", "flatten", "require_unique", "Origins",
+           "ACCELERATORS", "PRECISIONS"]
+
+# Lightning's names (lightning.pytorch.trainer.connectors.accelerator_connector: its registry's cpu, cuda, mps, tpu,
+# plus auto and gpu) and precision values (lightning.fabric.plugins.precision.precision: _PRECISION_INPUT)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Section(StrictModel):
+    """Unknown keys refused, numbers finite and not booleans, booleans only true/false (hrtem_core.config)."""
 
 
 class DatasetRef(_Section):
@@ -117,9 +128,12 @@ class FinetuneConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    accelerator: str = "auto"
+    accelerator: Literal[ACCELERATORS] = "auto"
+    """One of Lightning's: auto, cpu, gpu, cuda, mps, tpu; it must exist on the machine that trains (checked before
+    the run, ``mlplatform.train.check_trainer``)."""
     devices: int | str = "auto"
-    """Devices per node; more than one process in all (devices x num_nodes) trains with DDP."""
+    """Devices per node: a number >= 1, -1 (all), ``auto``, or device indices as text (``"0,1"``); more than one
+    process in all (devices x num_nodes) trains with DDP."""
     strategy: str = "auto"
     """``auto`` (one device, or DDP over several) or ``ddp``. The calling process is rank 0 and owns the tracked run;
     mlplatform starts the other ranks of its node (``mlplatform.train``). Lightning's ``ddp_spawn``/``ddp_fork`` would
@@ -128,8 +142,34 @@ class TrainerConfig(_Section):
     """Nodes of a DDP run: start the same command on each node with ``NODE_RANK``, ``MASTER_ADDR`` and
     ``MASTER_PORT`` set (or under SLURM / torchrun, one process per device)."""
     precision: str = "32-true"
+    """One of Lightning's: 64-true, 32-true, 16-true, 16-mixed, bf16-true, bf16-mixed, transformer-engine(-float16), or
+    the short forms 64, 32, 16, bf16 (numbers are kept as text: ``32`` is ``"32"``)."""
     deterministic: bool = True
     log_every_n_steps: int = Field(default=10, ge=1)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _known_devices(cls, value: Any):
+        allowed = "allowed: a number >= 1, -1 (every device), auto, or device indices as text like \"0,1\""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value >= 1 or value == -1:
+                return value
+            raise ValueError(allowed)
+        if isinstance(value, str):
+            text, parts = value.strip(), [p.strip() for p in value.split(",")]
+            if text in ("auto", "-1") or (text.isdigit() and int(text) >= 1) or \
+                    ("," in text and any(parts) and all(p.isdigit() for p in parts if p)):
+                return value
+        raise ValueError(allowed)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _known_precision(cls, value: Any):
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in PRECISIONS:
+            return str(value)
+        if isinstance(value, str) and value in PRECISIONS:
+            return value
+        raise ValueError(f"allowed: {', '.join(PRECISIONS)}")
 
     @field_validator("strategy")
     @classmethod
@@ -162,10 +202,21 @@ class TrainConfig(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     trainer: TrainerConfig = TrainerConfig()
     tracking: TrackingConfig = TrackingConfig()
+    _origins: Origins | None = PrivateAttr(default=None)
+    """Where each value came from (not part of the config: its hash and resolved form ignore it)."""
 
     @model_validator(mode="after")
     def _unique_benchmarks(self):
         require_unique([b.name for b in self.benchmarks], "benchmarks")
+        return self
+
+    def origin(self, key: str) -> str:
+        """The dotted ``key`` named with where its value came from ("--set data.crop_px", "config a.yaml:
+        data.crop_px"): what an error about the value prints first."""
+        return self._origins.name(key) if self._origins is not None else key
+
+    def with_origins(self, origins: Origins | None) -> "TrainConfig":
+        self._origins = origins
         return self
 
     def resolved(self) -> dict:
@@ -189,8 +240,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_from_dict(data: dict, overrides=(), source: str = "<dict>") -> TrainConfig:
-    return validate(TrainConfig, apply_overrides(data, overrides), f"config {source}")
+def config_from_dict(data: dict, overrides=(), source: str = "<dict>", origins: Origins | None = None
+                     ) -> TrainConfig:
+    """``data`` with the ``--set`` texts ``overrides`` applied, validated. ``origins``: where the values of ``data``
+    came from (default: all from ``config <source>``); the overrides are added to it as ``--set``."""
+    origins = (origins or Origins(f"config {source}")).add_sets(overrides)
+    return validate(TrainConfig, apply_overrides(data, overrides), origins.source, origins=origins) \
+        .with_origins(origins)
 
 
 def load_config(path: str | Path, overrides=()) -> TrainConfig:

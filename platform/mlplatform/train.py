@@ -1,7 +1,9 @@
 """One tracked training run: pretrain from scratch, or fine-tune a tracked model.
 
-Everything that can be checked is checked before the MLflow run exists (config, data, the parent model), so a bad
-input leaves no run behind. Once the run exists, it ends FINISHED, FAILED (with the reason) or KILLED — never RUNNING.
+Everything that can be checked is checked before the MLflow run exists (config, data, the parent model, the trainer
+on this machine: :func:`check_trainer`, :func:`curate_checked`), so a bad input leaves no run behind, and its error
+names the key and where its value came from. Once the run exists, it ends FINISHED, FAILED (with the reason) or
+KILLED — never RUNNING.
 
 Several devices (``trainer.devices``) or nodes (``trainer.num_nodes``) train with Lightning's DDP. The calling process
 is rank 0: it alone creates and writes the tracked run, and it alone runs the caller's callbacks and hooks (a sweep's
@@ -15,6 +17,7 @@ torchrun: one per device) are left to Lightning's detection; there, ranks other 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,13 +34,17 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import (LightningEnvironment, LSFEnvironment, MPIEnvironment,
                                                     SLURMEnvironment, TorchElasticEnvironment)
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
+from hrtem_core.config import show_value
+from hrtem_core.errors import ConfigError, InputError
 from hrtem_core.processes import die_with_parent
 
 from .callbacks import EpochTracking, OODEvaluation, PredictionImages
 from .config import TrainConfig, flatten
+from .curation import CurationError, scan_dataset, select
 from .data import (CuratedData, DataError, SegmentationDataModule, check_eval_shards, curate, read_samples,
                    showcase_records)
 from .model_format import EPOCH_OFFSET, PRETRAIN_RUN, RUN_ID, THRESHOLD
@@ -106,7 +114,7 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
     data = config.resolved()
     data["model"]["preset"] = meta["preset"]
     data["data"]["normalization"] = meta["normalization"]
-    return TrainConfig.model_validate(data)
+    return TrainConfig.model_validate(data).with_origins(config._origins)
 
 
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
@@ -127,13 +135,14 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     if (phase == "finetune") != (init_from is not None):
         raise ValueError("a fine-tune needs --from RUN_ID|MODEL_URI, and only a fine-tune takes one")
     uri = resolve_tracking_uri(tracking_uri)
+    check_trainer(config)  # before the data are read: the settings and this machine's hardware
     network, parent_meta, parent = None, None, None
     if phase == "finetune":
         network, parent_meta = load_model(init_from, tracking_uri=uri)
         config = _adopt_parent(config, parent_meta)
         # the model's metadata names the run that made it, whatever form the reference took (models:/ included)
         parent = parent_meta.get("run_id") or parent_run_id(init_from)
-    curated = curate(config)
+    curated = curate_checked(config)
     if parent_meta is not None and abs(parent_meta["pixel_size_A"] - curated.pixel_size_A) > 1e-6:
         raise DataError(f"the fine-tuning data have {curated.pixel_size_A} Å pixels, the model was trained at "
                         f"{parent_meta['pixel_size_A']} Å: resample the data first")
@@ -169,8 +178,11 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                 for name, records in curated.benchmarks.items()} if n_images else {}
     images = PredictionImages(showcase, ood, tracking, f"{run_name}")
     with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
-        trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir, [tracking, images, *(callbacks or [])],
-                                       progress, ood=ood)
+        try:
+            trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir,
+                                           [tracking, images, *(callbacks or [])], progress, ood=ood)
+        except _TRAINER_REFUSALS as exc:  # before the run exists: an input error naming the setting
+            raise trainer_error(config, exc) from None
         check_eval_shards(curated, trainer.world_size, config.data.num_workers)
         if trainer.global_rank != 0:
             if on_start is not None or commit is not None:
@@ -221,6 +233,162 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
             if checkpoint.best_model_path:
                 run.log_artifact(checkpoint.best_model_path, "checkpoints")
             return run.run_id
+
+
+# ------------------------------------------------------------------------------------------------ checks before a run
+
+
+def _selection_problem(config: TrainConfig, ref, prefix: str, seed: int) -> str | None:
+    """Why the dataset reference at ``prefix`` (``data.train.0``, ``benchmarks.1``) selects nothing, or None."""
+    try:
+        index = scan_dataset(ref.path)
+    except InputError as exc:
+        return f"{config.origin(f'{prefix}.path')}: {show_value(ref.path)}: {exc}"
+    try:
+        select(index, ref.filter, ref.max_samples, ref.max_images_per_structure, seed)
+    except InputError as exc:
+        key, value = (f"{prefix}.filter", ref.filter) if ref.filter else (f"{prefix}.path", ref.path)
+        hint = "; widen the filter, or leave this data out" if "selected none" in str(exc) else ""
+        return f"{config.origin(key)}: {show_value(value)}: {exc}{hint}"
+    return None
+
+
+def _curation_error(config: TrainConfig, exc: InputError) -> InputError:
+    """The error of a curation that failed, naming the key whose value made it fail and where that value came from:
+    a dataset that cannot be read, a filter that selects nothing, or a selection too small to split by structure."""
+    refs = [(f"data.train.{i}", ref, config.seed) for i, ref in enumerate(config.data.train)]
+    refs += [(f"benchmarks.{i}", ref, 0) for i, ref in enumerate(config.benchmarks)]
+    for prefix, ref, seed in refs:
+        problem = _selection_problem(config, ref, prefix, seed)
+        if problem:
+            return CurationError(problem)
+    if "cannot split" in str(exc):
+        filtered = [(i, ref) for i, ref in enumerate(config.data.train) if ref.filter]
+        if len(filtered) == 1:
+            key, value = f"data.train.{filtered[0][0]}.filter", show_value(filtered[0][1].filter)
+        else:
+            key = "data.train"
+            value = " ; ".join(f"{ref.path}: {ref.filter or 'all'}" for ref in config.data.train)
+        return CurationError(f"{config.origin(key)}: {value}: selects too little: {exc}; widen the filter or add "
+                             "data")
+    return exc
+
+
+def _image_size(meta: dict) -> tuple[int, int] | None:
+    """(rows, cols) of a sample's image from its metadata (imaging.shape, or source.shape of an imported one)."""
+    for section in ("imaging", "source"):
+        shape = (meta.get(section) or {}).get("shape")
+        if isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) for n in shape):
+            return shape[0], shape[1]
+    return None
+
+
+def check_crop(config: TrainConfig, curated: CuratedData) -> None:
+    """Training crops of ``data.crop_px`` must fit in every training image (a larger crop would be zero-padded, and
+    the network would learn the padding)."""
+    crop = config.data.crop_px
+    small = Counter((r.dataset_name, size) for r in curated.train
+                    if (size := _image_size(r.meta)) is not None and min(size) < crop)
+    if small:
+        (dataset, (rows, cols)), _ = min(small.items(), key=lambda item: min(item[0][1]))
+        raise DataError(f"{config.origin('data.crop_px')}: {crop}: larger than the training images "
+                        f"({rows} x {cols} px in dataset {dataset}, {sum(small.values())} of the {len(curated.train)} "
+                        f"training samples); set data.crop_px <= {min(rows, cols)}")
+
+
+def curate_checked(config: TrainConfig, crop: bool = True) -> CuratedData:
+    """:func:`mlplatform.data.curate`, with errors that name the key at fault and where its value came from, and
+    (``crop``) the crop size checked against the selected images."""
+    try:
+        curated = curate(config)
+    except InputError as exc:
+        raise _curation_error(config, exc) from None
+    if crop:
+        check_crop(config, curated)
+    return curated
+
+
+def logged_metrics(config: TrainConfig) -> list[str]:
+    """The per-epoch metrics a run of ``config`` logs (mlplatform.module and mlplatform.callbacks), which a study's
+    objective can name."""
+    names = ["train/loss", "train/lr", "val/dice", "val/iou", "val/dice_mean_image"]
+    if config.benchmarks:
+        names += [f"ood/{b.name}/{m}" for b in config.benchmarks for m in ("dice", "iou", "dice_mean_image")]
+        names.append("ood/mean/dice")
+    return names
+
+
+# what Lightning raises for trainer settings it refuses, or a machine without the requested hardware
+_TRAINER_REFUSALS = (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError)
+
+
+@contextmanager
+def _quiet_lightning():
+    """Lightning's info lines ("GPU available: ...") muted while a trainer is only being tried."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _try_trainer(**settings) -> None:
+    plugins = None if _launched_by_cluster() else [_LocalRanks()]
+    with _quiet_lightning():
+        L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  plugins=plugins, **settings)
+
+
+def _available_accelerators() -> list[str]:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    found = []
+    for name in sorted(AcceleratorRegistry.available_accelerators()):
+        try:
+            if AcceleratorRegistry[name]["accelerator"].is_available():
+                found.append(name)
+        except Exception:  # noqa: BLE001  an accelerator whose library is missing is not available
+            pass
+    return found
+
+
+def trainer_error(config: TrainConfig, exc: Exception) -> Exception:
+    """Which trainer setting Lightning refuses on this machine (tried one at a time, in the order Lightning reads
+    them), as a ConfigError naming its key and where its value came from; ``exc`` (what building the trainer
+    raised) itself when every setting is accepted: then it is not the settings' fault."""
+    t = config.trainer
+    steps = [("accelerator", {"accelerator": t.accelerator}), ("devices", {"devices": t.devices}),
+             ("num_nodes", {"num_nodes": t.num_nodes}), ("strategy", {"strategy": t.strategy}),
+             ("precision", {"precision": t.precision})]
+    settings: dict = {}
+    for name, step in steps:
+        settings.update(step)
+        try:
+            _try_trainer(**settings)
+        except _TRAINER_REFUSALS as refused:
+            reason = " ".join(str(refused).split()) or type(refused).__name__
+            if name == "accelerator":
+                why = f" ({reason})" if isinstance(refused, ImportError) else ""
+                reason = (f"not available on this machine{why}; use one that is: "
+                          f"{', '.join(['auto', *_available_accelerators()])}")
+            return ConfigError(f"{config.origin(f'trainer.{name}')}: {show_value(getattr(t, name))}: {reason}")
+    return exc
+
+
+def check_trainer(config: TrainConfig) -> None:
+    """Lightning accepts the trainer settings on this machine (the accelerator exists, the devices are there, the
+    precision is supported), tried by building a trainer (nothing runs); ConfigError naming the key otherwise."""
+    t = config.trainer
+    try:
+        _try_trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                     precision=t.precision)
+    except _TRAINER_REFUSALS as exc:
+        raise trainer_error(config, exc) from None
+
 
 
 # ------------------------------------------------------------------------------------------------ DDP
