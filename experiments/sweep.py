@@ -17,6 +17,7 @@ exits non-zero, naming the units, if any is missing or recorded twice.
 from __future__ import annotations
 
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -391,11 +392,16 @@ def latest_sweep(client: MlflowClient):
     return found[0] if found else None
 
 
+def _metric_key(key: str) -> str:
+    """``key`` with what MLflow refuses in metric names (anything but letters, digits, _ - . space /) as '_'."""
+    return re.sub(r"[^\w\-. /]", "_", key)
+
+
 def finish_parent(ctx: SweepContext, exp: Experiment) -> None:
     """Give the sweep's parent run what a reader of the UI needs: summary metrics (per subset and phase, the mean over
     seeds of each benchmark's final Dice, and the run count), a description with the definition, a table of results
-    linking every recorded run and the comparison view, and the sweep's real duration (cells' first start to last
-    end). Idempotent: it only writes what changed."""
+    linking every recorded run and the comparison view, and the sweep's real duration (registration to the last
+    cell's end). Idempotent: it only writes what changed."""
     client = ctx.client
     recorded = {r["run_id"] for r in claims.unit_rows(ctx.engine, ctx.name) if r["state"] == DONE}
     runs = [r for r in cell_runs(ctx) if r.info.run_id in recorded]
@@ -418,8 +424,8 @@ def finish_parent(ctx: SweepContext, exp: Experiment) -> None:
             values = [m.data.metrics[f"ood/{b}/dice"] for m in members if f"ood/{b}/dice" in m.data.metrics]
             if values:
                 means[b] = sum(values) / len(values)
-                metrics[f"summary/{subset}/{phase}/ood_{b}_dice"] = means[b]
-        metrics[f"summary/{subset}/{phase}/n_runs"] = len(members)
+                metrics[_metric_key(f"summary/{subset}/{phase}/ood_{b}_dice")] = means[b]
+        metrics[_metric_key(f"summary/{subset}/{phase}/n_runs")] = len(members)
         links = ", ".join(mlflow_ui.run_link(exp_id, m.info.run_id, f"s{m.data.tags.get('seed')}") for m in members)
         rows.append(f"| {subset} | {phase} | {len(members)} | "
                     + " | ".join(f"{means[b]:.3f}" if b in means else "" for b in benchmarks) + f" | {links} |")
