@@ -43,7 +43,7 @@ def _config(datasets, **over):
 
 
 def test_strategy_and_num_nodes_are_validated(datasets):
-    with pytest.raises(ConfigError, match=r"trainer\.strategy: allowed: auto, ddp"):
+    with pytest.raises(ConfigError, match=r"trainer\.strategy: 'ddp_spawn': allowed: auto, ddp"):
         _config(datasets, **{"trainer.strategy": "ddp_spawn"})
     with pytest.raises(ConfigError, match=r"trainer\.num_nodes"):
         _config(datasets, **{"trainer.num_nodes": 0})
