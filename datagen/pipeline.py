@@ -276,8 +276,9 @@ def make_shard_on_dask(out: str, recipe_json: str, seed: int, dataset: str, cach
 def _run_on_dask(client, out: Path, plan: Plan, todo: list[int], recipe: Recipe, seed: int, dataset: str,
                  cache_dir: Path, keep_waves: bool, records: dict, bar) -> None:
     """The shards in ``todo`` as Dask tasks on ``client``'s cluster. A shard is a pure function of (recipe, seed,
-    index) written atomically: a worker lost mid-shard costs that shard, which the scheduler gives to another worker;
-    a shard made twice (a stalled worker that comes back) is the same bytes."""
+    index) written atomically: a worker lost mid-shard costs that shard, which the scheduler gives to another worker.
+    A shard made twice has the same samples but not the same bytes (provenance timings): the manifest takes each
+    shard's record from disk once the cluster has stopped working on the dataset."""
     from distributed import as_completed
 
     from hrtem_core.cluster import check_workers
@@ -288,9 +289,48 @@ def _run_on_dask(client, out: Path, plan: Plan, todo: list[int], recipe: Recipe,
     futures = {client.submit(make_shard_on_dask, str(out.absolute()), recipe_json, seed, dataset,
                              str(cache_dir.absolute()), plan, s, keep_waves, key=f"hrtem-shard-{token}-{s:06d}",
                              retries=DASK_RETRIES): s for s in todo}
+    keys = [f.key for f in futures]
     for future in as_completed(futures, loop=client.loop):
-        records[futures[future]] = record = future.result()
-        bar.update(record["n_samples"])
+        bar.update(future.result()["n_samples"])
+    # A finished task's result lives on its worker: if that worker dies while a future still holds the key, the
+    # scheduler computes the shard again, and the second execution writes the file again (the same samples, other
+    # provenance timings: other bytes) after its first record was returned here. So the records are not taken from
+    # the futures: the futures are released (nothing more is recomputed), executions still running are waited for,
+    # and each shard's record is read from disk, where the execution that wrote the file last wrote its record last.
+    del future, futures
+    _wait_until_idle(client, keys)
+    on_disk = _finished_records(out, plan)
+    lost = [SHARD_PATTERN.format(s) for s in todo if s not in on_disk]
+    if lost:
+        raise RuntimeError(f"{out}: {', '.join(lost)} changed while the cluster finished (a worker was lost and the "
+                           "shard computed again): run the same command again; it resumes and remakes only these")
+    records.update({s: on_disk[s] for s in todo})
+
+
+DASK_SETTLE_S = 300  # how long generate waits for tasks of its own that the cluster is still running after the end
+
+
+def _wait_until_idle(client, keys: list[str]) -> None:
+    """Wait until neither the scheduler nor any worker holds one of ``keys`` (a released task that a worker is
+    still executing runs to its end: it may still write its shard)."""
+    wanted = set(keys)
+
+    def on_workers(dask_worker, keys=()):
+        return [k for k in keys if k in dask_worker.state.tasks]
+
+    def on_scheduler(dask_scheduler, keys=()):
+        return [k for k in keys if k in dask_scheduler.tasks]
+
+    deadline = time.monotonic() + DASK_SETTLE_S
+    while True:
+        busy = set(client.run_on_scheduler(on_scheduler, keys=list(wanted)))
+        busy.update(k for held in client.run(on_workers, keys=list(wanted)).values() for k in held)
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the cluster still runs {len(busy)} shard task(s) of this dataset {DASK_SETTLE_S} s "
+                               "after the end: run the same command again once it is idle")
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------------- driver side
