@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import math
 import sys
-import time
 import traceback
 import warnings
 from collections import Counter
@@ -37,7 +36,6 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
@@ -623,17 +621,9 @@ def finish_parent(study: optuna.Study, exp: Experiment, tracking_uri: str, stora
         f"`python -m experiments dashboard --study {exp.name}{storage}` (optuna-dashboard); the report (when "
         f"written: `python -m experiments report --study {exp.name}`) is under Artifacts, `report/index.html`.",
     ])
-    if parent.data.tags.get(mlflow_ui.NOTE_TAG) != note:
-        client.set_tag(parent.info.run_id, mlflow_ui.NOTE_TAG, note)
-    now = int(time.time() * 1000)
-    changed = [Metric(k, v, now, 0) for k, v in metrics.items() if parent.data.metrics.get(k) != v]
-    if changed:
-        client.log_batch(parent.info.run_id, metrics=changed)
     runs = [client.get_run(t.user_attrs["mlflow_run"]).info for t in trials if t.user_attrs.get("mlflow_run")
             and t.state.is_finished()]
-    end = max((r.end_time or 0 for r in runs), default=0)
-    if end and parent.info.end_time != end:
-        client.set_terminated(parent.info.run_id, "FINISHED", end_time=end)
+    mlflow_ui.update_parent(client, parent, note, metrics, max((r.end_time or 0 for r in runs), default=0))
 
 
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,

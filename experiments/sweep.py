@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 
 from hrtem_core.config import config_hash
 from hrtem_core.errors import ConfigError
@@ -448,15 +447,8 @@ def finish_parent(ctx: SweepContext, exp: Experiment) -> None:
         "|" + "---|" * (len(benchmarks) + 4),
         *rows,
     ])
-    if parent.data.tags.get(mlflow_ui.NOTE_TAG) != note:
-        client.set_tag(ctx.parent, mlflow_ui.NOTE_TAG, note)
-    changed = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if parent.data.metrics.get(k) != float(v)]
-    if changed:
-        now = int(time.time() * 1000)
-        client.log_batch(ctx.parent, metrics=[Metric(m.key, m.value, now, 0) for m in changed])
-    end = max((r.info.end_time or 0) for r in runs)  # the parent started when the sweep was registered
-    if end and parent.info.end_time != end:
-        client.set_terminated(ctx.parent, "FINISHED", end_time=end)
+    # the parent started when the sweep was registered; it ends with the last recorded cell
+    mlflow_ui.update_parent(client, parent, note, metrics, max((r.info.end_time or 0) for r in runs))
 
 
 def record_problems(summary: dict) -> list[str]:

@@ -30,6 +30,24 @@ def describe_experiment(client: MlflowClient, experiment_id: str, description: s
         client.set_experiment_tag(experiment_id, NOTE_TAG, description)
 
 
+def update_parent(client: MlflowClient, parent, note: str, metrics: dict[str, float], end_time: int) -> None:
+    """Bring a sweep's or study's parent run (``parent``: its mlflow Run as read) to ``note``, ``metrics`` (step 0)
+    and ``end_time`` (ms; 0 = unknown), writing only what differs: run twice, it logs no second metric point."""
+    import time
+
+    from mlflow.entities import Metric
+
+    run_id = parent.info.run_id
+    if parent.data.tags.get(NOTE_TAG) != note:
+        client.set_tag(run_id, NOTE_TAG, note)
+    now = int(time.time() * 1000)
+    changed = [Metric(k, float(v), now, 0) for k, v in metrics.items() if parent.data.metrics.get(k) != float(v)]
+    if changed:
+        client.log_batch(run_id, metrics=changed)
+    if end_time and parent.info.end_time != end_time:
+        client.set_terminated(run_id, "FINISHED", end_time=end_time)
+
+
 def comparison_view(search_filter: str, group_by_tags: list[str], order_by: str = "attributes.start_time") -> dict:
     """A runs view: the runs matching ``search_filter``, grouped by the tags ``group_by_tags`` (mean of each group in
     the charts; no groups when empty), all groups expanded."""
@@ -78,5 +96,5 @@ def run_link(experiment_id: str, run_id: str, text: str) -> str:
     return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
 
 
-__all__ = ["describe_experiment", "comparison_view", "save_view", "view_url", "view_link", "run_link", "NOTE_TAG",
+__all__ = ["describe_experiment", "update_parent", "comparison_view", "save_view", "view_url", "view_link", "run_link", "NOTE_TAG",
            "DEFAULT_UI"]
