@@ -3,6 +3,13 @@
 Work is split into shards of whole structures (so the imaging variants of one structure are simulated once and stay
 together). A shard is a pure function of (recipe, seed, shard index): any process can make any shard, a finished
 shard is never redone, and a half-written one (``*.partial``) is discarded and redone on resume.
+
+Local workers are plain spawned processes (:func:`_run_on_processes`), each with a pipe to the driver: nothing of a
+run outlives it, however it ends. A worker dies with the driver (PDEATHSIG, also if the driver is SIGKILLed) and
+ignores Ctrl-C and SIGTERM, which the driver handles: it kills its workers, deletes what they left half-written, and
+then exits as the signal says (``python -m datagen``: 130 for Ctrl-C, 143 for SIGTERM). No server process, no
+semaphore, no temporary folder is involved (multiprocessing's resource tracker, which every spawn starts, exits by
+itself once the driver and its workers are gone); a rerun into the same folder resumes.
 """
 
 from __future__ import annotations
@@ -10,12 +17,14 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import pickle
 import shutil
 import socket
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +36,7 @@ from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, WAVE_SH
                                 check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
                                 utc_now, write_atomic, write_manifest, write_shard)
 from hrtem_core.locations import is_url, join, upload
-from hrtem_core.processes import die_with_parent
+from hrtem_core.processes import StopSignals, become_worker
 
 from . import image as image_stage
 from . import mask as mask_stage
@@ -214,22 +223,41 @@ class SampleFactory:
 
 # ------------------------------------------------------------------------------------------------- worker side
 
-_FACTORY: SampleFactory | None = None
-_TICKS = None
+FAULT_HOLD_ENV = "HRTEM_FAULT_HOLD"
 
 
-def _init_worker(recipe_json: str, seed: int, dataset: str, cache_dir: str, ticks) -> None:
-    global _FACTORY, _TICKS
-    die_with_parent()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _FACTORY = SampleFactory(recipe_from_dict(json.loads(recipe_json)), seed, dataset, Path(cache_dir))
-    _TICKS = ticks
+def _fault_hold(point: str) -> None:
+    """Fault injection for tests only (tests/test_faults_generation.py); nothing happens unless $HRTEM_FAULT_HOLD
+    is set, which nothing but those tests does.
+
+    With ``HRTEM_FAULT_HOLD=<point>:<file>``, the first process (driver or worker) to reach ``point`` creates
+    ``<file>`` (holding its pid) and waits there until it is killed, so that a test kills a run at an exact point:
+    ``start`` (substrate bank built, no shard begun), ``partial`` (a shard's tar written under its ``.partial`` name,
+    not yet renamed), ``unrecorded`` (a shard's tar in place, its progress record not yet written), ``manifest``
+    (every shard recorded, no manifest yet), ``cleanup`` (the manifest written, the progress folder still there)."""
+    spec = os.environ.get(FAULT_HOLD_ENV)
+    if not spec:
+        return
+    wanted, _, marker = spec.partition(":")
+    if wanted != point:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another process holds there already
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    while True:
+        time.sleep(3600)
 
 
-def make_shard(out: Path, plan: Plan, shard: int, keep_waves: bool, factory: SampleFactory | None = None,
-               tick=None) -> dict:
-    factory = factory or _FACTORY
-    tick = tick or (_TICKS.put if _TICKS is not None else (lambda n: None))
+def _then_hold(items, point: str):
+    yield from items
+    _fault_hold(point)
+
+
+def make_shard(out: Path, plan: Plan, shard: int, keep_waves: bool, factory: SampleFactory, tick=None) -> dict:
+    tick = tick or (lambda n: None)
     samples, hashes, waves = [], [], []
     timing = {"structure": 0.0, "simulate": 0.0, "image": 0.0, "mask": 0.0}
     for s in plan.structures_of(shard):
@@ -243,7 +271,8 @@ def make_shard(out: Path, plan: Plan, shard: int, keep_waves: bool, factory: Sam
             waves.append(encode_sample(*wave_record))
         tick(len(records))
     name = SHARD_PATTERN.format(shard)
-    write_shard(out / name, samples)
+    write_shard(out / name, _then_hold(samples, "partial"))
+    _fault_hold("unrecorded")
     record = {"name": name, "sha256": file_sha256(out / name), "n_samples": len(samples), "samples": hashes,
               "timing_s": timing}
     if keep_waves:
@@ -255,8 +284,39 @@ def make_shard(out: Path, plan: Plan, shard: int, keep_waves: bool, factory: Sam
     return record
 
 
-def _run_shard_in_worker(out: str, plan: Plan, shard: int, keep_waves: bool) -> dict:
-    return make_shard(Path(out), plan, shard, keep_waves)
+def _shard_worker(conn, parent_pid: int, recipe_json: str, seed: int, dataset: str, cache_dir: str, out: str,
+                  plan: Plan, keep_waves: bool) -> None:
+    """A local worker process (:func:`_run_on_processes`): makes the shards whose indices the driver sends over
+    ``conn`` until it sends None; sends ("tick", n) after each structure, ("done", record) after each shard, and
+    ("error", pickled exception, traceback) if anything fails (then ends)."""
+    become_worker(parent_pid)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        factory = SampleFactory(recipe_from_dict(json.loads(recipe_json)), seed, dataset, Path(cache_dir))
+        while (shard := conn.recv()) is not None:
+            record = make_shard(Path(out), plan, shard, keep_waves, factory, tick=lambda n: conn.send(("tick", n)))
+            conn.send(("done", record))
+    except EOFError:  # the driver is gone
+        return
+    except BaseException as exc:
+        conn.send(("error", _portable(exc), traceback.format_exc()))
+
+
+def _portable(exc: BaseException) -> bytes:
+    """``exc`` pickled, or a RuntimeError with its type and message where it does not survive a round trip."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+class WorkerTraceback(Exception):
+    """The traceback of an error raised in a worker process (the cause of the error re-raised in the driver)."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}"
 
 
 _DASK_STATE = threading.local()  # per task thread of a Dask worker: the factory of the dataset it last worked on
@@ -354,6 +414,117 @@ def _finished_records(out: Path, plan: Plan) -> dict[int, dict]:
     return done
 
 
+def _remove_partials(out: Path, pids) -> None:
+    """Delete the half-written files (``<name>.<pid>.partial``, :mod:`hrtem_core.files`) that the processes ``pids``
+    (stopped: this run's) left anywhere in ``out``."""
+    ends = tuple(f".{pid}.partial" for pid in pids)
+    if ends and out.is_dir():
+        for path in list(out.rglob("*.partial")):
+            if path.name.endswith(ends):
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: object  # the driver's end of the worker's pipe
+    shard: int | None = None  # the shard it is making
+
+
+WORKER_EXIT_S = 60  # how long a worker that was told to stop may take to exit before it is killed
+
+
+def _run_on_processes(out: Path, plan: Plan, todo: list[int], workers: int, recipe: Recipe, seed: int,
+                      dataset: str, cache_dir: Path, keep_waves: bool, records: dict, bar) -> None:
+    """The shards in ``todo`` on ``workers`` spawned processes, one shard at a time each, over a pipe per worker.
+
+    Plain processes and pipes, not a pool, so that nothing outlives this call however it ends: no server process (a
+    Manager's outlives a killed driver), no semaphore (a pool's queues leave theirs in /dev/shm when the driver dies
+    without its exit handlers), and a worker that dies is seen at once (its pipe ends). Workers die with the driver
+    (PDEATHSIG) and leave Ctrl-C and SIGTERM to it (:func:`hrtem_core.processes.become_worker`). On such a signal,
+    or if a worker fails or dies, the workers are killed at once (the shards they were making are redone on resume),
+    their half-written files deleted, and only then is the error raised or the signal delivered."""
+    ctx = mp.get_context("spawn")
+    recipe_json = canonical_json(recipe.resolved())
+    queue = list(reversed(todo))  # popped from the end: lowest index first
+    team: list[_Worker] = []
+    finished = False
+    with StopSignals() as stop:
+        try:
+            with stop.blocked():  # the workers start with both blocked, until they ignore them
+                for _ in range(min(workers, len(todo))):
+                    here, there = ctx.Pipe()
+                    proc = ctx.Process(target=_shard_worker, name=f"generate-worker-{len(team)}",
+                                       args=(there, os.getpid(), recipe_json, seed, dataset, str(cache_dir), str(out),
+                                             plan, keep_waves))
+                    try:
+                        proc.start()
+                    except BaseException:
+                        here.close()
+                        raise
+                    finally:
+                        there.close()  # the worker's end is the worker's: its death ends the pipe
+                    team.append(_Worker(proc, here))
+            busy = {w.conn: w for w in team}
+            for w in team:
+                _next_shard(w, queue, busy)
+            while busy and not stop.received:
+                for conn in multiprocessing.connection.wait([*busy, stop]):
+                    if conn is stop:
+                        break
+                    w = busy[conn]
+                    try:
+                        kind, *payload = conn.recv()
+                    except (EOFError, OSError):
+                        raise _worker_died(w) from None
+                    if kind == "tick":
+                        bar.update(payload[0])
+                    elif kind == "done":
+                        records[w.shard] = payload[0]
+                        _next_shard(w, queue, busy)
+                    else:
+                        exc = pickle.loads(payload[0])
+                        raise exc from WorkerTraceback(payload[1])
+            finished = not busy
+        finally:
+            if not finished:
+                for w in team:
+                    w.process.kill()
+            for w in team:
+                w.process.join(WORKER_EXIT_S)
+                if w.process.exitcode is None:  # told to stop, but still there
+                    w.process.kill()
+                    w.process.join()
+                w.conn.close()
+            if not finished:
+                _remove_partials(out, [w.process.pid for w in team if w.process.pid is not None])
+
+
+def _next_shard(w: _Worker, queue: list[int], busy: dict) -> None:
+    """Give worker ``w`` the next shard of ``queue``, or tell it to stop (and stop waiting for it) if none is left."""
+    w.shard = queue.pop() if queue else None
+    try:
+        w.conn.send(w.shard)
+    except OSError:
+        raise _worker_died(w) from None
+    if w.shard is None:
+        busy.pop(w.conn)
+
+
+def _worker_died(w: _Worker) -> RuntimeError:
+    w.process.join(WORKER_EXIT_S)
+    doing = f"while making {SHARD_PATTERN.format(w.shard)}" if w.shard is not None else "before its first shard"
+    return RuntimeError(f"worker process {w.process.pid} ended {doing} (exit code {w.process.exitcode}, see its "
+                        "output above); run the same command again to resume")
+
+
 STAGING_ENV = "HRTEM_STAGING_DIR"
 
 
@@ -397,6 +568,8 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     ident = _run_identity(recipe, seed, n, keep_waves, dataset)
     state, manifest = check_output(out, ident, progress_file=out / PROGRESS_DIR / "run.json")
     if state == "done":
+        if (out / PROGRESS_DIR).exists():  # left by a run killed after it wrote the manifest
+            shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
         return manifest
     # before anything is written: a cluster that cannot take the work leaves no folder behind
     client = connect(scheduler) if scheduler is not None else None
@@ -406,8 +579,8 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
         progress_dir = out / PROGRESS_DIR
         progress_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(progress_dir / "run.json", json.dumps(ident).encode())
-        for stale in out.rglob("*.partial"):  # shards that were being written when the last run died
-            stale.unlink()
+        for stale in list(out.rglob("*.partial")):  # what was being written when the last run died
+            _remove(stale)
         records = _finished_records(out, plan)
         todo = [s for s in range(plan.n_shards) if s not in records]
         cache_dir = progress_dir / "substrate"
@@ -420,6 +593,7 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
         if todo:
             # the substrate bank is built once, here, before workers start; they read it from the cache
             prepare_substrate(recipe, seed, cache_dir)
+            _fault_hold("start")
         if scheduler is not None and todo:
             _run_on_dask(client, out, plan, todo, recipe, seed, dataset, cache_dir, keep_waves, records, bar)
         elif workers == 1 or len(todo) <= 1:
@@ -427,20 +601,10 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
             for shard in todo:
                 records[shard] = make_shard(out, plan, shard, keep_waves, factory, tick=bar.update)
         else:
-            ctx = mp.get_context("spawn")
-            ticks = ctx.Manager().Queue()
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                     initargs=(canonical_json(recipe.resolved()), seed, dataset, str(cache_dir),
-                                               ticks)) as pool:
-                pending = {pool.submit(_run_shard_in_worker, str(out), plan, s, keep_waves): s for s in todo}
-                while pending:
-                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    while not ticks.empty():
-                        bar.update(ticks.get())
-                    for fut in finished:
-                        records[pending.pop(fut)] = fut.result()
-                while not ticks.empty():
-                    bar.update(ticks.get())
+            _run_on_processes(out, plan, todo, workers, recipe, seed, dataset, cache_dir, keep_waves, records, bar)
+    except BaseException:
+        _remove_partials(out, [os.getpid()])  # what this process was writing (its workers' are gone already)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -457,6 +621,8 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
         imaging_conditions_per_structure=plan.variants,
         wave_shards=[rec["wave_shard"] for rec in shards if "wave_shard" in rec],
         timing_s={"per_sample_by_stage": {k: v / n_done for k, v in timing.items()}, "this_run_wall": elapsed})
+    _fault_hold("manifest")
     write_manifest(out, manifest)
+    _fault_hold("cleanup")
     shutil.rmtree(progress_dir, ignore_errors=True)
     return manifest
