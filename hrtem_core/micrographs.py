@@ -7,10 +7,19 @@ Colour: a detector records one channel, so a colour file is accepted only when i
 RGBA whose colour channels are equal and whose alpha is constant); a false-colour rendering is refused, because
 any conversion to one channel would invent intensities the detector never recorded. Palette PNGs are expanded
 (indices are not values).
+
+Size. A file's header says how many pixels it holds before any pixel is decoded, and a few kilobytes of compressed
+zeros (or a .npy header alone) can claim billions: every reader checks the header against :data:`MAX_PIXELS` per image
+(page) and :data:`MAX_FILE_PIXELS` per file before it decodes or allocates anything, and refuses a larger file with an
+InputError naming the file, its size and the limit. A damaged file (truncated, or not what its suffix says) is an
+InputError naming the file too; nothing here unpickles (.npy object arrays are refused).
 """
 
 from __future__ import annotations
 
+import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +27,102 @@ import numpy as np
 from .errors import InputError
 
 SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+
+# the most pixels one image (one page of a stack) may have: 2**27, e.g. 11585 x 11585, above the largest detector
+# frames (K3 super-resolution: 11520 x 8184); as float32 that is 512 MiB, and prediction resamples it in float64.
+# It lies below Pillow's own refusal (2 * Image.MAX_IMAGE_PIXELS), so one limit, this one, applies to every format.
+MAX_PIXELS = 2**27
+# the most pixels of all pages of one file together (a stack is read whole): 2**30, 4 GiB as float32
+MAX_FILE_PIXELS = 2**30
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_size(name: str, shape: tuple[int, ...], n_pages: int = 1, total: int | None = None) -> None:
+    """InputError unless images of ``shape`` ([H, W, ...] as a header states it) are within :data:`MAX_PIXELS`, and
+    the file's ``total`` pixels (default: ``n_pages`` such images) within :data:`MAX_FILE_PIXELS`."""
+    h, w = int(shape[0]), int(shape[1])
+    if h * w > MAX_PIXELS:
+        raise InputError(f"{name}: image of {h} x {w} pixels ({h * w:,}): more than the {MAX_PIXELS:,} pixels an "
+                         "image may have (hrtem_core.micrographs.MAX_PIXELS); refused before decoding it (a "
+                         "decompression bomb, or not a micrograph): give a smaller image or crop it into tiles")
+    total = n_pages * h * w if total is None else total
+    if total > MAX_FILE_PIXELS:
+        raise InputError(f"{name}: stack of {n_pages} pages ({total:,} pixels in all): more than the "
+                         f"{MAX_FILE_PIXELS:,} pixels a file may hold (hrtem_core.micrographs.MAX_FILE_PIXELS); "
+                         "refused before decoding it: split the stack into several files")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n")[0].split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _read_npy(path: Path, name: str) -> np.ndarray:
+    """A .npy array, its header (shape, dtype) checked before any data are read; nothing unpickled."""
+    from numpy.lib import format as npformat
+
+    with open(path, "rb") as fh:
+        try:
+            version = npformat.read_magic(fh)
+        except ValueError:
+            raise InputError(f"{name}: not a .npy file (no NumPy header); give an array saved with numpy.save") \
+                from None
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = npformat.read_array_header_2_0(fh)
+        else:  # 3.0 exists only for structured arrays with non-Latin-1 field names, never a micrograph
+            raise InputError(f"{name}: .npy format version {version[0]}.{version[1]}: only 1.0 and 2.0 (plain "
+                             "numeric arrays) are read")
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise InputError(f"{name}: unsupported value type {dtype} (Python objects and structured, complex or "
+                             "text arrays are refused); give a numeric array")
+        if len(shape) not in (2, 3):
+            raise InputError(f"{name}: a .npy must be 2-D [H, W] or a 3-D stack [N, H, W], got shape {shape}")
+        if min(shape) < 0:
+            raise InputError(f"{name}: unreadable: corrupt .npy header (shape {shape}); write it again")
+        if 0 in shape:
+            raise InputError(f"{name}: empty image (shape {shape})")
+        check_size(name, shape[-2:], 1 if len(shape) == 2 else shape[0])
+        data_bytes = math.prod(shape) * dtype.itemsize
+        held = path.stat().st_size - fh.tell()
+        if held < data_bytes:
+            raise InputError(f"{name}: truncated: its header promises {shape} {dtype} ({data_bytes:,} bytes of data), "
+                             f"the file holds {held:,}; write it again")
+        fh.seek(0)
+        return npformat.read_array(fh, allow_pickle=False)
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from a PNG's IHDR chunk, without decoding anything; None if the file does not start like a PNG."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) == 24 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return h, w
+    return None
+
+
+def _read_png(path: Path, name: str) -> np.ndarray:
+    """A PNG's pixels, its size (from the header: Image.open decodes nothing) checked before they are decoded."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit applies, checked below
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:  # Pillow's own limit (above ours, unless lowered): ours speaks
+            size = _png_size(path)
+            if size is not None:
+                check_size(name, size)
+            raise
+    with im:
+        check_size(name, (im.size[1], im.size[0]))
+        if getattr(im, "n_frames", 1) > 1:
+            raise InputError(f"{name}: animated PNG ({im.n_frames} frames); give one image per file or a TIFF stack")
+        im.load()  # decodes: a truncated or corrupt file fails here
+        im = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette indices are not the values
+        return np.asarray(im)
 
 
 def to_gray(a: np.ndarray, name: str) -> np.ndarray:
@@ -41,26 +146,17 @@ def read_pages(path: Path, name: str | None = None) -> tuple[list[np.ndarray], s
     # readers raise anything from struct.error to NotImplementedError on a damaged or exotic file: all mean the same
     try:
         if suffix == ".npy":
-            a = np.load(path, allow_pickle=False)
-            if a.ndim not in (2, 3):
-                raise InputError(f"{name}: a .npy must be 2-D [H, W] or a 3-D stack [N, H, W], got shape {a.shape}")
+            a = _read_npy(path, name)
             return ([a] if a.ndim == 2 else list(a)), a.dtype.name, a.ndim == 3
         if suffix == ".png":
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if getattr(im, "n_frames", 1) > 1:
-                    raise InputError(f"{name}: animated PNG ({im.n_frames} frames); give one image per file or a "
-                                     "TIFF stack")
-                im = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette indices are not the values
-                a = np.asarray(im)
+            a = _read_png(path, name)
             return [a], a.dtype.name, False
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
             pages = [p for p in tif.pages if not p.is_reduced]  # skip thumbnails and pyramid levels
-            out = []
-            for i, page in enumerate(pages):
+            layouts = []
+            for i, page in enumerate(pages):  # every page's header first: nothing is decoded before all are checked
                 where = f"{name} page {i}" if len(pages) > 1 else name
                 sep, depth, h, w, contig = page.shaped
                 rgb = page.photometric == tifffile.PHOTOMETRIC.RGB
@@ -68,15 +164,21 @@ def read_pages(path: Path, name: str | None = None) -> tuple[list[np.ndarray], s
                 if depth != 1 or not (rgb or (gray and page.samplesperpixel == 1)):
                     raise InputError(f"{where}: unsupported TIFF layout (photometric {page.photometric.name}, "
                                      f"{page.samplesperpixel} samples per pixel, depth {depth}); give gray pages")
-                a = np.moveaxis(page.asarray().reshape(page.shaped)[:, 0], 0, -1).reshape(h, w, sep * contig)
-                out.append(a if rgb else a[..., 0])
-            if not out:
+                check_size(where, (h, w))
+                layouts.append((page, rgb, h, w, sep * contig))
+            if not layouts:
                 raise InputError(f"{name}: the TIFF holds no image")
+            check_size(name, (1, 1), len(layouts), total=sum(h * w for _, _, h, w, _ in layouts))
+            out = []
+            for page, rgb, h, w, channels in layouts:
+                a = np.moveaxis(page.asarray().reshape(page.shaped)[:, 0], 0, -1).reshape(h, w, channels)
+                out.append(a if rgb else a[..., 0])
             return out, out[0].dtype.name, len(out) > 1
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{name}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"{name}: unreadable: truncated, corrupt or not a {suffix[1:].upper()} file "
+                         f"({_first_line(exc)}); write it again") from None
 
 
 def as_plane(a: np.ndarray, name: str) -> np.ndarray:

@@ -10,6 +10,14 @@ linear interpolation (``scipy.ndimage.zoom(order=1)``) would do when shrinking. 
 the mirrored image, so real, non-periodic micrographs do not ring at their edges. The probability map goes back to
 the input grid by bilinear interpolation: it is smooth, and linear interpolation cannot leave [0, 1] as Fourier
 interpolation of a sharp map would. Both use the pixel-centred convention (the two grids cover the same field).
+
+Nothing half-done. Everything is checked before the first prediction: the output folder (``--out``: a folder, new or
+existing, never a file), the model (its files, see ``serving``), every input file (read whole: readable, gray, finite,
+within ``hrtem_core.micrographs.MAX_PIXELS``, also once resampled to the model's pixel size) and the output names. All
+bad inputs are reported at once, and then nothing is written. The outputs are written into a staging folder
+(``hrtem_core.files.staged_folder``) and appear only once all are complete: a new ``--out`` by one rename; in an
+existing folder they are added (same-named outputs of an earlier prediction replaced). A failure on the way (a full
+disk, Ctrl-C) leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import torch.nn.functional as F
 from scipy.fft import dctn, idctn
 
 from hrtem_core.errors import InputError
-from hrtem_core.files import atomic_writer
-from hrtem_core.micrographs import SUFFIXES, read_images
+from hrtem_core.files import atomic_writer, check_output_folder, staged_folder
+from hrtem_core.micrographs import MAX_PIXELS, SUFFIXES, read_images
 from mlplatform.model_format import THRESHOLD
 from mlplatform.serving import load_model
 from mlplatform.transforms import normalize
@@ -88,11 +96,60 @@ def list_inputs(input_path: str | Path) -> list[Path]:
     return files
 
 
+def _output_names(files: list[Path]) -> list[str]:
+    """The output stem of each input file: its stem, with its suffix when two inputs share one (a.npy and a.png)."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}" for f in files]
+
+
+def _report(problems: list[str], n_files: int) -> None:
+    if len(problems) == 1 and n_files == 1:
+        raise InputError(problems[0])
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise InputError(f"{len(problems)} of {n_files} micrograph file(s) cannot be used, nothing was written: "
+                         + "; ".join(problems[:5]) + more)
+
+
+def check_inputs(files: list[Path]) -> list[tuple[Path, str, tuple[int, int]]]:
+    """Read every file whole (nothing is kept): (file, where, shape) of every image, else InputError listing every
+    problem (unreadable, not gray, not finite, too large, two inputs writing the same outputs)."""
+    problems, names, images = [], {}, []
+    for file, stem in zip(files, _output_names(files)):
+        try:
+            for page, image in read_images(file):
+                where = str(file) if page is None else f"{file} page {page}"
+                name = stem if page is None else f"{stem}_p{page:03d}"
+                if name in names:
+                    raise InputError(f"{where}: its outputs {name}_* would overwrite those of {names[name]}; rename "
+                                     "one of them")
+                names[name] = where
+                images.append((file, where, image.shape))
+        except InputError as exc:
+            problems.append(str(exc))
+    _report(problems, len(files))
+    return images
+
+
+def check_grids(images: list[tuple[Path, str, tuple[int, int]]], pixel_size_A: float | None,
+                model_pixel_size_A: float) -> None:
+    """InputError unless every image, resampled to the model's pixel size, stays within MAX_PIXELS."""
+    problems = {}
+    for file, where, shape in images:
+        grid = model_grid(shape, pixel_size_A, model_pixel_size_A)
+        if grid[0] * grid[1] > MAX_PIXELS and file not in problems:
+            problems[file] = (f"{where}: {shape[0]} x {shape[1]} pixels of {pixel_size_A} Å become {grid[0]} x "
+                              f"{grid[1]} at the model's {model_pixel_size_A} Å, more than {MAX_PIXELS:,} pixels: "
+                              "check --pixel-size")
+    _report(list(problems.values()), len({file for file, _, _ in images}))
+
+
 def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pixel_size_A: float | None,
                  tracking_uri: str | None = None, threshold: float | None = None) -> list[dict]:
-    """Segment every micrograph in ``input_path``; write <stem>_mask.png, <stem>_mask.npy, <stem>_prob.npy.
+    """Segment every micrograph in ``input_path``; write <stem>_mask.png, <stem>_mask.npy, <stem>_prob.npy into
+    ``out_dir`` (all of them, or, on any error, nothing: see the module docstring).
 
-    Returns one record per image (per page of a multi-page TIFF).
+    Returns one record per image (per page of a multi-page TIFF); its paths are where the outputs end up.
     """
     from PIL import Image
 
@@ -100,39 +157,38 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
         raise InputError(f"pixel_size_A={pixel_size_A}: must be a positive number of Å")
     if threshold is not None and not 0 < threshold < 1:
         raise InputError(f"threshold={threshold}: must lie strictly between 0 and 1")
-    files = list_inputs(input_path)  # before loading the model: a wrong path fails fast
+    out = check_output_folder(out_dir, "predict --out")
+    files = list_inputs(input_path)
+    images = check_inputs(files)  # every input, before the model is fetched
     model, meta = load_model(model_ref, tracking_uri)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     model_px = float(meta["pixel_size_A"])
+    check_grids(images, pixel_size_A, model_px)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     thr = float(meta.get("threshold", THRESHOLD) if threshold is None else threshold)
     note = None
     if pixel_size_A is None:
         note = f"no pixel size given: assuming the model's training pixel size, {model_px} Å"
         print(f"note: {note}", file=sys.stderr)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stems = [f.stem for f in files]
     records = []
-    for file in files:
-        # a.npy and a.png in one folder would write the same outputs: keep the suffix in the name then
-        stem = file.stem if stems.count(file.stem) == 1 else f"{file.stem}_{file.suffix.lstrip('.').lower()}"
-        for page, image in read_images(file):
-            name = stem if page is None else f"{stem}_p{page:03d}"
-            prob = predict_array(model, meta, image, pixel_size_A)
-            mask = (prob > thr).astype(np.uint8)  # the default, model_format.THRESHOLD, is the one of training
-            paths = {"mask_png": out / f"{name}_mask.png", "mask_npy": out / f"{name}_mask.npy",
-                     "prob_npy": out / f"{name}_prob.npy"}
-            with atomic_writer(paths["mask_png"]) as fh:
-                Image.fromarray(mask * 255).save(fh, format="PNG")
-            with atomic_writer(paths["mask_npy"]) as fh:
-                np.save(fh, mask)
-            with atomic_writer(paths["prob_npy"]) as fh:
-                np.save(fh, prob)
-            records.append({
-                "input": str(file), "page": page, "outputs": {k: str(v) for k, v in paths.items()},
-                "shape": list(image.shape), "model_shape": list(model_grid(image.shape, pixel_size_A, model_px)),
-                "pixel_size_A": model_px if pixel_size_A is None else float(pixel_size_A),
-                "pixel_size_assumed": pixel_size_A is None, "model_pixel_size_A": model_px, "threshold": thr,
-                "particle_fraction": float(mask.mean()), "note": note,
-            })
+    with staged_folder(out) as stage:
+        for file, stem in zip(files, _output_names(files)):
+            for page, image in read_images(file):  # read again: memory holds one file, not all of them
+                name = stem if page is None else f"{stem}_p{page:03d}"
+                prob = predict_array(model, meta, image, pixel_size_A)
+                mask = (prob > thr).astype(np.uint8)  # the default, model_format.THRESHOLD, is the one of training
+                names = {"mask_png": f"{name}_mask.png", "mask_npy": f"{name}_mask.npy",
+                         "prob_npy": f"{name}_prob.npy"}
+                with atomic_writer(stage / names["mask_png"]) as fh:
+                    Image.fromarray(mask * 255).save(fh, format="PNG")
+                with atomic_writer(stage / names["mask_npy"]) as fh:
+                    np.save(fh, mask)
+                with atomic_writer(stage / names["prob_npy"]) as fh:
+                    np.save(fh, prob)
+                records.append({
+                    "input": str(file), "page": page, "outputs": {k: str(out / v) for k, v in names.items()},
+                    "shape": list(image.shape), "model_shape": list(model_grid(image.shape, pixel_size_A, model_px)),
+                    "pixel_size_A": model_px if pixel_size_A is None else float(pixel_size_A),
+                    "pixel_size_assumed": pixel_size_A is None, "model_pixel_size_A": model_px, "threshold": thr,
+                    "particle_fraction": float(mask.mean()), "note": note,
+                })
     return records
