@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 # the override grammar, YAML reading, error formatting and hashing are shared with recipes and experiments
 from hrtem_core.config import (Origins, StrictModel, apply_overrides, config_hash, read_yaml_mapping, require_unique,
@@ -79,6 +79,18 @@ class DataConfig(_Section):
     normalization: Normalization = Normalization()
     augmentation: Augmentation = Augmentation()
     max_val_samples: int | None = Field(default=None, ge=1)
+    skip_bad_shards: bool = False
+    """Leave out the shards of any dataset (train or benchmark) that differ from their manifest's sha256 or cannot be
+    read or decoded, recording each in the run (tag ``data.skipped_shards``, artifact ``data/skipped_shards.json``),
+    instead of refusing the dataset; ``--skip-bad-shards`` on the command line. Left out of the resolved config (and
+    so of its hash) while false, so the configs written before this key keep their hashes."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_skip(self, handler):
+        data = handler(self)
+        if not self.skip_bad_shards:
+            data.pop("skip_bad_shards", None)
+        return data
 
 
 class BenchmarkRef(DatasetRef):

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from hrtem_core.dataset import MANIFEST, read_manifest, read_shard
+from hrtem_core.dataset import MANIFEST, check_image_and_mask, iter_shard, load_npy, read_manifest, read_shard
 from hrtem_core.errors import DatasetError, InputError
 from hrtem_core.locations import as_location, exists, is_url, join, name_of
 from hrtem_core.shard_hashes import ShardHashCache
@@ -68,12 +68,28 @@ class SampleRecord:
 
 
 @dataclass(frozen=True)
+class SkippedShard:
+    """A shard left out of a dataset by ``scan_dataset(..., skip_bad_shards=True)``, and why."""
+
+    dataset: str  # the manifest's name
+    path: str  # the dataset's folder or prefix
+    shard: str  # the shard's file name
+    reason: str
+    n_samples: int | None = None  # as the manifest says
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "path": self.path, "shard": self.shard, "reason": self.reason,
+                "n_samples": self.n_samples}
+
+
+@dataclass(frozen=True)
 class DatasetIndex:
     name: str
     path: str
     content_hash: str
     records: list[SampleRecord] = field(repr=False)
     manifest: dict = field(compare=False, repr=False)
+    skipped: tuple[SkippedShard, ...] = field(default=(), compare=False)
 
     @property
     def n_samples(self) -> int:
@@ -97,7 +113,8 @@ def _structure_id(content_hash: str, key: str, meta: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- indexing
-def scan_dataset(path: str | os.PathLike, hash_cache: ShardHashCache | None = None) -> DatasetIndex:
+def scan_dataset(path: str | os.PathLike, hash_cache: ShardHashCache | None = None,
+                 skip_bad_shards: bool = False) -> DatasetIndex:
     """Index a finished dataset from its manifest and the ``.json`` members of its shards (arrays are not decoded).
 
     Every shard is checked against the sha256 its manifest records (``hrtem_core.dataset.read_shard``): hashed while
@@ -105,6 +122,12 @@ def scan_dataset(path: str | os.PathLike, hash_cache: ShardHashCache | None = No
     knows the digest of the file as it is now, in which case its arrays are seeked over. A shard that differs from
     the manifest, or a manifest of the wrong shape, raises DatasetError naming the dataset, the shard and what
     differs, so nothing reads data that is not what the manifest (and its content hash) says.
+
+    ``skip_bad_shards``: a shard that is missing, unreadable, differs from its sha256, holds samples whose image and
+    mask do not decode as training reads them (``hrtem_core.dataset.check_image_and_mask``) or whose metadata is not
+    JSON, or holds another number of samples than the manifest says, is left out instead, and listed in the index's
+    ``skipped``; the arrays of every shard are then decoded once here (a full read), so that nothing fails later in
+    the loaders. A dataset all of whose shards are bad still raises DatasetError.
     """
     root = path if is_url(path) else Path(path).resolve()  # a folder, or a prefix on object storage
     mpath = join(root, MANIFEST)
@@ -117,36 +140,83 @@ def scan_dataset(path: str | os.PathLike, hash_cache: ShardHashCache | None = No
     name, chash, shards = manifest["name"], manifest["content_hash"], manifest["shards"]
     cache = ShardHashCache.default() if hash_cache is None else hash_cache
     records: list[SampleRecord] = []
+    skipped: list[SkippedShard] = []
     try:
         for shard in shards:
-            spath = join(root, shard["name"])
-            try:  # collected first: nothing is used before the shard's sha256 has been checked
-                samples = read_shard(root, shard, fields=("json",), cache=cache)
-            except (tarfile.TarError, OSError) as exc:
-                raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
-            except DatasetError as exc:
-                raise DatasetError(f"{exc}; 'python -m datagen verify {path}' names the sample") from None
-            for key, fields in samples:
-                try:
-                    meta = json.loads(fields["json"])
-                except ValueError as exc:
-                    raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
-                records.append(SampleRecord(name, str(root), chash, str(spath), key,
-                                            _structure_id(chash, key, meta), meta))
-            if "n_samples" in shard and len(samples) != shard["n_samples"]:
-                raise CurationError(f"{spath}: {len(samples)} samples with metadata, manifest says "
-                                    f"{shard['n_samples']}")
+            try:
+                shard_records = _scan_shard(root, path, name, chash, shard, cache, decode=skip_bad_shards)
+            except InputError as exc:
+                if not skip_bad_shards:
+                    raise
+                skipped.append(SkippedShard(name, str(root), shard["name"], str(exc), shard.get("n_samples")))
+                continue
+            records.extend(shard_records)
     finally:
         if hash_cache is None:
             cache.save()  # the digests of the shards hashed so far, even when a later one fails
+    if skipped and len(skipped) == len(shards):
+        raise DatasetError(f"dataset {root}: all {len(shards)} shard(s) are bad, nothing is left to read (first: "
+                           f"{skipped[0].shard}: {skipped[0].reason}); regenerate the dataset or leave it out")
     records.sort(key=lambda r: r.key)
-    if len(records) != manifest.get("n_samples"):
-        raise CurationError(f"{root}: {len(records)} samples in the shards, manifest says "
-                            f"{manifest.get('n_samples')}")
+    expected = manifest.get("n_samples")
+    if skipped and isinstance(expected, int):
+        expected -= sum(s.n_samples or 0 for s in skipped)
+    if len(records) != expected:
+        raise CurationError(f"{root}: {len(records)} samples in the shards, manifest says {expected}"
+                            + (f" (less the {len(skipped)} skipped shard(s))" if skipped else ""))
     dup = next((a.key for a, b in zip(records, records[1:]) if a.key == b.key), None)
     if dup is not None:
         raise CurationError(f"{root}: sample key {dup} occurs more than once")
-    return DatasetIndex(name, str(root), chash, records, manifest)
+    return DatasetIndex(name, str(root), chash, records, manifest, tuple(skipped))
+
+
+def _scan_shard(root, path, name: str, chash: str, shard: dict, cache: ShardHashCache, decode: bool
+                ) -> list[SampleRecord]:
+    """The records of one shard, once its sha256 has been checked; InputError (CurationError, DatasetError) naming the
+    shard and what is wrong with it. ``decode``: its images and masks are decoded and checked too (a full read)."""
+    spath = join(root, shard["name"])
+    problem = None  # the first sample that does not decode: reported once the shard's sha256 has been checked
+    try:  # collected first: nothing is used before the shard's sha256 has been checked
+        if decode:
+            samples = []
+            for key, fields in iter_shard(root, shard, cache=cache):  # streamed: only the metadata is kept
+                samples.append((key, {"json": fields.get("json", b"")}))
+                if problem is None:
+                    problem = _undecodable(f"{spath}: sample {key}", fields)
+        else:
+            samples = read_shard(root, shard, fields=("json",), cache=cache)
+    except (tarfile.TarError, OSError) as exc:
+        raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    except DatasetError as exc:
+        if decode:
+            raise
+        raise DatasetError(f"{exc}; 'python -m datagen verify {path}' names the sample, or train with "
+                           "--skip-bad-shards to leave the shard out") from None
+    if problem is not None:
+        raise DatasetError(problem)
+    records = []
+    for key, fields in samples:
+        try:
+            meta = json.loads(fields["json"])
+        except ValueError as exc:
+            raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
+        records.append(SampleRecord(name, str(root), chash, str(spath), key, _structure_id(chash, key, meta), meta))
+    if "n_samples" in shard and len(samples) != shard["n_samples"]:
+        raise CurationError(f"{spath}: {len(samples)} samples with metadata, manifest says {shard['n_samples']}")
+    return records
+
+
+def _undecodable(where: str, fields: dict[str, bytes]) -> str | None:
+    """Why a sample's members would fail in the loaders (``mlplatform.data``), or None."""
+    missing = [f for f in ("image.npy", "mask.npy", "json") if f not in fields]
+    if missing:
+        return f"{where}: has no {' and no '.join(missing)} member"
+    try:
+        check_image_and_mask(load_npy(fields["image.npy"], f"{where}, image.npy"),
+                             load_npy(fields["mask.npy"], f"{where}, mask.npy"), where)
+    except DatasetError as exc:
+        return str(exc)
+    return None
 
 
 def known_fields(records: Iterable[SampleRecord | dict]) -> set[str]:

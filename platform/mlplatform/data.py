@@ -100,10 +100,12 @@ class CuratedData:
     subset: str = ""
     subset_filter: str = ""
     pixel_size_A: float = 0.0
+    # shards left out under data.skip_bad_shards: {role, dataset, path, shard, reason, n_samples}, train first
+    skipped: list[dict] = field(default_factory=list)
 
 
-def _records_for(ref: DatasetRef, seed: int) -> tuple[list[SampleRecord], object]:
-    index = scan_dataset(ref.path)
+def _records_for(ref: DatasetRef, seed: int, skip_bad_shards: bool = False) -> tuple[list[SampleRecord], object]:
+    index = scan_dataset(ref.path, skip_bad_shards=skip_bad_shards)
     records = select(index, ref.filter, ref.max_samples, ref.max_images_per_structure, seed)
     return records, index
 
@@ -119,11 +121,13 @@ def _common_pixel_size(records: list[SampleRecord], what: str) -> float:
 
 
 def curate(config: TrainConfig) -> CuratedData:
-    """Resolve every configured dataset to its selected records. Fails before any training or tracking starts."""
+    """Resolve every configured dataset to its selected records. Fails before any training or tracking starts.
+    With ``data.skip_bad_shards``, the shards that fail their checks are left out of every dataset (train and
+    benchmarks) and listed in ``skipped``; otherwise the first such shard fails the curation."""
     d = config.data
     train_all, weights, uses = [], {}, []
     for ref in d.train:
-        records, index = _records_for(ref, config.seed)
+        records, index = _records_for(ref, config.seed, d.skip_bad_shards)
         train_all.extend(records)
         weights[str(index.path)] = ref.weight
         uses.append((ref, index, records))
@@ -138,11 +142,13 @@ def curate(config: TrainConfig) -> CuratedData:
                                                for ref, index, _ in uses))
     for ref, index, records in uses:
         name = ref.name or index.name
+        out.skipped += [{"role": "train", **s.as_dict(), "dataset": name} for s in index.skipped]
         mine = {id(r) for r in records}
         out.uses.append(DatasetUse.of("train", name, index, ref.filter, [r for r in train if id(r) in mine]))
         out.uses.append(DatasetUse.of("validation", name, index, ref.filter, [r for r in val if id(r) in mine]))
     for ref in config.benchmarks:
-        records, index = _records_for(ref, BENCHMARK_SEED)
+        records, index = _records_for(ref, BENCHMARK_SEED, d.skip_bad_shards)
+        out.skipped += [{"role": "benchmark", **s.as_dict(), "dataset": ref.name} for s in index.skipped]
         bench_pixel = _common_pixel_size(records, f"benchmark {ref.name}")
         if abs(bench_pixel - pixel) > 1e-6:
             raise DataError(f"benchmark {ref.name}: pixel size {bench_pixel} Å differs from the training data's "

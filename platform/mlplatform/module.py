@@ -3,13 +3,25 @@
 Validation Dice is computed from TP/FP/FN counts summed over the whole validation set (each rank's totals summed
 across ranks), not as a mean of per-batch scores. The module keeps the epoch's scalar results in ``epoch_metrics`` for
 the tracking callback, which logs them with step = epoch.
+
+A training loss that is not finite (nan, inf) stops the run at once with :class:`NonFiniteLoss` (an InputError: the
+configuration or the data make training diverge), decided over all ranks so that every rank stops at the same step.
+Every epoch starts from random streams seeded by (seed, epoch) (:func:`seed_epoch`), so an epoch computes the same
+whether the run went through uninterrupted or was resumed from a checkpoint (``mlplatform.train``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
+
 import lightning as L
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
+
+from hrtem_core.errors import InputError
 
 from .config import TrainConfig
 from .metrics import confusion, scores_from_totals, totals
@@ -21,6 +33,20 @@ from .models import build_model, encoder_parameters
 # value, the maximum over ranks keeps it exactly (a mean over 3 ranks could round), and Lightning does not warn that an
 # epoch-level value is left unsynchronised
 SAME_ON_EVERY_RANK = {"sync_dist": True, "reduce_fx": "max"}
+
+
+class NonFiniteLoss(InputError):
+    """The training loss became nan or infinite: the run ends FAILED, and no model is logged."""
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Python's, NumPy's and torch's global random streams (CPU and GPU) seeded by (seed, epoch): what an epoch draws
+    from them (none of the presets uses dropout today; the data streams have seeds of their own, ``mlplatform.data``)
+    does not depend on what earlier epochs drew, nor on whether they ran in this process."""
+    value = int.from_bytes(hashlib.sha256(repr(("epoch", seed, epoch)).encode()).digest()[:4], "little")
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 def scores_over_ranks(counts: torch.Tensor, device: torch.device) -> dict[str, float]:
@@ -47,6 +73,7 @@ class SegmentationModule(L.LightningModule):
         self.loss = DiceCELoss(sigmoid=True, batch=True, lambda_dice=config.loss.dice_weight,
                                lambda_ce=config.loss.ce_weight)
         self.epoch_metrics: dict[str, float] = {}
+        self.step_offset = 0  # a fine-tune's epochs continue its pretrain's count (in messages, as in the metrics)
         self._train_loss = torch.zeros(2, dtype=torch.float64)
         self._val_counts: list[torch.Tensor] = []
 
@@ -55,11 +82,20 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(self(batch["image"]), batch["mask"])
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank: every rank stops here
+            value = float(loss.detach())
+            shown = str(value) if not math.isfinite(value) else "not finite on another rank"  # nan, inf, -inf
+            raise NonFiniteLoss(
+                f"training loss is {shown} at epoch {self.step_offset + self.current_epoch} step {self.global_step} "
+                f"(batch {batch_idx} of the epoch): training diverged; lower optim.lr (now {self.config.optim.lr:g}) "
+                "or check the data")
         self._train_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
         self.log("train/loss", loss, prog_bar=True, logger=False)
         return loss
 
     def on_train_epoch_start(self):
+        seed_epoch(self.config.seed, self.current_epoch)
         self._train_loss.zero_()
         self.epoch_metrics["train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])  # this epoch's
 
@@ -86,6 +122,10 @@ class SegmentationModule(L.LightningModule):
         self.epoch_metrics["val/iou"] = scores["iou"]
         # for checkpointing and early stopping; MLflow gets it from the tracking callback
         self.log("val/dice", scores["dice"], logger=False, **SAME_ON_EVERY_RANK)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # which config the checkpoint continues: a resume refuses a checkpoint of another config
+        checkpoint["config_hash"] = self.config.hash()
 
     def configure_optimizers(self):
         o = self.config.optim

@@ -4,15 +4,24 @@ Where the store is and how it is opened is ``store``'s business (a local SQLite 
 server). Inside a :class:`TrackedRun` the process's MLflow tracking URI is the run's (MLflow's model logging reads it
 from there); it is put back when the run ends.
 
+A run that was interrupted (KILLED), failed, or whose process was killed outright (left RUNNING) can be reopened:
+``TrackedRun(..., resume_run_id=ID)`` makes it RUNNING again and writes to it as before (``mlplatform.train``
+continues its training from its checkpoint). A run's checkpoints live in ``checkpoint_folder(tracking_uri, run_id)``,
+and its training process holds ``RunLock`` on that folder from start to end, so that a run is never trained by two
+processes at once (on one machine, or on machines sharing that folder).
+
 ``resolve_tracking_uri`` and ``load_model`` are re-exported: models logged before ``pyfunc_model.py`` existed carry a
 copy of the old serving.py, which imports ``mlplatform.tracking.resolve_tracking_uri``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,13 +35,16 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from hrtem_core.errors import ServiceError
+from hrtem_core.files import cache_dir
+
 from mlplatform.model_format import METADATA, MODEL_URI_TAG, REQUIRED_METADATA, THRESHOLD, WEIGHTS
 from mlplatform.mlflow_ui import EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, describe_experiment
 from mlplatform.models import build_model
 from mlplatform.provenance import __version__, git_tags, package_versions
 from mlplatform.serving import load_model  # noqa: F401  (re-exported, see the module docstring)
-from mlplatform.store import (artifact_location, ensure_store, has_scheme, process_tracking_uri, quiet_mlflow,
-                              resolve_tracking_uri)
+from mlplatform.store import (artifact_location, ensure_store, has_scheme, is_unreachable, process_tracking_uri,
+                              quiet_mlflow, record_pending_end, resolve_tracking_uri, short_http_retries)
 
 # the pyfunc's code: MLflow stores a copy with each model and executes it on load (never imported here, see the file)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -123,6 +135,63 @@ def _array_schema(image_shape: tuple[int, ...] | None) -> str | None:
     return json.dumps({"mlflow_colspec": schema.to_dict()})
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints, locks
+
+
+def checkpoint_folder(tracking_uri: str, run_id: str) -> Path:
+    """Where a run's checkpoints (``last.ckpt``, the resume point, and the best epoch's) are written while it trains:
+    ``<folder of the SQLite file>/checkpoints/<run id>`` for a local store; for any other store (a tracking server, a
+    database), ``$HRTEM_CACHE_DIR/checkpoints/<run id>``, else ``~/.cache/hrtem-curation/checkpoints/<run id>`` (such
+    runs also upload ``last.ckpt`` as the artifact ``checkpoints/last.ckpt``: ``uploads_checkpoints``)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+        return db.absolute().parent / "checkpoints" / run_id
+    base = cache_dir() or Path(tempfile.gettempdir()) / "hrtem-curation"  # no HOME: the temp folder
+    return base / "checkpoints" / run_id
+
+
+def uploads_checkpoints(tracking_uri: str) -> bool:
+    """Whether a run of this store uploads its resume point every epoch (everything but a local SQLite store, whose
+    checkpoint folder sits beside it: another machine can resume a server's run only from its artifacts)."""
+    return not tracking_uri.startswith("sqlite:///")
+
+
+class RunBusy(Exception):
+    """Another process holds the run's lock: it is training the run now."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<checkpoint folder>/lock``, held by the process that trains the run. The operating
+    system releases it when that process dies, however it dies (a SIGKILL, a lost machine with a local folder), so a
+    run whose lock is free is one no live process trains. The file names the holder (pid and host)."""
+
+    def __init__(self):
+        self._fh = None
+
+    def acquire(self, folder: Path) -> None:
+        """Take the lock (creating the folder), or RunBusy naming the holder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / "lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "a process"
+            fh.close()
+            raise RunBusy(holder) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh, fh = None, self._fh
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal turned into KeyboardInterrupt, so that `finally` blocks and our __exit__ run."""
 
@@ -137,8 +206,10 @@ class TrackedRun:
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, params: dict, tags: dict,
                  parent_run_id: str | None = None, system_metrics: bool = True,
-                 stop_exceptions: tuple[type[BaseException], ...] = (), on_start=None, commit=None):
+                 stop_exceptions: tuple[type[BaseException], ...] = (), on_start=None, commit=None,
+                 resume_run_id: str | None = None):
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        ensure_store(self.tracking_uri)  # a store that cannot work is one clear error, before MLflow opens it
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags = dict(params), dict(tags)
         self.parent_run_id, self.system_metrics = parent_run_id, system_metrics
@@ -148,6 +219,9 @@ class TrackedRun:
         # commit(run_id) -> bool just before the run would end FINISHED: False means another worker's run is the
         # record of this work, and this one ends KILLED as superseded
         self.on_start, self.commit = on_start, commit
+        # an existing run to reopen (RUNNING again) instead of a new one: its name, parent and provenance tags stay,
+        # its failure_reason goes, and resume.* tags say what it was resumed from and with which code
+        self.resume_run_id = resume_run_id
         self.client = MlflowClient(self.tracking_uri)
         self._run_id: str | None = None
         self._signal: str | None = None  # which interruption we saw, for failure_reason
@@ -178,6 +252,8 @@ class TrackedRun:
             scope.__exit__(None, None, None)
 
     def _start(self) -> TrackedRun:
+        if self.resume_run_id:
+            return self._reopen()
         experiment_id = get_or_create_experiment(self.experiment, self.tracking_uri)
         tags = {str(k): _clip(str(v), MAX_TAG_VALUE) for k, v in self.tags.items()}
         tags.update(git_tags())
@@ -194,6 +270,30 @@ class TrackedRun:
             if self.on_start is not None:
                 self.on_start(self._run_id)
             self._log_params(self.params)
+            self._install_handlers()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def _reopen(self) -> TrackedRun:
+        before = self.client.get_run(self.resume_run_id)
+        previous = before.info.status
+        reason = before.data.tags.get("failure_reason")
+        run = mlflow.start_run(run_id=self.resume_run_id, nested=mlflow.active_run() is not None,
+                               log_system_metrics=self.system_metrics)  # RUNNING again; system metrics continue
+        self._run_id = run.info.run_id
+        try:
+            count = int(before.data.tags.get("resume.count", "0")) + 1
+            versions = {f"resume.{k}": v for k, v in git_tags().items()}
+            self.set_tags({**{str(k): v for k, v in self.tags.items()}, **versions,
+                           "resume.count": str(count), "resume.platform.version": __version__,
+                           "resume.from": f"{previous}" + (f": {reason}" if reason else "")})
+            if reason is not None:
+                self.client.delete_tag(self._run_id, "failure_reason")
+            if self.on_start is not None:
+                self.on_start(self._run_id)
+            self._log_params(self.params)  # the same values, which MLflow accepts again (a run killed early lacks them)
             self._install_handlers()
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
@@ -223,8 +323,35 @@ class TrackedRun:
             status, reason = "KILLED", f"interrupted ({self._signal or 'KeyboardInterrupt'})"
         else:
             status, reason = "FAILED", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000)
+            if is_unreachable(exc):
+                self._lost(exc)  # raises ServiceError
         self._end(status, reason, "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else None)
         return False  # always propagate
+
+    def _lost(self, exc: BaseException) -> None:
+        """The store stopped answering (after MLflow's bounded retries, see ``store.HTTP_RETRY_ENV``): end the run
+        FAILED there if it answers one more quick try, else keep that on this machine (``store.record_pending_end``:
+        the next command that reaches the store records it); then raise one ServiceError for the command line."""
+        text = str(exc).lower()
+        cause = "connection refused" if "refused" in text else "no answer (timeout)" if "timeout" in text or \
+            "timed out" in text else _clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 300)
+        reason = f"tracking store lost during the run: {cause}"
+        try:
+            with short_http_retries():
+                self._end("FAILED", reason, None)
+            done = "the run was ended FAILED there"
+        except Exception as end_exc:
+            if not is_unreachable(end_exc):
+                raise
+            try:
+                kept = record_pending_end(self.tracking_uri, self.run_id, "FAILED", reason)
+                done = (f"the run is still RUNNING there; it is recorded FAILED by the next command that reaches the "
+                        f"store (kept in {kept})")
+            except OSError:
+                done = "the run is still RUNNING there"
+        raise ServiceError(f"tracking store {self.tracking_uri}: lost during run {self.run_id} ({cause}); {done}: "
+                           f"start the store again, then add --resume {self.run_id} to the same command to continue "
+                           "from its last checkpoint") from exc
 
     def _supersede(self, exc: BaseException) -> None:
         self.client.set_tag(self.run_id, "superseded", "true")
@@ -399,5 +526,6 @@ class TrackedRun:
         return info.model_uri
 
 
-__all__ = ["TrackedRun", "Interrupted", "Superseded", "close_run", "resolve_tracking_uri",
+__all__ = ["TrackedRun", "Interrupted", "Superseded", "RunLock", "RunBusy", "checkpoint_folder", "uploads_checkpoints",
+           "close_run", "resolve_tracking_uri",
            "get_or_create_experiment", "find_runs", "load_model"]

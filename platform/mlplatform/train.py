@@ -13,19 +13,34 @@ a sweep worker, pytest: each would train, claim units or open runs of its own), 
 every rank, rank 0 included, in new processes, away from the run, the claim and the trial. The other ranks run
 ``_run_rank``: the same curated data, module and trainer, without tracking. Processes started by a cluster (SLURM,
 torchrun: one per device) are left to Lightning's detection; there, ranks other than 0 train and record nothing.
+
+Resuming (``resume=RUN_ID``, ``--resume``). Every epoch ends with the run's resume point, ``last.ckpt`` (Lightning's
+full state: weights, optimiser, schedule, loops, the best-epoch checkpoint's state, and the epoch's metrics), written
+atomically into the run's checkpoint folder (``tracking.checkpoint_folder``: beside a local SQLite store, else in the
+cache folder, and then also uploaded as the artifact ``checkpoints/last.ckpt``) before the epoch's metrics are logged.
+A resume reopens the same run and continues after that epoch (``trainer.fit(ckpt_path=..., weights_only=True)``:
+nothing in the file is unpickled beyond tensors and plain containers), logging the checkpoint's metrics first if the
+kill came between the checkpoint and the logging: each step is logged once. It is refused, before anything changes,
+for an unknown or FINISHED run, a run of a sweep or study, a superseded run, a run that failed with a non-finite
+loss, a config or data other than the run's, and a run another process is training (``tracking.RunLock``). A run
+killed before its first epoch ended has no checkpoint and no epoch metrics: it restarts from scratch, in the same run.
+The folder is deleted when the run ends FINISHED (its best checkpoint is logged) or cannot be resumed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +57,7 @@ from hrtem_core.config import show_value
 from hrtem_core.errors import ConfigError, InputError
 from hrtem_core.processes import die_with_parent
 
-from .callbacks import EpochTracking, OODEvaluation, PredictionImages
+from .callbacks import LAST_CHECKPOINT, EpochTracking, OODEvaluation, PredictionImages
 from .config import TrainConfig, flatten
 from .curation import CurationError, scan_dataset, select
 from .data import (CuratedData, DataError, SegmentationDataModule, check_eval_shards, curate, read_samples,
@@ -50,11 +65,11 @@ from .data import (CuratedData, DataError, SegmentationDataModule, check_eval_sh
 from .model_format import EPOCH_OFFSET, PRETRAIN_RUN, RUN_ID, THRESHOLD
 from .mlflow_ui import NOTE_TAG
 from .models import count_parameters
-from .module import SegmentationModule
+from .module import NonFiniteLoss, SegmentationModule
 from .provenance import __version__
 from .serving import load_model
-from .store import resolve_tracking_uri
-from .tracking import TrackedRun
+from .store import ensure_store, resolve_tracking_uri
+from .tracking import RunBusy, RunLock, Superseded, TrackedRun, checkpoint_folder, uploads_checkpoints
 
 PHASES = ("pretrain", "finetune")
 
@@ -106,6 +121,10 @@ def describe_run(config: TrainConfig, phase: str, subset: str, subset_filter: st
         lines.append(f"- OOD benchmarks ({', '.join(f'{k} ({len(v)})' for k, v in curated.benchmarks.items())}): "
                      f"Dice every {config.ood_interval} epoch(s) as `ood/<benchmark>/dice`, their mean as "
                      "`ood/mean/dice`; predictions on fixed images under Images (`predictions/<benchmark>`).")
+    if curated.skipped:
+        shards = ", ".join(f"{s['dataset']}/{s['shard']}" for s in curated.skipped[:5])
+        lines.append(f"- **{len(curated.skipped)} bad shard(s) left out** (data.skip_bad_shards): {shards}"
+                     f"{' ...' if len(curated.skipped) > 5 else ''}; reasons in `data/skipped_shards.json`.")
     return "\n".join(lines)
 
 
@@ -120,8 +139,11 @@ def _adopt_parent(config: TrainConfig, meta: dict) -> TrainConfig:
 def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = None,
           tracking_uri: str | None = None, progress: bool = True, extra_tags: dict | None = None,
           nest_under: str | None = None, callbacks: list | None = None, extra_params: dict | None = None,
-          stop_exceptions: tuple = (), on_start=None, commit=None) -> str | None:
+          stop_exceptions: tuple = (), on_start=None, commit=None, resume: str | None = None) -> str | None:
     """Train one model; returns the MLflow run id (None in a rank other than 0 of a cluster-launched DDP job).
+
+    ``resume``: the id of a run of this config to continue from its last checkpoint, in the same run (see the module
+    docstring); its refusals are InputErrors raised before the run changes.
 
     ``nest_under`` makes the run an MLflow child of another (a sweep or study run); the lineage of a fine-tune (the
     run its model came from) is recorded in the ``pretrain_run`` tag either way. ``callbacks`` are extra Lightning
@@ -135,14 +157,26 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     if (phase == "finetune") != (init_from is not None):
         raise ValueError("a fine-tune needs --from RUN_ID|MODEL_URI, and only a fine-tune takes one")
     uri = resolve_tracking_uri(tracking_uri)
+    ensure_store(uri)  # the tracking store answers (bounded), before any data are read
+    resumed = _resumable_run(uri, resume, phase) if resume is not None else None
     check_trainer(config)  # before the data are read: the settings and this machine's hardware
     network, parent_meta, parent = None, None, None
     if phase == "finetune":
         network, parent_meta = load_model(init_from, tracking_uri=uri)
+        # load_model hands out a model ready for inference (eval mode); Lightning >= 2.2 keeps the modes it finds, so
+        # without this a fine-tune would train with batch-norm statistics frozen and dropout off
+        network.train()
         config = _adopt_parent(config, parent_meta)
         # the model's metadata names the run that made it, whatever form the reference took (models:/ included)
         parent = parent_meta.get("run_id") or parent_run_id(init_from)
+    if resumed is not None:
+        _check_same_config(config, resumed, parent)
     curated = curate_checked(config)
+    if resumed is not None:
+        _check_same_data(curated, resumed)
+    for s in curated.skipped:
+        print(f"warning: skipping a bad shard of the {s['role']} dataset {s['dataset']}: {s['reason']}",
+              file=sys.stderr)
     if parent_meta is not None and abs(parent_meta["pixel_size_A"] - curated.pixel_size_A) > 1e-6:
         raise DataError(f"the fine-tuning data have {curated.pixel_size_A} Å pixels, the model was trained at "
                         f"{parent_meta['pixel_size_A']} Å: resample the data first")
@@ -171,13 +205,14 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     params = {**flatten(config.resolved()), **(extra_params or {})}
     freeze = phase == "finetune" and config.finetune.freeze_encoder
     datamodule = SegmentationDataModule(config, curated)
-    tracking = EpochTracking(step_offset=step_offset)  # it gets the run once the run exists
+    tracking = EpochTracking(step_offset=step_offset)  # it gets the run and its checkpoint folder once the run exists
     ood = OODEvaluation(datamodule, list(curated.benchmarks), config.ood_interval)
     n_images = config.tracking.n_prediction_images
     showcase = {name: read_samples(showcase_records(records, n_images), config.data)
                 for name, records in curated.benchmarks.items()} if n_images else {}
     images = PredictionImages(showcase, ood, tracking, f"{run_name}")
     with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
+        tracking.checkpoint_dir = ckpt_dir  # rank 0's is the run's folder (below); the other ranks write nothing
         try:
             trainer, checkpoint = _trainer(config, curated, datamodule, ckpt_dir,
                                            [tracking, images, *(callbacks or [])], progress, ood=ood)
@@ -189,50 +224,246 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                 raise RuntimeError(f"rank {trainer.global_rank} of a DDP job started by a cluster launcher was given a "
                                    "work queue's hooks: start sweep and study workers one per node (they start the "
                                    "local ranks themselves), not under srun/torchrun with one task per device")
-            _fit(trainer, SegmentationModule(config, network, freeze_encoder=freeze), datamodule)
-            return None
-        with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
-                        parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
-                        stop_exceptions=stop_exceptions, on_start=on_start, commit=commit) as run:
-            tracking.run = run
-            for use in curated.uses:
-                run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter,
-                                digest=use.digest, profile=use.profile, image_shape=use.image_shape,
-                                subset=subset if use.role in ("train", "validation") else None)
-            note = describe_run(config, phase, subset, subset_filter, curated, parent, step_offset, uri)
-            run.set_tags({NOTE_TAG: note})
-            run.log_dict(config.resolved(), "config/resolved.yaml")
             module = SegmentationModule(config, network, freeze_encoder=freeze)
-            run.set_tags({"model.parameters": str(count_parameters(module.model)),
-                          "model.trainable_parameters": str(sum(p.numel() for p in module.model.parameters()
-                                                                if p.requires_grad))})
-            _fit(trainer, module, datamodule, ranks={"config": config, "curated": curated, "freeze_encoder": freeze})
-            metadata = {
-                "preset": config.model.preset,
-                "pixel_size_A": curated.pixel_size_A,
-                "normalization": config.data.normalization.model_dump(),
-                "threshold": THRESHOLD,
-                "phase": phase,
-                "epochs": config.epochs,
-                "epoch_offset": step_offset,
-                "run_id": run.run_id,
-                "parent_run": parent,
-                "subset": subset,
-                "subset_filter": subset_filter,
-                "config_hash": config.hash(),
-                "train_datasets": [{"name": u.name, "content_hash": u.content_hash, "filter": u.filter,
-                                    "digest": u.digest, "n_samples": u.n_samples}
-                                   for u in curated.uses if u.role == "train"],
-                "platform_version": __version__,
-            }
-            # the model is the network as the last epoch left it: it carries that epoch's metrics
-            last = tracking.last_step if tracking.last_step is not None else step_offset
-            run.log_model(module.model, metadata, name=model_name(subset, config.seed, phase), step=last,
-                          description=f"The network of run {run_name} after its last epoch (step {last}); its "
-                          f"metrics are that epoch's.\n\n{note}")
-            if checkpoint.best_model_path:
-                run.log_artifact(checkpoint.best_model_path, "checkpoints")
+            module.step_offset = step_offset
+            # a resumed cluster job: every rank reads rank 0's resume point (a folder the nodes must share)
+            last = checkpoint_folder(uri, resume) / LAST_CHECKPOINT if resume else None
+            _fit(trainer, module, datamodule, ckpt_path=last if last is not None and last.is_file() else None)
+            return None
+        lock, folder, finished = RunLock(), None, False
+        try:
+            ckpt_path, state = None, None
+            if resumed is not None:  # taken before the run is looked at again: two resumes cannot both pass
+                folder = checkpoint_folder(uri, resumed.info.run_id)
+                _lock(lock, folder, resumed.info.run_id)
+                resumed = _resumable_run(uri, resumed.info.run_id, phase)  # as it is now that we hold the lock
+                ckpt_path, state = _resume_point(uri, resumed, folder, config)
+            with TrackedRun(uri, config.tracking.experiment, run_name, params=params, tags=tags,
+                            parent_run_id=nest_under or parent, system_metrics=config.tracking.system_metrics,
+                            stop_exceptions=stop_exceptions, on_start=on_start, commit=commit,
+                            resume_run_id=resumed.info.run_id if resumed is not None else None) as run:
+                if folder is None:
+                    folder = checkpoint_folder(uri, run.run_id)
+                    _lock(lock, folder, run.run_id)
+                tracking.run, tracking.checkpoint_dir, tracking.upload = run, folder, uploads_checkpoints(uri)
+                checkpoint.dirpath = os.path.realpath(folder)  # the best epoch's too: a resume finds its state valid
+                if resumed is not None:
+                    _continue_run(run, ckpt_path, state, tracking)
+                _train_in_run(run, config, phase, subset, subset_filter, curated, parent, step_offset, uri, network,
+                              freeze, trainer, datamodule, tracking, checkpoint, run_name, ckpt_path)
+            finished = True  # the run ended FINISHED (its commit hook, if any, accepted it)
             return run.run_id
+        except (Superseded, NonFiniteLoss, *stop_exceptions):
+            finished = True  # nothing to resume: a superseded run's work is another's, a divergence would recur
+            raise
+        finally:
+            lock.release()
+            if finished and folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train_in_run(run: TrackedRun, config: TrainConfig, phase: str, subset: str, subset_filter: str,
+                  curated: CuratedData, parent: str | None, step_offset: int, uri: str, network, freeze: bool,
+                  trainer: L.Trainer, datamodule, tracking: EpochTracking, checkpoint: ModelCheckpoint, run_name: str,
+                  ckpt_path: Path | None) -> None:
+    """Record the run's inputs, fit (from ``ckpt_path`` when resuming), log the model and the best checkpoint (a
+    resumed run records its inputs again: MLflow keeps one copy of each)."""
+    for use in curated.uses:
+        run.log_dataset(use.role, use.name, use.path, use.content_hash, use.n_samples, use.filter,
+                        digest=use.digest, profile=use.profile, image_shape=use.image_shape,
+                        subset=subset if use.role in ("train", "validation") else None)
+    note = describe_run(config, phase, subset, subset_filter, curated, parent, step_offset, uri)
+    run.set_tags({NOTE_TAG: note})
+    run.log_dict(config.resolved(), "config/resolved.yaml")
+    if config.data.skip_bad_shards:  # what was left out, even when nothing was: the run says it was allowed to
+        run.set_tags({"data.skipped_shards": str(len(curated.skipped))})
+        run.log_dict({"skipped_shards": curated.skipped}, "data/skipped_shards.json")
+    module = SegmentationModule(config, network, freeze_encoder=freeze)
+    run.set_tags({"model.parameters": str(count_parameters(module.model)),
+                  "model.trainable_parameters": str(sum(p.numel() for p in module.model.parameters()
+                                                        if p.requires_grad))})
+    module.step_offset = step_offset
+    _fit(trainer, module, datamodule, ckpt_path=ckpt_path,
+         ranks={"config": config, "curated": curated, "freeze_encoder": freeze, "step_offset": step_offset,
+                "ckpt_path": ckpt_path})
+    metadata = {
+        "preset": config.model.preset,
+        "pixel_size_A": curated.pixel_size_A,
+        "normalization": config.data.normalization.model_dump(),
+        "threshold": THRESHOLD,
+        "phase": phase,
+        "epochs": config.epochs,
+        "epoch_offset": step_offset,
+        "run_id": run.run_id,
+        "parent_run": parent,
+        "subset": subset,
+        "subset_filter": subset_filter,
+        "config_hash": config.hash(),
+        "train_datasets": [{"name": u.name, "content_hash": u.content_hash, "filter": u.filter,
+                            "digest": u.digest, "n_samples": u.n_samples}
+                           for u in curated.uses if u.role == "train"],
+        "platform_version": __version__,
+    }
+    # the model is the network as the last epoch left it: it carries that epoch's metrics
+    last = tracking.last_step if tracking.last_step is not None else step_offset
+    run.log_model(module.model, metadata, name=model_name(subset, config.seed, phase), step=last,
+                  description=f"The network of run {run_name} after its last epoch (step {last}); its "
+                  f"metrics are that epoch's.\n\n{note}")
+    if checkpoint.best_model_path:
+        run.log_artifact(checkpoint.best_model_path, "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------ resuming a run
+
+# tags of runs that a work queue owns (sweep cells, study trials): the queue retrains its unfinished units itself
+_QUEUE_KINDS = {"cell": "sweep", "trial": "study", "sweep": "sweep", "study": "study"}
+
+
+def _resumable_run(uri: str, run_id: str, phase: str):
+    """The run ``--resume`` names, if it can be continued by this command (mlflow.entities.Run); InputError saying
+    why not otherwise. Its lock (``_lock``) decides whether another process is training it now."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not RUN_ID.fullmatch(run_id):
+        raise InputError(f"--resume: {run_id}: not a run id; give the 32 hex digits the interrupted command printed, "
+                         "or that the run's page shows")
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise InputError(f"--resume: {run_id}: no such run in the tracking store {uri}; give a run of this store "
+                             "(--tracking-uri)") from None
+        raise
+    tags, status = run.data.tags, run.info.status
+    if run.info.lifecycle_stage == "deleted":
+        raise InputError(f"--resume: {run_id}: the run is deleted; restore it first, or start a new run")
+    if status == "FINISHED":
+        raise InputError(f"--resume: {run_id}: the run is FINISHED, there is nothing to resume; start a new run "
+                         "(without --resume)")
+    if tags.get("kind") in _QUEUE_KINDS:
+        queue = _QUEUE_KINDS[tags["kind"]]
+        raise InputError(f"--resume: {run_id}: the run is a {tags['kind']} of {queue} "
+                         f"{tags.get(queue, '?')!r}, which owns it: run the {queue} again (it retrains its "
+                         "unfinished runs)")
+    if tags.get("superseded") == "true":
+        raise InputError(f"--resume: {run_id}: the run was superseded (another run recorded its work): nothing to "
+                         "resume")
+    reason = tags.get("failure_reason", "")
+    if reason.startswith(f"{NonFiniteLoss.__name__}:"):
+        raise InputError(f"--resume: {run_id}: the run failed with a non-finite loss ({reason.split(': ', 1)[1]}); "
+                         "resuming with the same config would diverge again: start a new run with another config")
+    if tags.get("phase", phase) != phase:
+        command = "finetune --from ..." if tags["phase"] == "finetune" else "train"
+        raise InputError(f"--resume: {run_id}: the run is a {tags['phase']} run; resume it with "
+                         f"'python -m experiments {command} --resume {run_id}'")
+    return run
+
+
+def _lock(lock: RunLock, folder: Path, run_id: str) -> None:
+    try:
+        lock.acquire(folder)
+    except RunBusy as busy:
+        raise InputError(f"--resume: {run_id}: the run is being trained right now by another process ({busy}, "
+                         f"holding {folder / 'lock'}); let it finish, or stop it and resume then") from None
+
+
+def _check_same_config(config: TrainConfig, run, parent: str | None) -> None:
+    """The config (after a fine-tune adopted its parent's architecture) is the one the run was trained with, and a
+    fine-tune starts from the same model; InputError naming the first key that differs otherwise."""
+    run_id, tags = run.info.run_id, run.data.tags
+    if parent is not None and tags.get(PRETRAIN_RUN) not in (None, parent):
+        raise InputError(f"--from: {parent}: run {run_id} was fine-tuned from {tags[PRETRAIN_RUN]}; a resume "
+                         "continues from the same model")
+    if tags.get("config.hash") == config.hash():
+        return
+    params = run.data.params
+    mine = {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
+            for k, v in flatten(config.resolved()).items()}
+    sections = set(TrainConfig.model_fields)
+    keys = sorted(set(mine) | {k for k in params if k.split(".", 1)[0] in sections})
+    for key in keys:
+        there = params.get(key, "")
+        if mine.get(key) != params.get(key) and not (there.endswith("[truncated; full value in params.json]") and
+                                                     mine.get(key, "").startswith(there.split(" ...[truncated")[0])):
+            here = mine.get(key, "(not set)")
+            there = params.get(key, "(not set)")
+            raise InputError(f"{config.origin(key)}: {here}: run {run_id} was trained with {there}; a resume "
+                             "continues the run with its own config: give the --config and --set values it was "
+                             "started with")
+    raise InputError(f"--config: its config.hash {config.hash()[:12]}… differs from run {run_id}'s "
+                     f"{tags.get('config.hash', '(none recorded)')[:12]}…; give the config the run was started with")
+
+
+def _check_same_data(curated: CuratedData, run) -> None:
+    """The curated data are the samples the run read (its dataset inputs' digests); InputError naming the dataset
+    otherwise (a dataset changed, or bad shards are skipped that were not)."""
+    recorded = {}
+    for entry in run.inputs.dataset_inputs:
+        context = next((t.value for t in entry.tags if t.key == "mlflow.data.context"), "")
+        recorded.setdefault((context, entry.dataset.name.split("/")[0]), set()).add(entry.dataset.digest)
+    if not recorded:  # killed before it recorded its inputs
+        return
+    for use in curated.uses:
+        digests = recorded.get((use.role, use.name), set())
+        if use.digest[:36] not in digests:
+            raise InputError(f"--resume: {run.info.run_id}: {use.role} data {use.name} ({use.path}): other samples "
+                             f"than the run read (selection digest {use.digest[:12]}…, the run's "
+                             f"{', '.join(sorted(d[:12] + '…' for d in digests)) or 'none'}); a resume must read the "
+                             "same data: restore the dataset, or start a new run")
+
+
+def _resume_point(uri: str, run, folder: Path, config: TrainConfig) -> tuple[Path | None, dict | None]:
+    """(the run's last checkpoint, EpochTracking's state in it), or (None, None) for a run killed before its first
+    epoch ended; InputError if the checkpoint is unusable or the run logged epochs the checkpoint does not hold."""
+    from mlflow import MlflowClient
+
+    run_id = run.info.run_id
+    for leftover in folder.glob("*.partial"):  # a checkpoint being written when the process died
+        leftover.unlink(missing_ok=True)
+    last = folder / LAST_CHECKPOINT
+    client = MlflowClient(uri)
+    if not last.is_file():  # another machine's run (tracking server): its uploaded resume point
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            try:
+                got = Path(client.download_artifacts(run_id, f"checkpoints/{LAST_CHECKPOINT}", tmp))
+                os.replace(got, last)
+            except Exception:  # noqa: BLE001  no such artifact: a run killed before its first epoch ended
+                pass
+    logged = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    if not last.is_file():
+        if logged:
+            raise InputError(f"--resume: {run_id}: the run logged epochs up to step {max(logged)} but its checkpoint "
+                             f"is gone ({last}, artifact checkpoints/{LAST_CHECKPOINT}): it cannot continue without "
+                             "logging those epochs again; start a new run")
+        return None, None
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)  # our own file, still never unpickled freely
+        state = ckpt["callbacks"]["EpochTracking"]
+        step = state["pending"]["step"]
+    except Exception as exc:  # noqa: BLE001  a truncated or foreign file
+        raise InputError(f"--resume: {run_id}: its checkpoint {last} cannot be read ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}); start a new run") from None
+    if ckpt.get("config_hash") != config.hash():
+        raise InputError(f"--resume: {run_id}: its checkpoint {last} was written by another config "
+                         f"({str(ckpt.get('config_hash'))[:12]}…); start a new run")
+    if logged and max(logged) > step:
+        raise InputError(f"--resume: {run_id}: the run logged epochs up to step {max(logged)}, its checkpoint ends at "
+                         f"step {step}: it cannot continue without logging epochs again; start a new run")
+    return last, state
+
+
+def _continue_run(run: TrackedRun, ckpt_path: Path | None, state: dict | None, tracking: EpochTracking) -> None:
+    """Before a resumed fit: the checkpointed epoch's metrics, if the kill came before they were logged, and the
+    tags saying where the run continues."""
+    if ckpt_path is None:
+        run.set_tags({"resume.from_epoch": "0 (no checkpoint: restarted from scratch)"})
+        return
+    pending, step = state["pending"], state["pending"]["step"]
+    if not any(m.step == step for m in run.client.get_metric_history(run.run_id, "train/loss")):
+        run.log_metrics(pending["metrics"], step=step)
+    tracking.last_step = state.get("last_step", step)
+    run.set_tags({"resume.from_epoch": str(step - tracking.step_offset + 1)})
 
 
 # ------------------------------------------------------------------------------------------------ checks before a run
@@ -241,7 +472,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
 def _selection_problem(config: TrainConfig, ref, prefix: str, seed: int) -> str | None:
     """Why the dataset reference at ``prefix`` (``data.train.0``, ``benchmarks.1``) selects nothing, or None."""
     try:
-        index = scan_dataset(ref.path)
+        index = scan_dataset(ref.path, skip_bad_shards=config.data.skip_bad_shards)
     except InputError as exc:
         return f"{config.origin(f'{prefix}.path')}: {show_value(ref.path)}: {exc}"
     try:
@@ -485,7 +716,8 @@ def _other_local_ranks(trainer: L.Trainer, spec: dict | None):
                 p.kill()
             for p in procs.values():
                 p.wait()
-            if dead and isinstance(exc, Exception):
+            # a non-finite loss is decided over all ranks: every rank stops with it, and it is the message
+            if dead and isinstance(exc, Exception) and not isinstance(exc, NonFiniteLoss):
                 raise RuntimeError(f"{dead} (see its output above); rank {first} then stopped with "
                                    f"{type(exc).__name__}: {exc}") from exc
             raise
@@ -515,11 +747,13 @@ def _run_rank(spec_file: str, local_rank: str) -> None:
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config, curated)
     module = SegmentationModule(config, freeze_encoder=spec["freeze_encoder"])
+    module.step_offset = spec.get("step_offset", 0)
     with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
-        trainer, _ = _trainer(config, curated, datamodule, ckpt_dir, [EpochTracking()], progress=False,
-                              environment=_LocalRanks(int(local_rank)))
+        # it takes part in rank 0's checkpoint of every epoch (a collective), writing nothing itself
+        trainer, _ = _trainer(config, curated, datamodule, ckpt_dir, [EpochTracking(checkpoint_dir=ckpt_dir)],
+                              progress=False, environment=_LocalRanks(int(local_rank)))
         Path(spec_file).with_name(f"ready-{local_rank}").touch()
-        _fit(trainer, module, datamodule)
+        _fit(trainer, module, datamodule, ckpt_path=spec.get("ckpt_path"))  # rank 0's resume point, on this node
 
 
 # what a DDP fit changes in the process: Lightning exports the rendezvous and, with several local ranks, caps threads
@@ -547,14 +781,18 @@ def _process_state():
             torch.set_num_threads(threads)
 
 
-def _fit(trainer: L.Trainer, module, datamodule, ranks: dict | None = None) -> None:
+def _fit(trainer: L.Trainer, module, datamodule, ranks: dict | None = None, ckpt_path: Path | None = None) -> None:
     """trainer.fit, with Lightning's "graceful shutdown" on Ctrl-C (it calls sys.exit) turned back into an interrupt
     so the run ends KILLED, and Ctrl-C enabled again afterwards. ``ranks``: what the other local ranks of a DDP fit
-    start from (rank 0 only)."""
+    start from (rank 0 only). ``ckpt_path``: a run's resume point, loaded with ``weights_only=True`` (tensors and plain
+    containers only: torch's safe unpickler, whatever the file holds)."""
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        with _process_state(), _other_local_ranks(trainer, ranks):
-            trainer.fit(module, datamodule=datamodule)
+        with _process_state(), _other_local_ranks(trainer, ranks), warnings.catch_warnings():
+            # the run's checkpoint folder holds its lock, and after a resume its earlier checkpoints: as it should
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                        weights_only=True)
     except SystemExit as exc:
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted") from exc
