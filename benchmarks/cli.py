@@ -11,6 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
+from hrtem_core.cli import ArgumentParser
+
 SECTIONS = "abcdefg"
 
 
@@ -29,7 +31,7 @@ def _rounded(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes)")
     parser.add_argument("--only", type=_sections, default=set(SECTIONS), help="sections to run, e.g. a,c")
     parser.add_argument("--json", type=Path, help="also write the rows (with notes) to this JSON file")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
-from hrtem_core.cli import nonneg_int, positive_float, positive_int, run_command
+from hrtem_core.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run_command
 from hrtem_core.config import read_yaml_mapping
 from hrtem_core.errors import InputError
 from hrtem_core.locations import as_location
@@ -78,7 +81,7 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m datagen", description="Synthetic HRTEM datasets with exact masks.")
+    p = ArgumentParser(prog="python -m datagen", description="Synthetic HRTEM datasets with exact masks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("recipes", help="list the preset recipes").set_defaults(func=_cmd_recipes)
@@ -127,6 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: what runs is stopped and cleaned up
+    (workers killed, half-written files deleted, finally blocks run) before the command exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _stop_on_sigterm(func):
+    def run(args) -> int:
+        try:
+            return func(args)
+        except Terminated:
+            print("terminated (SIGTERM); run the same command again to resume", file=sys.stderr)
+            return 128 + signal.SIGTERM
+
+    return run
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args.func, args, interrupted="interrupted; run the same command again to resume")
+    in_main = threading.current_thread() is threading.main_thread()  # only there can Python handle signals
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        return run_command(_stop_on_sigterm(args.func), args,
+                           interrupted="interrupted; run the same command again to resume")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

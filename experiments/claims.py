@@ -32,6 +32,9 @@ import psutil
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from hrtem_core import databases
+from hrtem_core.errors import InputError
+
 HEARTBEAT_S = 10
 # how long a silent worker keeps its units (longer on slow shared file systems); short values cost only repeated
 # work, never a second record
@@ -75,40 +78,26 @@ def default_url() -> str:
     return f"sqlite:///{path / 'sweeps.db'}"
 
 
-def redact(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url
+redact = databases.redact
 
 
 def open_engine(url: str | None) -> sa.Engine:
-    """An engine on the claims database (created with its tables if missing; safe when many processes start at once)."""
+    """An engine on the claims database (created with its tables if missing; safe when many processes start at once).
+
+    The URL is checked first (:mod:`hrtem_core.databases`: backend, driver, SQLite folder and file, a server that
+    answers within a bounded time), so each way it can be unusable is one error naming ``--storage``."""
     url = url or default_url()
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        parsed = None
-    if parsed is None or parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
-        raise ValueError(f"--storage {redact(url)!r}: a sweep needs a database URL (sqlite:///path.db, "
-                         "postgresql://user@host/db), where its claims are kept")
-    if parsed.get_backend_name() == "sqlite":
-        db = parsed.database
-        if not db or db == ":memory:":
-            raise ValueError(f"--storage {url!r}: an SQLite claims database must be a file shared by the workers")
-        if not Path(db).parent.is_dir():
-            raise ValueError(f"--storage {url!r}: folder {Path(db).parent} does not exist")
+    option, allowed = "--storage", ("a database URL where a sweep keeps its claims: sqlite:///PATH.db (a file shared "
+                                    "by the workers) or postgresql://USER@HOST/DB")
+    if databases.parse(url, option, allowed=allowed).get_backend_name() == "sqlite":
         # a writer waits for the lock instead of failing at once
-        engine = sa.create_engine(url, connect_args={"timeout": 120})
+        engine = databases.checked_engine(url, option, allowed=allowed, connect_args={"timeout": 120})
     else:
-        try:
-            # a worker stopped inside a transaction (SIGSTOP, a paused VM) must not keep its row locks: every claim
-            # statement is one short transaction, so a session idle in one for a minute is ended by the server
-            engine = sa.create_engine(url, pool_pre_ping=True, connect_args=(
-                {"connect_timeout": 30, "options": "-c idle_in_transaction_session_timeout=60000"}
-                if parsed.get_backend_name() == "postgresql" else {}))
-        except ModuleNotFoundError as exc:
-            raise ValueError(f"--storage {redact(url)}: the database driver is not installed ({exc.name})") from None
+        # a worker stopped inside a transaction (SIGSTOP, a paused VM) must not keep its row locks: every claim
+        # statement is one short transaction, so a session idle in one for a minute is ended by the server
+        extra = {"options": "-c idle_in_transaction_session_timeout=60000"} if url.startswith("postgres") else {}
+        engine = databases.checked_engine(url, option, allowed=allowed, pool_pre_ping=True,
+                                          connect_args={**databases.connect_args(url), **extra})
     for attempt in range(20):
         try:
             _meta.create_all(engine)  # CREATE TABLE where missing
@@ -121,7 +110,7 @@ def open_engine(url: str | None) -> sa.Engine:
                 continue
             if not isinstance(exc, IntegrityError):  # unreachable server, refused login, not a database...
                 reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-                raise ValueError(f"--storage {redact(url)}: cannot use the claims database: {reason}") from None
+                raise InputError(f"--storage {redact(url)}: cannot use the claims database: {reason}") from None
             raise
     return engine
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hrtem_core.cli import positive_float, positive_int, run_command
+from hrtem_core.cli import ArgumentParser, check_port_free, port, positive_float, positive_int, run_command
 from hrtem_core.errors import InputError
 
 
@@ -13,10 +13,11 @@ def _cmd_train(args) -> int:
     from mlplatform.config import load_config
     from mlplatform.train import train
 
-    config = load_config(args.config, args.set or [])
+    overrides = [*(args.set or []), *(["data.skip_bad_shards=true"] if args.skip_bad_shards else [])]
+    config = load_config(args.config, overrides)
     phase = "finetune" if args.command == "finetune" else "pretrain"
     run_id = train(config, phase=phase, init_from=getattr(args, "init_from", None), tracking_uri=args.tracking_uri,
-                   progress=not args.quiet)
+                   progress=not args.quiet, resume=args.resume)
     print(run_id)
     return 0
 
@@ -114,6 +115,7 @@ def _cmd_ui(args) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     ensure_store(uri)
+    check_port_free(args.host, args.port)
     base = f"http://{args.host}:{args.port}"
     client = MlflowClient(uri)
     parent = latest_sweep(client)
@@ -208,7 +210,7 @@ def _queue_options(parser: argparse.ArgumentParser, storage_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description="Train, fine-tune and apply segmentation "
+    p = ArgumentParser(prog="python -m experiments", description="Train, fine-tune and apply segmentation "
                                 "models on curated synthetic HRTEM data, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True)
     tracking = argparse.ArgumentParser(add_help=False)
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--from", dest="init_from", required=True, metavar="RUN_ID|MODEL_URI",
                            help="the model to start from: a run id, runs:/..., models:/... or a model folder")
         t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+        t.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted run (KILLED, FAILED, or left "
+                       "RUNNING by a killed process) from its last epoch's checkpoint, in the same run; give the same "
+                       "--config, --set and --skip-bad-shards as when it started")
+        t.add_argument("--skip-bad-shards", action="store_true", help="leave out shards that differ from their "
+                       "manifest's sha256 or do not decode, recorded in the run (data.skip_bad_shards=true), instead "
+                       "of refusing the dataset")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         t.set_defaults(func=_cmd_train)
     sw = sub.add_parser("sweep", help="subsets x seeds x (pretrain, fine-tune); resumable, parallel",
@@ -256,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--fix", action="store_true", help="give back dead workers' claims and close their runs")
     dr.set_defaults(func=_cmd_doctor)
     ui = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1, on the store the runs used", parents=[tracking])
-    ui.add_argument("--port", type=positive_int, default=5000)
+    ui.add_argument("--port", type=port, default=5000)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.set_defaults(func=_cmd_ui)
     db = sub.add_parser("dashboard", help="optuna-dashboard of a study, on the Optuna storage it lives in")
     db.add_argument("--study", required=True, metavar="NAME", help="the study's name (as in its definition)")
     db.add_argument("--storage", help="the study's Optuna storage, as given to study (default: journal "
                     "mlruns/optuna-journal.log; journal:PATH, sqlite:///PATH or postgresql://...)")
-    db.add_argument("--port", type=positive_int, default=8080)
+    db.add_argument("--port", type=port, default=8080)
     db.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                     "only; the dashboard can change the study: rename, delete, notes)")
     db.set_defaults(func=_cmd_dashboard)
@@ -276,11 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")
     pr.add_argument("--pixel-size", type=positive_float, metavar="A",
                     help="pixel size of the input in Å (default: the model's training pixel size)")
-    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--out", required=True, help="output folder: a new one appears with all outputs, or an existing "
+                    "one gets them added, only once every input was read and predicted (on an error: nothing)")
     pr.set_defaults(func=_cmd_predict)
     return p
 
 
+# the commands that read or write the tracking store whatever their arguments (predict needs it only for a run id or
+# models:/ reference, and checks it then)
+USES_STORE = ("train", "finetune", "sweep", "study", "report", "doctor", "ui", "demo")
+
+
+def _with_store_checked(func):
+    """``func`` after the tracking store was checked (:func:`mlplatform.store.ensure_store`: scheme, database file,
+    driver, a server that answers within a bounded time) — before any config, data or claim is touched."""
+    def checked(args) -> int:
+        from mlplatform.store import ensure_store, resolve_tracking_uri
+
+        ensure_store(resolve_tracking_uri(args.tracking_uri))
+        return func(args)
+    return checked
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
+    return run_command(_with_store_checked(args.func) if args.command in USES_STORE else args.func, args)

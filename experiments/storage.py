@@ -14,6 +14,9 @@ from pathlib import Path
 
 import optuna
 
+from hrtem_core import databases
+from hrtem_core.errors import InputError
+
 HEARTBEAT_S = 10
 # how long a silent worker's trial stays RUNNING before it is failed as stale (longer on slow shared file systems or
 # a loaded machine: a live worker whose trial was failed sees its run end KILLED as superseded)
@@ -30,19 +33,32 @@ def journal_path(url: str | None) -> Path | None:
 
 
 def study_storage(url: str | None):
+    """The Optuna storage ``url`` names (the default journal when None), checked before use: a journal's folder must
+    exist (the default one is created) and the file, if any, be a journal; a database URL goes through
+    :mod:`hrtem_core.databases` (backend, driver, SQLite file, a server that answers within a bounded time)."""
     path = journal_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if url is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            raise InputError(f"--storage {url}: folder {path.parent} does not exist: create it, or give a journal "
+                             "file in an existing folder")
+        elif path.is_dir():
+            raise InputError(f"--storage {url}: {path} is a folder: give a journal file (journal:PATH.log)")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if url.startswith(("sqlite:", "postgresql", "mysql")):
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                # several beats per grace period: a beat delayed by a loaded CPU or a busy SQLite lock must not make
-                # a live worker's trial look stale
-                url, heartbeat_interval=min(HEARTBEAT_S, max(GRACE_S // 6, 1)), grace_period=GRACE_S,
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None)
-    raise ValueError(f"--storage {url!r}: use journal:PATH (a file), sqlite:///PATH or postgresql://...")
+    option, allowed = "--storage", "journal:PATH (a file), sqlite:///PATH.db or postgresql://USER@HOST/DB"
+    if "://" not in url:
+        raise InputError(f"--storage {url!r}: not a study storage; allowed: {allowed}")
+    sqlite = databases.parse(url, option, allowed=allowed).get_backend_name() == "sqlite"
+    connect_args = {"timeout": 60} if sqlite else databases.connect_args(url)
+    databases.check_database(url, option, allowed=allowed, connect_args=connect_args)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            # several beats per grace period: a beat delayed by a loaded CPU or a busy SQLite lock must not make
+            # a live worker's trial look stale
+            url, heartbeat_interval=min(HEARTBEAT_S, max(GRACE_S // 6, 1)), grace_period=GRACE_S,
+            engine_kwargs={"connect_args": connect_args})
 
 
 # the Optuna study name under which ``python -m experiments study`` keeps the study NAME (``experiments.study``)

@@ -10,6 +10,15 @@ from typing import Callable
 from .errors import InputError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error line: a bad option prints the usage, then ``error: <command>: <message>``,
+    and exits 2 (argparse's own form, ``<prog>: error: ...``, is the only other shape an error could take)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog.removeprefix('python -m ')}: {message}\n")
+
+
 def nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -25,6 +34,31 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
+
+
+def port(text: str) -> int:
+    value = nonneg_int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value}")
+    return value
+
+
+def check_port_free(host: str, number: int, option: str = "--port") -> None:
+    """InputError unless a server could listen on ``host:number`` now (checked by binding it, then letting go)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(address)
+        except OSError as exc:
+            why = "is in use" if exc.errno == 98 else f"cannot be used ({exc.strerror})"
+            raise InputError(f"{option} {number}: {host}:{number} {why}: stop what listens there, or give another "
+                             f"{option}") from None
 
 
 def positive_float(text: str) -> float:

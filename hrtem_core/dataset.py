@@ -215,8 +215,12 @@ def iter_tar_samples(path: Location, fields: Iterable[str] | None = None) -> Ite
     With ``fields``, only those members are read (locally the others are seeked over: indexing reads only the
     metadata). A key with none of the wanted fields is not yielded.
     """
-    with _open_tar(path) as tar:
-        yield from _tar_samples(tar, fields)
+    try:
+        with _open_tar(path) as tar:
+            yield from _tar_samples(tar, fields)
+    except (tarfile.TarError, EOFError) as exc:  # truncated, or not a tar at all
+        raise DatasetError(f"shard {path}: unreadable tar ({exc}): the file is truncated or corrupt; "
+                           "`python -m datagen verify` checks the whole dataset") from None
 
 
 def _tar_samples(tar: tarfile.TarFile, fields: Iterable[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -363,6 +367,15 @@ def validate_manifest(manifest, where: Location) -> dict:
         raise DatasetError(f"{where}: 'content_hash' {chash!r} must be 64 lowercase hex digits")
     if not _is_count(manifest.get("n_samples")):
         raise DatasetError(f"{where}: 'n_samples' {manifest.get('n_samples')!r} must be a count (an integer >= 0)")
+    shards = manifest["shards"]
+    if shards and all("samples" in e for e in shards):  # the manifest's own sample list pins its content hash
+        listed = [tuple(s) for e in shards for s in e["samples"]]
+        if len(listed) != manifest["n_samples"]:
+            raise DatasetError(f"{where}: 'n_samples' {manifest['n_samples']} does not match the {len(listed)} "
+                               "samples its shards list: the manifest was edited or is corrupt")
+        if content_hash(listed) != chash:
+            raise DatasetError(f"{where}: 'content_hash' {chash[:16]}… does not match the hash of the samples its "
+                               f"shards list ({content_hash(listed)[:16]}…): the manifest was edited or is corrupt")
     return manifest
 
 

@@ -19,3 +19,8 @@ class ConfigError(InputError):
 
 class DatasetError(InputError):
     """A dataset on disk that is not what its manifest says, or an output folder that cannot be used."""
+
+
+class ServiceError(InputError):
+    """A service the command depends on (tracking server, database, object storage) stopped answering; the message
+    names it, says what was done about the work in progress and what to do."""

@@ -27,11 +27,11 @@ import re
 import threading
 from pathlib import Path
 
-from .files import write_atomic
+from .files import CACHE_ENV, cache_dir, write_atomic
 
 FILE_NAME = "shard-hashes.json"
 VERSION = 1
-ENV = "HRTEM_CACHE_DIR"
+ENV = CACHE_ENV
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SAVE = threading.Lock()  # atomic writes name their temporary file by pid: one saver per process at a time
 
@@ -39,13 +39,8 @@ _SAVE = threading.Lock()  # atomic writes name their temporary file by pid: one 
 def default_path() -> Path | None:
     """``$HRTEM_CACHE_DIR/shard-hashes.json``, else ``~/.cache/hrtem-curation/shard-hashes.json`` (None when there
     is no home folder to put it in)."""
-    folder = os.environ.get(ENV)
-    if folder:
-        return Path(folder).expanduser() / FILE_NAME
-    try:
-        return Path.home() / ".cache" / "hrtem-curation" / FILE_NAME
-    except RuntimeError:  # no HOME, no passwd entry
-        return None
+    folder = cache_dir()
+    return None if folder is None else folder / FILE_NAME
 
 
 def _key(path: str | os.PathLike) -> str:

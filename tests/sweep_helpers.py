@@ -3,6 +3,8 @@
 import yaml
 from mlflow import MlflowClient
 
+from mlplatform.store import ensure_store
+
 
 def write_spec(root, name, spec):
     path = root / name
@@ -19,6 +21,9 @@ def sweep_spec(name, seeds=(0, 1, 2), **extra):
 
 
 def tracked_runs(store, experiment="exp-test", filter_string=""):
+    # through the store's creation lock: a poller that opens a new store while the command under test creates it
+    # would race MLflow's migrations (and crash either side)
+    ensure_store(store)
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string) if exp else []

@@ -22,6 +22,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
+from hrtem_core.files import check_output_folder
+
 from . import analysis, report_html
 from .mlflow_ui import DEFAULT_UI
 from .report_data import (benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep, param_importances,
@@ -112,6 +114,7 @@ def write_report(kind: str, name: str, tracking_uri: str | None, out_dir, method
                          f"and {', '.join(analysis.CORRECTIONS)}")
     if ui_url is not None and _http_url(ui_url) is None:
         raise ValueError(f"ui_url {ui_url!r}: expected the MLflow UI's address, http(s)://HOST[:PORT][/PATH]")
+    check_output_folder(out_dir, "report --out")  # before the queries: a file there is known at once
     if kind == "sweep":
         runs, history = collect_sweep(tracking_uri, name)
         parent_id, uri = runs.attrs["parent_run_id"], runs.attrs["tracking_uri"]

@@ -10,12 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+
+from hrtem_core.databases import CONNECT_TIMEOUT_S, CONNECT_TRIES, check_database, connect_args
+from hrtem_core.errors import InputError
+from hrtem_core.files import cache_dir, write_atomic
 
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # two+ letters so a Windows drive letter is not a scheme
 
@@ -30,14 +35,82 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
     A plain path is taken as a local store: ``x.db`` is the database itself, anything else a folder for mlflow.db.
     """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and has_scheme(uri):
-        return uri
-    db = Path(uri or "mlruns").expanduser().absolute()
-    if db.suffix != ".db":
+    given = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given and has_scheme(given):
+        return given
+    db = Path(given or "mlruns").expanduser().absolute()
+    if db.suffix != ".db" or db.is_dir():
+        if db.exists() and not db.is_dir():
+            raise InputError(f"tracking URI {given}: {db} is a file, not a folder: give a folder (its mlflow.db "
+                             "holds the runs), an existing MLflow .db file, or a URI (sqlite:///, http://...)")
         db = db / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.parent.is_dir():
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"tracking URI {given}: cannot create the folder {db.parent}: {exc.strerror}") from None
     return f"sqlite:///{db}"
+
+
+# what MLflow's HTTP client may spend on one request to a tracking server once the server has answered our check:
+# 4 retries with exponential back-off (about 30 s for a refused connection), each try bounded by 30 s; MLflow's own
+# defaults (7 retries, 120 s) let a run hang for minutes when its server goes away. Set only where the user has not.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+ALLOWED = ("a folder or an MLflow .db file, sqlite:///PATH.db, postgresql://USER@HOST/DB, mysql://USER@HOST/DB, "
+           "or a tracking server http(s)://HOST:PORT")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a tracking URI that cannot work, before anything uses it: an unknown scheme, a database that is not
+    there or whose driver is missing (:mod:`hrtem_core.databases`), a server that does not answer within a bounded
+    time. Each is one InputError naming the URI and what is allowed."""
+    scheme = uri.split(":", 1)[0].lower()
+    kind = scheme.split("+", 1)[0]
+    if kind in DATABASE_SCHEMES:
+        if kind == "sqlite":
+            db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
+            if db is not None and db.name and not db.parent.exists():
+                try:  # a new local store: its folder is created, as for a plain path (and as MLflow does)
+                    db.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise InputError(f"tracking URI {uri}: cannot create the folder {db.parent}: "
+                                     f"{exc.strerror}") from None
+        check_database(uri, "tracking URI", supported=DATABASE_SCHEMES, allowed=ALLOWED,
+                       connect_args={} if kind == "sqlite" else connect_args(uri))
+    elif kind in SERVER_SCHEMES:
+        check_server(uri)
+    elif kind == "file":
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise InputError(f"tracking URI {uri}: MLflow 3 keeps runs in a database, not in plain files: give the "
+                             "folder as a path (its mlflow.db holds the runs) or sqlite:///PATH.db")
+    elif not kind.startswith(("databricks", "uc")):
+        raise InputError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; allowed: {ALLOWED}")
+
+
+def check_server(uri: str) -> None:
+    """The tracking server answers at all (any HTTP status) within CONNECT_TRIES bounded attempts; MLflow's client
+    then reports what the server says."""
+    import time
+
+    import requests
+
+    url, start, last = uri.rstrip("/") + "/health", time.monotonic(), None
+    for attempt in range(CONNECT_TRIES):
+        try:
+            requests.get(url, timeout=CONNECT_TIMEOUT_S)
+            return
+        except requests.exceptions.RequestException as exc:
+            last = exc
+        if attempt < CONNECT_TRIES - 1:
+            time.sleep(1.0 + attempt)
+    cause = "no answer" if isinstance(last, requests.exceptions.Timeout) else "connection refused" if "refused" in \
+        str(last).lower() else type(last).__name__
+    raise InputError(f"tracking URI {uri}: the tracking server does not answer ({cause}) after {CONNECT_TRIES} tries "
+                     f"in {time.monotonic() - start:.0f} s: start it (mlflow server ...), or give another "
+                     "--tracking-uri")
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -57,6 +130,11 @@ def ensure_store(uri: str) -> None:
     opened under an exclusive lock on a file beside it; a PostgreSQL store under an advisory lock; a tracking server
     initialises its own database once.
     """
+    check_tracking_uri(uri)
+    if uri.split(":", 1)[0].lower() in SERVER_SCHEMES:
+        for name, value in HTTP_RETRY_ENV.items():
+            os.environ.setdefault(name, value)
+
     def touch():
         MlflowClient(uri).search_experiments(max_results=1)
 
@@ -80,6 +158,119 @@ def ensure_store(uri: str) -> None:
         engine.dispose()
     else:
         touch()
+    for line in replay_pending_ends(uri):
+        print(line, file=sys.stderr)
+
+
+# -- a store that goes away mid-run -----------------------------------------------------------------------------------
+
+def is_unreachable(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or what it was raised from) says the tracking store could not be reached — a refused or
+    dropped connection, a timeout, MLflow's "Max retries exceeded" — rather than that it refused a request."""
+    import requests
+    import sqlalchemy as sa
+
+    seen = 0
+    while exc is not None and seen < 12:
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                            TimeoutError, sa.exc.OperationalError, sa.exc.InterfaceError)):
+            return True
+        text = str(exc)
+        if "Max retries exceeded" in text or "failed with timeout exception" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+@contextmanager
+def short_http_retries():
+    """MLflow's HTTP client with one quick retry for the duration: for the calls that record why a run ended after
+    its server stopped answering (each would otherwise wait out the full retry budget again)."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+PENDING_ENDS = "pending-run-ends.json"
+
+
+def _pending_file() -> Path | None:
+    folder = cache_dir()
+    return None if folder is None else folder / PENDING_ENDS
+
+
+@contextmanager
+def _pending_locked():
+    """(path, entries) of the pending-ends file under an exclusive lock; entries written back on exit."""
+    import fcntl
+    import json
+
+    path = _pending_file()
+    if path is None:
+        raise OSError("no cache folder (set HRTEM_CACHE_DIR)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(PENDING_ENDS + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entries = json.loads(path.read_text()) if path.exists() else []
+        except (OSError, ValueError):
+            entries = []
+        entries = [e for e in entries if isinstance(e, dict) and {"uri", "run_id", "status", "reason", "time_ms"}
+                   <= set(e)]
+        before = list(entries)
+        yield path, entries
+        if entries != before:
+            write_atomic(path, json.dumps(entries, indent=1).encode())
+
+
+def record_pending_end(uri: str, run_id: str, status: str, reason: str) -> Path:
+    """Keep, on this machine, that run ``run_id`` of the store ``uri`` ended with ``status`` for ``reason`` although
+    the store could not be told; :func:`replay_pending_ends` tells it when a command next reaches that store."""
+    import time
+
+    with _pending_locked() as (path, entries):
+        entries.append({"uri": uri, "run_id": run_id, "status": status, "reason": reason,
+                        "time_ms": int(time.time() * 1000)})
+    return path
+
+
+def replay_pending_ends(uri: str) -> list[str]:
+    """End, in the store ``uri``, the runs this machine could not end there (see :func:`record_pending_end`): a run
+    still RUNNING gets the recorded status, reason (``failure_reason`` tag) and end time; a run that was resumed or
+    ended since keeps what it has. Returns one line per run; never raises for the cache file."""
+    lines = []
+    try:
+        with _pending_locked() as (_, entries):
+            mine = [e for e in entries if e["uri"] == uri]
+            if not mine:
+                return lines
+            client = MlflowClient(uri)
+            for entry in mine:
+                try:
+                    run = client.get_run(entry["run_id"])
+                except mlflow.exceptions.MlflowException as exc:
+                    if is_unreachable(exc):
+                        continue  # keep it for a later command
+                    entries.remove(entry)  # the run is gone (deleted): nothing left to end
+                    continue
+                if run.info.status == "RUNNING":
+                    client.set_tag(entry["run_id"], "failure_reason", entry["reason"])
+                    client.set_terminated(entry["run_id"], entry["status"], end_time=entry["time_ms"])
+                    lines.append(f"run {entry['run_id']}: ended {entry['status']} now that the store answers "
+                                 f"({entry['reason']})")
+                entries.remove(entry)
+    except OSError:
+        pass
+    return lines
 
 
 @contextmanager
@@ -118,5 +309,7 @@ def process_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
-__all__ = ["URI_SCHEME", "has_scheme", "resolve_tracking_uri", "artifact_location", "ensure_store",
+__all__ = ["URI_SCHEME", "has_scheme", "resolve_tracking_uri", "check_tracking_uri", "check_server",
+           "artifact_location", "ensure_store", "is_unreachable", "short_http_retries", "record_pending_end",
+           "replay_pending_ends",
            "quiet_mlflow", "process_tracking_uri"]

@@ -1,0 +1,489 @@
+"""The bad-input suite: every command, fed input it cannot use, says so in one line and changes nothing.
+
+Each case runs the real command line in a fresh folder (its working directory) next to the shared tiny datasets, with
+its own tracking store, sweep claims database and study journal there, and asserts the contract of
+docs/architecture.md "Errors":
+
+* exit status 2;
+* exactly one stderr line that starts with ``error: `` and holds the case's words (what, the value, what is allowed);
+* no Python traceback;
+* nothing left behind: the case folder and the datasets hold exactly the files they held before (a refused
+  ``--out`` is not created, no temporary or partial file survives, the data are not touched);
+* no MLflow run (and no experiment beyond MLflow's Default) in the tracking store, no sweep claim, no study trial.
+
+The cases are a table (``CASES``); with ``BAD_INPUT_TABLE=FILE`` each passing case appends its command, exit status and
+error line to FILE (JSON lines), from which the table of a closing note is made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+
+
+
+def _env() -> dict:
+    """This process's environment at call time (conftest sets HRTEM_CACHE_DIR for the session) without warnings."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # after `python -m`; {ws} the datasets, {tmp} the case folder, {store} its tracking URI
+    words: list[str]  # in the error line (formatted like argv)
+    setup: Callable[[Path, Path], None] | None = None  # (tmp, ws): the bad input, made before the snapshot
+    tracking: bool = True  # append --tracking-uri {store}
+    note: str = field(default="")
+
+
+# -- inputs the cases make -------------------------------------------------------------------------------------------
+
+def _write(rel: str, text: str):
+    def make(tmp: Path, ws: Path):
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return make
+
+
+def _config(rel: str = "c.yaml", drop: tuple[str, ...] = (), **changes):
+    """The workspace's base config with top-level ``changes`` (dotted keys go one level down) and ``drop``ped keys."""
+    def make(tmp: Path, ws: Path):
+        data = yaml.safe_load((ws / "base.yaml").read_text())
+        for key, value in changes.items():
+            if "__" in key:
+                top, sub = key.split("__", 1)
+                data[top][sub] = value
+            else:
+                data[key] = value
+        for key in drop:
+            data.pop(key, None)
+        (tmp / rel).write_text(yaml.safe_dump(data))
+    return make
+
+
+def _copy_dataset(name: str = "train", rel: str = "data"):
+    def make(tmp: Path, ws: Path):
+        shutil.copytree(ws / name, tmp / rel)
+    return make
+
+
+def _both(*makers):
+    def make(tmp: Path, ws: Path):
+        for m in makers:
+            m(tmp, ws)
+    return make
+
+
+def _manifest(edit: Callable[[dict], object], rel: str = "data"):
+    """A copy of the train dataset whose manifest is ``edit(manifest)`` (JSON), or the text it returns."""
+    def make(tmp: Path, ws: Path):
+        _copy_dataset(rel=rel)(tmp, ws)
+        path = tmp / rel / "manifest.json"
+        out = edit(json.loads(path.read_text()))
+        path.write_text(out if isinstance(out, str) else json.dumps(out))
+    return make
+
+
+def _flip_byte(rel: str = "data", shard: str = "shard-000001.tar", offset: int = 1200):
+    def make(tmp: Path, ws: Path):
+        if not (tmp / rel).exists():
+            _copy_dataset(rel=rel)(tmp, ws)
+        path = tmp / rel / shard
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return make
+
+
+def _truncate(rel: str = "data", shard: str = "shard-000001.tar"):
+    def make(tmp: Path, ws: Path):
+        _copy_dataset(rel=rel)(tmp, ws)
+        path = tmp / rel / shard
+        path.write_bytes(path.read_bytes()[:3000])
+    return make
+
+
+def _set_manifest_field(key, value):
+    def edit(m):
+        m[key] = value
+        return m
+    return edit
+
+
+def _shard_field(key, value, index=0):
+    def edit(m):
+        m["shards"][index][key] = value
+        return m
+    return edit
+
+
+def _sweep(rel="s.yaml", **changes):
+    def make(tmp: Path, ws: Path):
+        spec = {"kind": "sweep", "name": "bad", "base": str(ws / "base.yaml"), "seeds": [0],
+                "subsets": [{"name": "all", "set": {}}], **changes}
+        (tmp / rel).write_text(yaml.safe_dump(spec))
+    return make
+
+
+def _study(rel="st.yaml", **changes):
+    def make(tmp: Path, ws: Path):
+        spec = {"kind": "study", "name": "bad", "base": str(ws / "base.yaml"), "n_trials": 1,
+                "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                "objective": {"metric": "ood/mean/dice", "aggregate": "final", "direction": "maximize"}, **changes}
+        (tmp / rel).write_text(yaml.safe_dump(spec))
+    return make
+
+
+def _images(rel="imgs", n=2, shape=(64, 64), bad: Callable[[Path], None] | None = None):
+    """A folder of ``n`` float .npy micrographs (then ``bad(folder)`` adds the bad one)."""
+    def make(tmp: Path, ws: Path):
+        folder = tmp / rel
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            np.save(folder / f"img{i}.npy", rng.random(shape, dtype=np.float32))
+        if bad is not None:
+            bad(folder)
+    return make
+
+
+def _npy_bomb(path: Path):
+    """A .npy whose header claims 200000 x 200000 float32 (160 GB) over a few bytes."""
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (200000, 200000), }"
+    header += " " * (118 - len(header)) + "\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64)
+
+
+def _masks_for(images="imgs", masks="masks", values=(0, 1)):
+    def make(tmp: Path, ws: Path):
+        out = tmp / masks
+        out.mkdir(parents=True, exist_ok=True)
+        for img in sorted((tmp / images).glob("*.npy")):
+            m = np.zeros(np.load(img).shape, np.uint8)
+            m[10:20, 10:20] = values[1]
+            np.save(out / img.name, m)
+    return make
+
+
+def _file(rel: str, data: bytes = b"not what you think\n"):
+    def make(tmp: Path, ws: Path):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    return make
+
+
+def _model_folder(rel="model", weights: bytes | None = b"truncated", metadata: str | None = None):
+    """A model folder (as `predict --model PATH` takes) with broken contents."""
+    def make(tmp: Path, ws: Path):
+        folder = tmp / rel
+        folder.mkdir(parents=True)
+        if weights is not None:
+            (folder / "weights.pt").write_bytes(weights)
+        meta = metadata if metadata is not None else json.dumps(
+            {"preset": "compact", "pixel_size_A": 0.5, "threshold": 0.5,
+             "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}})
+        (folder / "metadata.json").write_text(meta)
+    return make
+
+
+def _busy_port(tmp: Path, ws: Path):
+    pass  # the port is held by the test itself (see test_bad_input)
+
+
+# -- the cases -------------------------------------------------------------------------------------------------------
+
+TRAIN = ["experiments", "train", "--quiet", "--config"]
+GEN = ["datagen", "generate", "--recipe", "tiny", "--n", "2", "--seed", "1"]
+SWEEP = ["experiments", "sweep", "--quiet", "--storage", "sqlite:///{tmp}/claims.db", "--config"]
+STUDY = ["experiments", "study", "--quiet", "--storage", "journal:{tmp}/journal.log", "--config"]
+
+CASES = [
+    # datagen generate: recipes, overrides, output folders
+    Case("generate-unknown-preset", ["datagen", "generate", "--recipe", "nope", "--n", "2", "--seed", "1", "--out",
+                                     "{tmp}/out"], ["nope"], tracking=False),
+    Case("generate-missing-recipe-file", ["datagen", "generate", "--recipe", "{tmp}/missing.yaml", "--n", "2",
+                                          "--seed", "1", "--out", "{tmp}/out"], ["missing.yaml"], tracking=False),
+    Case("generate-unknown-key", [*GEN, "--out", "{tmp}/out", "--set", "structure.particle.radiusX=5"],
+         ["radiusX"], tracking=False),
+    Case("generate-negative-crop", [*GEN, "--out", "{tmp}/out", "--set", "imaging.crop_px=-5"],
+         ["imaging.crop_px", "-5"], tracking=False),
+    Case("generate-set-without-equals", [*GEN, "--out", "{tmp}/out", "--set", "imaging.crop_px"],
+         ["imaging.crop_px", "key=value"], tracking=False),
+    Case("generate-n-zero", ["datagen", "generate", "--recipe", "tiny", "--n", "0", "--seed", "1", "--out",
+                             "{tmp}/out"], ["--n", ">= 1"], tracking=False),
+    Case("generate-negative-seed", ["datagen", "generate", "--recipe", "tiny", "--n", "2", "--seed", "-1", "--out",
+                                    "{tmp}/out"], ["--seed"], tracking=False),
+    Case("generate-out-is-a-file", [*GEN, "--out", "{tmp}/afile"], ["afile", "file"], _file("afile"),
+         tracking=False),
+    Case("generate-out-holds-other-files", [*GEN, "--out", "{tmp}/full"], ["full"],
+         _file("full/notes.txt"), tracking=False),
+    Case("generate-recipe-duplicate-key", ["datagen", "generate", "--recipe", "{tmp}/r.yaml", "--n", "2", "--seed",
+                                           "1", "--out", "{tmp}/out"], ["given twice"],
+         _write("r.yaml", "base: tiny\nimaging:\n  crop_px: 64\n  crop_px: 96\n"), tracking=False),
+    Case("generate-recipe-not-a-mapping", ["datagen", "generate", "--recipe", "{tmp}/r.yaml", "--n", "2", "--seed",
+                                           "1", "--out", "{tmp}/out"], ["r.yaml"],
+         _write("r.yaml", "- just\n- a list\n"), tracking=False),
+    Case("generate-zero-workers", [*GEN, "--out", "{tmp}/out", "--workers", "0"], ["--workers", ">= 1"],
+         tracking=False),
+    Case("generate-scheduler-refused", [*GEN, "--out", "{tmp}/out", "--scheduler", "tcp://127.0.0.1:9"],
+         ["127.0.0.1:9"], tracking=False),
+    # datagen import
+    Case("import-missing-images", ["datagen", "import", "--images", "{tmp}/nothing", "--masks", "{tmp}/nothing",
+                                   "--pixel-size", "0.5", "--out", "{tmp}/out"], ["nothing"], tracking=False),
+    Case("import-mask-missing", ["datagen", "import", "--images", "{tmp}/imgs", "--masks", "{tmp}/masks",
+                                 "--pixel-size", "0.5", "--out", "{tmp}/out"], ["img1"],
+         _both(_images(n=2), _masks_for(), lambda tmp, ws: (tmp / "masks" / "img1.npy").unlink()), tracking=False),
+    Case("import-mask-values", ["datagen", "import", "--images", "{tmp}/imgs", "--masks", "{tmp}/masks",
+                                "--pixel-size", "0.5", "--out", "{tmp}/out"], ["img0", "7"],
+         _both(_images(n=1), _masks_for(values=(0, 7))), tracking=False),
+    Case("import-zero-pixel-size", ["datagen", "import", "--images", "{tmp}/imgs", "--masks", "{tmp}/masks",
+                                    "--pixel-size", "0", "--out", "{tmp}/out"], ["--pixel-size", "> 0"],
+         _both(_images(n=1), _masks_for()), tracking=False),
+    Case("import-npy-bomb", ["datagen", "import", "--images", "{tmp}/imgs", "--masks", "{tmp}/masks",
+                             "--pixel-size", "0.5", "--out", "{tmp}/out"], ["big.npy"],
+         _both(_images(n=1), _masks_for(), lambda tmp, ws: _npy_bomb(tmp / "imgs" / "big.npy")), tracking=False),
+    Case("import-out-is-a-file", ["datagen", "import", "--images", "{tmp}/imgs", "--masks", "{tmp}/masks",
+                                  "--pixel-size", "0.5", "--out", "{tmp}/afile"], ["afile"],
+         _both(_images(n=1), _masks_for(), _file("afile")), tracking=False),
+    # datagen verify / info / show
+    Case("verify-missing-folder", ["datagen", "verify", "{tmp}/nothing"], ["nothing"], tracking=False),
+    Case("verify-no-manifest", ["datagen", "verify", "{tmp}/data"], ["manifest"],
+         _both(_copy_dataset(), lambda tmp, ws: (tmp / "data" / "manifest.json").unlink()), tracking=False),
+    Case("verify-manifest-not-json", ["datagen", "verify", "{tmp}/data"], ["manifest"],
+         _manifest(lambda m: "{not json"), tracking=False),
+    Case("verify-manifest-a-list", ["datagen", "verify", "{tmp}/data"], ["manifest"],
+         _manifest(lambda m: "[1, 2]"), tracking=False),
+    Case("verify-manifest-without-shards", ["datagen", "verify", "{tmp}/data"], ["shards"],
+         _manifest(lambda m: {k: v for k, v in m.items() if k != "shards"}), tracking=False),
+    Case("verify-shard-outside-dataset", ["datagen", "verify", "{tmp}/data"], ["../outside.tar"],
+         _manifest(_shard_field("name", "../outside.tar")), tracking=False),
+    Case("verify-bad-digest-format", ["datagen", "verify", "{tmp}/data"], ["sha256"],
+         _manifest(_shard_field("sha256", "xyz")), tracking=False),
+    Case("verify-flipped-byte", ["datagen", "verify", "{tmp}/data"], ["shard-000001.tar"],
+         _both(_copy_dataset(), _flip_byte()), tracking=False),
+    Case("verify-deleted-shard", ["datagen", "verify", "{tmp}/data"], ["shard-000002.tar"],
+         _both(_copy_dataset(), lambda tmp, ws: (tmp / "data" / "shard-000002.tar").unlink()), tracking=False),
+    Case("info-truncated-shard", ["datagen", "info", "{tmp}/data"], ["shard-000001.tar"], _truncate(),
+         tracking=False),
+    Case("show-truncated-shard", ["datagen", "show", "{tmp}/data", "--out", "{tmp}/sheet.png"],
+         ["shard-000001.tar"], _truncate(), tracking=False),
+    Case("show-out-is-a-folder", ["datagen", "show", "{ws}/bench", "--out", "{tmp}/adir"], ["{tmp}/adir"],
+         lambda tmp, ws: (tmp / "adir").mkdir(), tracking=False),
+    Case("show-n-zero", ["datagen", "show", "{ws}/bench", "--out", "{tmp}/sheet.png", "--n", "0"], ["--n"],
+         tracking=False),
+    # experiments train: configs
+    Case("train-missing-config", [*TRAIN, "{tmp}/missing.yaml"], ["missing.yaml"]),
+    Case("train-config-not-yaml", [*TRAIN, "{tmp}/c.yaml"], ["c.yaml"], _write("c.yaml", "seed: [unclosed\n")),
+    Case("train-config-not-a-mapping", [*TRAIN, "{tmp}/c.yaml"], ["c.yaml"], _write("c.yaml", "42\n")),
+    Case("train-unknown-key", [*TRAIN, "{tmp}/c.yaml"], ["learning_rate"], _config(learning_rate=0.1)),
+    Case("train-missing-data", [*TRAIN, "{tmp}/c.yaml"], ["data"], _config(drop=("data",))),
+    Case("train-set-unknown-key", [*TRAIN, "{ws}/base.yaml", "--set", "optim.lrr=0.1"], ["optim.lrr"]),
+    Case("train-set-bad-number", [*TRAIN, "{ws}/base.yaml", "--set", "optim.lr=fast"], ["optim.lr", "fast"]),
+    Case("train-negative-epochs", [*TRAIN, "{ws}/base.yaml", "--set", "epochs=-1"], ["epochs", "-1"]),
+    Case("train-lr-infinite", [*TRAIN, "{ws}/base.yaml", "--set", "optim.lr=.inf"], ["optim.lr", "finite"]),
+    Case("train-epochs-boolean", [*TRAIN, "{ws}/base.yaml", "--set", "epochs=true"], ["epochs", "true/false"]),
+    Case("train-data-path-missing", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.path={tmp}/nothing"],
+         ["{tmp}/nothing"]),
+    Case("train-filter-syntax", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.filter=imaging.defocus_A <<"],
+         ["filter"]),
+    Case("train-filter-unknown-field", [*TRAIN, "{ws}/base.yaml", "--set",
+                                        "data.train.0.filter=imaging.no_such_field > 1"], ["no_such_field"]),
+    Case("train-filter-selects-nothing", [*TRAIN, "{ws}/base.yaml", "--set",
+                                          "data.train.0.filter=imaging.defocus_A > 1e9"], ["filter"]),
+    Case("train-benchmark-missing", [*TRAIN, "{ws}/base.yaml", "--set", "benchmarks.0.path={tmp}/nothing"],
+         ["{tmp}/nothing"]),
+    Case("train-unknown-accelerator", [*TRAIN, "{ws}/base.yaml", "--set", "trainer.accelerator=tpu9"],
+         ["trainer.accelerator", "tpu9"]),
+    Case("train-unknown-precision", [*TRAIN, "{ws}/base.yaml", "--set", "trainer.precision=7"],
+         ["trainer.precision", "7"]),
+    Case("train-crop-larger-than-images", [*TRAIN, "{ws}/base.yaml", "--set", "data.crop_px=512"],
+         ["crop_px", "512"]),
+    Case("train-unknown-model-preset", [*TRAIN, "{ws}/base.yaml", "--set", "model.preset=huge9"],
+         ["model.preset", "huge9"]),
+    Case("train-corrupt-shard", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.path={tmp}/data"],
+         ["shard-000001.tar"], _flip_byte()),
+    Case("train-manifest-outside-name", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.path={tmp}/data"],
+         ["../outside.tar"], _manifest(_shard_field("name", "../outside.tar"))),
+    # experiments train: tracking stores
+    Case("train-tracking-unknown-scheme", [*TRAIN, "{ws}/base.yaml", "--tracking-uri", "foo://bar"],
+         ["tracking URI", "foo", "allowed"], tracking=False),
+    Case("train-tracking-uri-is-a-file", [*TRAIN, "{ws}/base.yaml", "--tracking-uri", "{tmp}/afile"],
+         ["tracking URI", "afile", "is a file"], _file("afile"), tracking=False),
+    Case("train-tracking-not-sqlite", [*TRAIN, "{ws}/base.yaml", "--tracking-uri", "sqlite:///{tmp}/x.db"],
+         ["x.db", "not an SQLite database"], _file("x.db"), tracking=False),
+    Case("train-tracking-server-refused", [*TRAIN, "{ws}/base.yaml", "--tracking-uri", "http://127.0.0.1:{port}"],
+         ["tracking server", "does not answer", "tries"], tracking=False),
+    Case("train-tracking-postgres-refused", [*TRAIN, "{ws}/base.yaml", "--tracking-uri",
+                                             "postgresql://u@127.0.0.1:{port}/db"], ["cannot connect", "tries"],
+         tracking=False),
+    Case("train-tracking-driver-missing", [*TRAIN, "{ws}/base.yaml", "--tracking-uri",
+                                           "postgresql+pg8000://u@127.0.0.1:{port}/db"],
+         ["pg8000", "not installed", "pip install"], tracking=False),
+    Case("train-tracking-file-store", [*TRAIN, "{ws}/base.yaml", "--tracking-uri", "file:{tmp}/fs"],
+         ["tracking URI", "database"], tracking=False),
+    # experiments finetune
+    Case("finetune-unknown-run", ["experiments", "finetune", "--quiet", "--config", "{ws}/base.yaml", "--from",
+                                  RUN_ID], [RUN_ID]),
+    Case("finetune-missing-model-folder", ["experiments", "finetune", "--quiet", "--config", "{ws}/base.yaml",
+                                           "--from", "{tmp}/nothing"], ["nothing"]),
+    Case("finetune-truncated-weights", ["experiments", "finetune", "--quiet", "--config", "{ws}/base.yaml",
+                                        "--from", "{tmp}/model"], ["weights"], _model_folder()),
+    # experiments sweep
+    Case("sweep-storage-unknown-scheme", ["experiments", "sweep", "--quiet", "--storage", "foo://x", "--config",
+                                          "{tmp}/s.yaml"], ["--storage", "foo"], _sweep()),
+    Case("sweep-storage-missing-folder", ["experiments", "sweep", "--quiet", "--storage",
+                                          "sqlite:///{tmp}/no/claims.db", "--config", "{tmp}/s.yaml"],
+         ["--storage", "does not exist"], _sweep()),
+    Case("sweep-storage-not-sqlite", ["experiments", "sweep", "--quiet", "--storage", "sqlite:///{tmp}/x.db",
+                                      "--config", "{tmp}/s.yaml"], ["--storage", "not an SQLite database"],
+         _both(_sweep(), _file("x.db"))),
+    Case("sweep-storage-refused", ["experiments", "sweep", "--quiet", "--storage",
+                                   "postgresql://u@127.0.0.1:{port}/db", "--config", "{tmp}/s.yaml"],
+         ["--storage", "cannot connect"], _sweep()),
+    Case("sweep-subset-selects-nothing", [*SWEEP, "{tmp}/s.yaml"], ["empty", "filter"],
+         _sweep(subsets=[{"name": "all", "set": {}},
+                         {"name": "empty", "set": {"data.train.0.filter": "imaging.defocus_A > 1e9"}}])),
+    Case("sweep-no-seeds", [*SWEEP, "{tmp}/s.yaml"], ["seeds"], _sweep(seeds=[])),
+    Case("sweep-duplicate-subset", [*SWEEP, "{tmp}/s.yaml"], ["all"],
+         _sweep(subsets=[{"name": "all", "set": {}}, {"name": "all", "set": {}}])),
+    Case("sweep-wrong-kind", [*SWEEP, "{tmp}/s.yaml"], ["kind"], _sweep(kind="study")),
+    # experiments study
+    Case("study-journal-missing-folder", ["experiments", "study", "--quiet", "--storage",
+                                          "journal:{tmp}/no/journal.log", "--config", "{tmp}/st.yaml"],
+         ["--storage", "does not exist"], _study()),
+    Case("study-storage-refused", ["experiments", "study", "--quiet", "--storage",
+                                   "postgresql://u@127.0.0.1:{port}/db", "--config", "{tmp}/st.yaml"],
+         ["--storage", "cannot connect"], _study()),
+    Case("study-storage-driver-missing", ["experiments", "study", "--quiet", "--storage", "mysql://u@127.0.0.1/db",
+                                          "--config", "{tmp}/st.yaml"], ["MySQLdb", "not installed"], _study()),
+    Case("study-objective-unknown-benchmark", [*STUDY, "{tmp}/st.yaml"], ["ood/nosuch/dice"],
+         _study(objective={"metric": "ood/nosuch/dice", "aggregate": "final", "direction": "maximize"})),
+    Case("study-bad-search-space", [*STUDY, "{tmp}/st.yaml"], ["optim.lr"],
+         _study(search_space={"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}})),
+    # experiments report / doctor / ui / dashboard / demo
+    Case("report-unknown-sweep", ["experiments", "report", "--sweep", "nosuch", "--out", "{tmp}/rep"], ["nosuch"]),
+    Case("report-out-is-a-file", ["experiments", "report", "--sweep", "nosuch", "--out", "{tmp}/afile"], ["afile"],
+         _file("afile")),
+    Case("doctor-unknown-sweep", ["experiments", "doctor", "--sweep", "nosuch", "--storage",
+                                  "sqlite:///{tmp}/claims.db"], ["nosuch"]),
+    Case("doctor-unknown-study", ["experiments", "doctor", "--study", "nosuch", "--storage",
+                                  "journal:{tmp}/journal.log"], ["nosuch"]),
+    Case("ui-port-out-of-range", ["experiments", "ui", "--port", "70000"], ["port", "70000"]),
+    Case("ui-port-taken", ["experiments", "ui", "--port", "{busy}"], ["{busy}", "in use"]),
+    Case("dashboard-unknown-study", ["experiments", "dashboard", "--study", "nosuch", "--storage",
+                                     "journal:{tmp}/journal.log"], ["nosuch"], tracking=False),
+    Case("demo-out-is-a-file", ["experiments", "demo", "--out", "{tmp}/afile"], ["afile"], _file("afile")),
+    # experiments predict
+    Case("predict-missing-model", ["experiments", "predict", "--model", "{tmp}/nothing", "--input", "{tmp}/imgs",
+                                   "--out", "{tmp}/pred"], ["nothing"], _images(n=1), tracking=False),
+    Case("predict-missing-input", ["experiments", "predict", "--model", "{tmp}/model", "--input", "{tmp}/nothing",
+                                   "--out", "{tmp}/pred"], ["nothing"], _model_folder(), tracking=False),
+    Case("predict-model-metadata-not-json", ["experiments", "predict", "--model", "{tmp}/model", "--input",
+                                             "{tmp}/imgs", "--out", "{tmp}/pred"], ["metadata"],
+         _both(_images(n=1), _model_folder(metadata="{oops")), tracking=False),
+    Case("predict-unknown-run", ["experiments", "predict", "--model", RUN_ID, "--input", "{tmp}/imgs", "--out",
+                                 "{tmp}/pred"], [RUN_ID], _images(n=1)),
+    # benchmarks
+    Case("benchmarks-unknown-section", ["benchmarks", "--only", "z"], ["z"], tracking=False),
+]
+
+
+# -- running a case --------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listing(*roots: Path) -> set[str]:
+    return {str(p) for root in roots for p in root.rglob("*")}
+
+
+def _rows(db: Path, table: str, where: str = "") -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        if not con.execute("select 1 from sqlite_master where name = ?", (table,)).fetchone():
+            return 0
+        return con.execute(f"select count(*) from {table} {where}").fetchone()[0]
+
+
+def run_case(case: Case, tmp: Path, ws: Path, busy_port: int) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``case`` in ``tmp``; returns the process and what it left (new/removed files, runs, experiments...)."""
+    fmt = {"ws": ws, "tmp": tmp, "store": f"sqlite:///{tmp}/mlflow.db", "port": _free_port(), "busy": busy_port}
+    if case.setup is not None:
+        case.setup(tmp, ws)
+    argv = [a.format(**fmt) for a in case.argv]
+    if case.tracking:
+        argv += ["--tracking-uri", fmt["store"]]
+    before = _listing(tmp, ws)
+    res = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=_env(), cwd=tmp,
+                         timeout=300)
+    after = _listing(tmp, ws)
+    store = tmp / "mlflow.db"
+    left = {
+        "new": sorted(after - before - {str(store), f"{store}.init-lock", str(tmp / "mlruns"),
+                                        str(tmp / "mlruns" / "mlflow.db"), str(tmp / "mlruns" / "mlflow.db.init-lock"),
+                                        str(tmp / "claims.db")}),
+        "gone": sorted(before - after),
+        "runs": _rows(store, "runs") + _rows(tmp / "mlruns" / "mlflow.db", "runs"),
+        "experiments": _rows(store, "experiments", "where name != 'Default'"),
+        "claims": _rows(tmp / "claims.db", "sweep_units"),
+        "journal": (tmp / "journal.log").stat().st_size if (tmp / "journal.log").exists() else 0,
+    }
+    return res, left
+
+
+def check(case: Case, res: subprocess.CompletedProcess, left: dict, fmt: dict) -> str:
+    """The error line when the case kept the contract; AssertionError naming what broke it otherwise."""
+    detail = f"{case.id}: rc={res.returncode}\nstderr: {res.stderr[-3000:]}\nstdout: {res.stdout[-1000:]}"
+    assert res.returncode == 2, detail
+    assert "Traceback" not in res.stderr, detail
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, detail
+    for word in case.words:
+        assert word.format(**fmt) in errors[0], (word.format(**fmt), errors[0])
+    assert not left["new"] and not left["gone"], (case.id, left)
+    assert left["runs"] == 0 and left["experiments"] == 0 and left["claims"] == 0 and left["journal"] == 0, \
+        (case.id, left)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def busy_port():
+    """A port something listens on (for the "port taken" cases)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield s.getsockname()[1]
+
+
+def test_the_suite_is_large_enough():
+    assert len(CASES) >= 60
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, workspace, busy_port):
+    res, left = run_case(case, tmp_path, workspace, busy_port)
+    line = check(case, res, left, {"ws": workspace, "tmp": tmp_path, "busy": busy_port})
+    if os.environ.get("BAD_INPUT_TABLE"):  # the outcomes, for the table in notes and reviews
+        with open(os.environ["BAD_INPUT_TABLE"], "a") as fh:
+            fh.write(json.dumps({"case": case.id, "command": " ".join(case.argv[:2]), "exit": res.returncode,
+                                 "error": line.replace(str(tmp_path), "TMP").replace(str(workspace), "WS")}) + "\n")
