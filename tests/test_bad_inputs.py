@@ -1,6 +1,6 @@
 """The bad-input suite: every command, fed input it cannot use, says so in one line and changes nothing.
 
-Each case runs the real command line in a fresh folder (its working directory) next to the shared tiny datasets, with
+Each case runs the command line (its ``main``, in a process of its own: :class:`ForkServer`) in a fresh folder (its working directory) next to the shared tiny datasets, with
 its own tracking store, sweep claims database and study journal there, and asserts the contract of
 docs/architecture.md "Errors":
 
@@ -405,6 +405,38 @@ CASES = [
 
 # -- running a case --------------------------------------------------------------------------------------------------
 
+class ForkServer:
+    """Runs ``python -m <argv>`` through ``tests/cli_forkserver.py``: the same ``main(argv)`` in a process of its own,
+    without paying the interpreter start and the torch/MLflow/Lightning imports per case (about 3 s each), which is
+    what lets the suite hold ~90 cases and stay a small part of CI. ``BAD_INPUT_SUBPROCESS=1`` runs real ``python -m``
+    processes instead (slower, same results)."""
+
+    def __init__(self):
+        self.proc = None
+        if os.environ.get("BAD_INPUT_SUBPROCESS") != "1":
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+            assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def run(self, argv: list[str], cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        if self.proc is None:
+            return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=_env(),
+                                  cwd=cwd, timeout=timeout_s)
+        out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"  # outside the case folder
+        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                                          "timeout_s": timeout_s}) + "\n")
+        self.proc.stdin.flush()
+        code = json.loads(self.proc.stdout.readline())["exit"]
+        if code == -9:
+            raise subprocess.TimeoutExpired(argv, timeout_s)
+        return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -424,7 +456,8 @@ def _rows(db: Path, table: str, where: str = "") -> int:
         return con.execute(f"select count(*) from {table} {where}").fetchone()[0]
 
 
-def run_case(case: Case, tmp: Path, ws: Path, busy_port: int) -> tuple[subprocess.CompletedProcess, dict]:
+def run_case(case: Case, tmp: Path, ws: Path, busy_port: int, cli: ForkServer) -> tuple[subprocess.CompletedProcess,
+                                                                                        dict]:
     """Run ``case`` in ``tmp``; returns the process and what it left (new/removed files, runs, experiments...)."""
     fmt = {"ws": ws, "tmp": tmp, "store": f"sqlite:///{tmp}/mlflow.db", "port": _free_port(), "busy": busy_port}
     if case.setup is not None:
@@ -433,8 +466,7 @@ def run_case(case: Case, tmp: Path, ws: Path, busy_port: int) -> tuple[subproces
     if case.tracking:
         argv += ["--tracking-uri", fmt["store"]]
     before = _listing(tmp, ws)
-    res = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=_env(), cwd=tmp,
-                         timeout=300)
+    res = cli.run(argv, tmp)
     after = _listing(tmp, ws)
     store = tmp / "mlflow.db"
     left = {
@@ -466,6 +498,13 @@ def check(case: Case, res: subprocess.CompletedProcess, left: dict, fmt: dict) -
 
 
 @pytest.fixture(scope="module")
+def cli():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def busy_port():
     """A port something listens on (for the "port taken" cases)."""
     with socket.socket() as s:
@@ -480,8 +519,8 @@ def test_the_suite_is_large_enough():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, tmp_path, workspace, busy_port):
-    res, left = run_case(case, tmp_path, workspace, busy_port)
+def test_bad_input(case, tmp_path, workspace, busy_port, cli):
+    res, left = run_case(case, tmp_path, workspace, busy_port, cli)
     line = check(case, res, left, {"ws": workspace, "tmp": tmp_path, "busy": busy_port})
     if os.environ.get("BAD_INPUT_TABLE"):  # the outcomes, for the table in notes and reviews
         with open(os.environ["BAD_INPUT_TABLE"], "a") as fh:
