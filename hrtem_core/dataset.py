@@ -99,7 +99,19 @@ def load_npy(data: bytes, what: str = "array") -> np.ndarray:
     and member) when they are not one: no magic, a header numpy cannot parse, truncated data."""
     if not data.startswith(NPY_MAGIC):
         raise DatasetError(f"{what}: not a .npy array (its {len(data)} bytes do not start with the .npy magic)")
+    stream = io.BytesIO(data)
     try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} is not one numpy writes for data (1.0, 2.0)")
+        shape, _, dtype = read_header(stream)
+        # the header's size against the bytes there are, before numpy allocates what the header claims
+        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if dtype.hasobject or needed > len(data) - stream.tell():
+            raise ValueError(f"its header claims {shape} {dtype} ({needed} bytes) but {len(data) - stream.tell()} "
+                             "bytes follow it" if not dtype.hasobject else "object arrays are not data")
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError) as exc:
         raise DatasetError(f"{what}: not a valid .npy array ({' '.join(str(exc).split())})") from None

@@ -118,6 +118,35 @@ def _truncate(rel: str = "data", shard: str = "shard-000001.tar"):
     return make
 
 
+def _bomb_member(rel: str = "data", shard: str = "shard-000001.tar"):
+    """A copy of the train dataset whose shard holds an image .npy claiming 160 GB, with the shard's sha256 updated in
+    the manifest (so that only decoding can find it)."""
+    def make(tmp: Path, ws: Path):
+        import hashlib
+        import io
+        import tarfile
+
+        _copy_dataset(rel=rel)(tmp, ws)
+        path, bomb = tmp / rel / shard, tmp / "bomb.npy"
+        _npy_bomb(bomb)
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w") as tar:
+            done = False
+            for m, data in members:
+                if not done and m.name.endswith(".image.npy"):
+                    data, done = bomb.read_bytes(), True
+                m.size = len(data)
+                tar.addfile(m, io.BytesIO(data))
+        bomb.unlink()
+        manifest = json.loads((tmp / rel / "manifest.json").read_text())
+        for entry in manifest["shards"]:
+            if entry["name"] == shard:
+                entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        (tmp / rel / "manifest.json").write_text(json.dumps(manifest))
+    return make
+
+
 def _set_manifest_field(key, value):
     def edit(m):
         m[key] = value
@@ -278,6 +307,8 @@ CASES = [
          _both(_copy_dataset(), _flip_byte()), tracking=False),
     Case("verify-deleted-shard", ["datagen", "verify", "{tmp}/data"], ["shard-000002.tar"],
          _both(_copy_dataset(), lambda tmp, ws: (tmp / "data" / "shard-000002.tar").unlink()), tracking=False),
+    Case("verify-npy-bomb-in-shard", ["datagen", "verify", "{tmp}/data"], ["shard-000001.tar", "header claims"],
+         _bomb_member(), tracking=False),
     Case("info-truncated-shard", ["datagen", "info", "{tmp}/data"], ["shard-000001.tar"], _truncate(),
          tracking=False),
     Case("show-truncated-shard", ["datagen", "show", "{tmp}/data", "--out", "{tmp}/sheet.png"],
@@ -526,3 +557,24 @@ def test_bad_input(case, tmp_path, workspace, busy_port, cli):
         with open(os.environ["BAD_INPUT_TABLE"], "a") as fh:
             fh.write(json.dumps({"case": case.id, "command": " ".join(case.argv[:2]), "exit": res.returncode,
                                  "error": line.replace(str(tmp_path), "TMP").replace(str(workspace), "WS")}) + "\n")
+
+
+def test_a_sample_that_only_decoding_finds_bad_fails_the_run_naming_it(tmp_path, workspace, busy_port, cli):
+    """The one bad input found after the run exists, by design: a shard whose bytes match the manifest's sha256 but
+    whose sample does not decode (here an image .npy whose header claims 160 GB). Finding it before the run would
+    take a second, decoding pass over every shard (``--skip-bad-shards`` makes that pass). The command still says so
+    in one line (exit 2, no traceback, no allocation of what the header claims), and its run ends FAILED with the
+    shard and sample as the reason: nothing is left RUNNING and no model is logged."""
+    from mlflow import MlflowClient
+
+    case = Case("train-npy-bomb-in-shard", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.path={tmp}/data"],
+                ["shard-000001.tar", "header claims"], _bomb_member())
+    res, left = run_case(case, tmp_path, workspace, busy_port, cli)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "shard-000001.tar" in errors[0] and "header claims" in errors[0], res.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("exp-test").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "shard-000001.tar" in runs[0].data.tags["failure_reason"]
+    assert not client.search_logged_models([runs[0].info.experiment_id])
