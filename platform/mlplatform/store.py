@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from hrtem_core.databases import CONNECT_TIMEOUT_S, CONNECT_TRIES, check_database, connect_args
+from hrtem_core.databases import CONNECT_TIMEOUT_S, CONNECT_TRIES, check_database, connect_args, redact
 from hrtem_core.errors import InputError
 from hrtem_core.files import cache_dir, write_atomic
 
@@ -87,7 +87,7 @@ def check_tracking_uri(uri: str) -> None:
             raise InputError(f"tracking URI {uri}: MLflow 3 keeps runs in a database, not in plain files: give the "
                              "folder as a path (its mlflow.db holds the runs) or sqlite:///PATH.db")
     elif not kind.startswith(("databricks", "uc")):
-        raise InputError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; allowed: {ALLOWED}")
+        raise InputError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r}; allowed: {ALLOWED}")
 
 
 def check_server(uri: str) -> None:
@@ -108,7 +108,7 @@ def check_server(uri: str) -> None:
             time.sleep(1.0 + attempt)
     cause = "no answer" if isinstance(last, requests.exceptions.Timeout) else "connection refused" if "refused" in \
         str(last).lower() else type(last).__name__
-    raise InputError(f"tracking URI {uri}: the tracking server does not answer ({cause}) after {CONNECT_TRIES} tries "
+    raise InputError(f"tracking URI {redact(uri)}: the tracking server does not answer ({cause}) after {CONNECT_TRIES} tries "
                      f"in {time.monotonic() - start:.0f} s: start it (mlflow server ...), or give another "
                      "--tracking-uri")
 
