@@ -9,6 +9,8 @@ import tarfile
 
 import pytest
 
+from hrtem_core.errors import InputError
+
 from mlplatform.curation import (CurationError, FilterError, SampleRecord, compile_filter, known_fields,
                                  scan_dataset, select, split_by_structure, subset_name)
 
@@ -71,8 +73,9 @@ def test_scan_errors_name_the_problem(ds, tmp_path):
     shutil.copytree(ds, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps(dict(manifest, n_samples=13)))
-    with pytest.raises(CurationError, match="12 samples in the shards, manifest says 13"):
-        scan_dataset(bad)
+    with pytest.raises(InputError, match="'n_samples' 13 does not match the 12 samples its shards list"):
+        scan_dataset(bad)  # the manifest is checked against itself before any shard is opened
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     (bad / "shard-000001.tar").write_bytes(b"\0garbage" * 100)
     with pytest.raises(CurationError, match="shard-000001.tar"):
         scan_dataset(bad)
