@@ -147,11 +147,7 @@ def check_database(url: str, option: str, **kwargs) -> None:
 def connect_args(url: str) -> dict:
     """A bounded connection timeout for the server backends (none for SQLite, whose lock wait is separate)."""
     name = url.split(":", 1)[0].split("+", 1)[0].lower()
-    if name in ("postgresql", "postgres"):
-        return {"connect_timeout": CONNECT_TIMEOUT_S}
-    if name == "mysql":
-        return {"connect_timeout": CONNECT_TIMEOUT_S}
-    return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S} if name in ("postgresql", "postgres", "mysql") else {}
 
 
 __all__ = ["SQLITE_HEADER", "CONNECT_TRIES", "CONNECT_TIMEOUT_S", "redact", "parse", "check_sqlite_file",

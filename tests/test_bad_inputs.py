@@ -24,13 +24,15 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
 import yaml
+
+from benchmarks.services import free_loopback_port
 
 
 
@@ -47,7 +49,6 @@ class Case:
     words: list[str]  # in the error line (formatted like argv)
     setup: Callable[[Path, Path], None] | None = None  # (tmp, ws): the bad input, made before the snapshot
     tracking: bool = True  # append --tracking-uri {store}
-    note: str = field(default="")
 
 
 # -- inputs the cases make -------------------------------------------------------------------------------------------
@@ -147,13 +148,6 @@ def _bomb_member(rel: str = "data", shard: str = "shard-000001.tar"):
     return make
 
 
-def _set_manifest_field(key, value):
-    def edit(m):
-        m[key] = value
-        return m
-    return edit
-
-
 def _shard_field(key, value, index=0):
     def edit(m):
         m["shards"][index][key] = value
@@ -228,10 +222,6 @@ def _model_folder(rel="model", weights: bytes | None = b"truncated", metadata: s
              "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}})
         (folder / "metadata.json").write_text(meta)
     return make
-
-
-def _busy_port(tmp: Path, ws: Path):
-    pass  # the port is held by the test itself (see test_bad_input)
 
 
 # -- the cases -------------------------------------------------------------------------------------------------------
@@ -468,12 +458,6 @@ class ForkServer:
             self.proc.wait(timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listing(*roots: Path) -> set[str]:
     return {str(p) for root in roots for p in root.rglob("*")}
 
@@ -490,7 +474,7 @@ def _rows(db: Path, table: str, where: str = "") -> int:
 def run_case(case: Case, tmp: Path, ws: Path, busy_port: int, cli: ForkServer) -> tuple[subprocess.CompletedProcess,
                                                                                         dict]:
     """Run ``case`` in ``tmp``; returns the process and what it left (new/removed files, runs, experiments...)."""
-    fmt = {"ws": ws, "tmp": tmp, "store": f"sqlite:///{tmp}/mlflow.db", "port": _free_port(), "busy": busy_port}
+    fmt = {"ws": ws, "tmp": tmp, "store": f"sqlite:///{tmp}/mlflow.db", "port": free_loopback_port(), "busy": busy_port}
     if case.setup is not None:
         case.setup(tmp, ws)
     argv = [a.format(**fmt) for a in case.argv]

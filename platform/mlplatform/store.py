@@ -44,12 +44,17 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             raise InputError(f"tracking URI {given}: {db} is a file, not a folder: give a folder (its mlflow.db "
                              "holds the runs), an existing MLflow .db file, or a URI (sqlite:///, http://...)")
         db = db / "mlflow.db"
-    if not db.parent.is_dir():
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"tracking URI {given}: cannot create the folder {db.parent}: {exc.strerror}") from None
+    _store_folder(db.parent, given)
     return f"sqlite:///{db}"
+
+
+def _store_folder(folder: Path, uri: str) -> None:
+    """The folder of a new local store, created (as MLflow does); InputError naming the URI if it cannot be."""
+    if not folder.is_dir():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"tracking URI {uri}: cannot create the folder {folder}: {exc.strerror}") from None
 
 
 # what MLflow's HTTP client may spend on one request to a tracking server once the server has answered our check:
@@ -72,12 +77,8 @@ def check_tracking_uri(uri: str) -> None:
     if kind in DATABASE_SCHEMES:
         if kind == "sqlite":
             db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
-            if db is not None and db.name and not db.parent.exists():
-                try:  # a new local store: its folder is created, as for a plain path (and as MLflow does)
-                    db.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise InputError(f"tracking URI {uri}: cannot create the folder {db.parent}: "
-                                     f"{exc.strerror}") from None
+            if db is not None and db.name:
+                _store_folder(db.parent, redact(uri))  # a new local store, as for a plain path
         check_database(uri, "tracking URI", supported=DATABASE_SCHEMES, allowed=ALLOWED,
                        connect_args={} if kind == "sqlite" else connect_args(uri))
     elif kind in SERVER_SCHEMES:
