@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from selenium.common.exceptions import StaleElementReferenceException
 
 from benchmarks.services import free_loopback_port, stop_process_group
 from sweep_helpers import sweep_spec, write_spec
@@ -117,9 +118,14 @@ def ui_url(ui_sweep, tmp_path_factory):
 
 
 def _wait_for(driver, predicate, what: str):
+    """Poll `predicate` until it returns something true. MLflow's React pages re-render while they load, so an
+    element found a moment ago may be gone: a stale element counts as "not yet" and the predicate runs again."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.5)
@@ -185,9 +191,16 @@ def test_each_subset_shows_its_own_dataset_input_and_the_model_its_final_metric(
     linked = {m.key: m.value for m in model.metrics}
     assert linked["ood/mean/dice"] == final[-1].value  # the epoch it was saved at, not epoch 0
     browser.get(f"{base}/#/experiments/{run.info.experiment_id}/models/{model_id}?workflowType=machine_learning")
-    box = _wait_for(browser, lambda: browser.find_elements("css selector", "input[placeholder='Search metrics']"),
-                    "the model's metrics")
-    box[0].send_keys("ood/mean/dice")
+    def search_metric(name: str) -> bool:
+        # find, type and read back in one try: the box may be re-rendered (and emptied) between any two of these
+        boxes = browser.find_elements("css selector", "input[placeholder='Search metrics']")
+        if not boxes:
+            return False
+        boxes[0].clear()
+        boxes[0].send_keys(name)
+        return boxes[0].get_attribute("value") == name
+
+    _wait_for(browser, lambda: search_metric("ood/mean/dice"), "the model's metrics search box")
     _wait_for(browser, lambda: str(final[-1].value)[:10] in _text(browser),
               f"the model's ood/mean/dice = the run's final {final[-1].value}")
     _shot(browser, "model-page")
@@ -204,9 +217,13 @@ def test_the_sweep_run_describes_the_sweep_and_its_report_renders_inside_mlflow(
     assert "summary/near-focus/finetune/ood_mean_dice" in _text(browser)  # summary metrics on the parent
     browser.get(f"{base}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts/report/"
                 "index.html?workflowType=machine_learning")
-    frame = _wait_for(browser, lambda: browser.find_elements("css selector", "iframe.mlflow-html-iframe"),
-                      "the report in MLflow's HTML view")[0]
-    browser.switch_to.frame(frame)
+    def enter_report() -> bool:
+        frames = browser.find_elements("css selector", "iframe.mlflow-html-iframe")
+        if frames:
+            browser.switch_to.frame(frames[0])
+        return bool(frames)
+
+    _wait_for(browser, enter_report, "the report in MLflow's HTML view")
     try:
         _wait_for(browser, lambda: "Sweep report: ui" in _text(browser), "the report's title")
         sizes = browser.execute_script(
