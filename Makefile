@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= data
+# source archive of Prismatic 2.x for the optional Prismatic backend (make prismatic)
+PRISMATIC_SRC ?= ../shared/vendor/prismatic/prismatic-2.0-src.tar.gz
 
-.PHONY: setup demo smoke smoke-data bench bench-quick test test-fast clean-data
+.PHONY: setup prismatic demo smoke smoke-data bench bench-quick test test-fast clean-data
 
 setup: $(VENV)/.installed
 
@@ -20,6 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'czone==2022.9.20'
 	NO_ALBUMENTATIONS_UPDATE=1 $(PY) -c "import czone, abtem, webdataset, torch, lightning, mlflow, monai, albumentations; print('environment ready: abTEM', abtem.__version__, 'torch', torch.__version__)"
 	touch $@
+
+# Optional: the Prismatic backend (simulation.backend: prismatic). Builds pyprismatic and the prismatic CLI, CPU-only,
+# into .venv from a Prismatic 2.x source archive (~2 min on 2 cores; a rerun with the same archive is a no-op). As
+# root it installs the missing Debian build dependencies itself (tools/build-prismatic.sh says which).
+prismatic: setup
+	@test -f "$(PRISMATIC_SRC)" || { echo "make prismatic: no Prismatic source archive at" \
+	    "PRISMATIC_SRC=$(PRISMATIC_SRC); pass one (make prismatic PRISMATIC_SRC=/path/to/prismatic-2.x-src.tar.gz, e.g. a tarball of" \
+	    "github.com/prism-em/prismatic) or install Prismatic 2.x from conda-forge instead" >&2; exit 2; }
+	bash tools/build-prismatic.sh "$(PRISMATIC_SRC)" "$(abspath $(PY))"  # absolute: the script runs it from its build folder
 
 # main job: a miniature curation study end to end (data -> sweep of pretrain + fine-tune runs -> report).
 # Everything it writes is under demo/ and mlruns/; a second run reuses finished data and cells.

@@ -1,5 +1,6 @@
-"""Data generation: (a) per-sample time and accuracy against plain abTEM, (b) an extra imaging condition against an
-exit-wave simulation, (c) time per multislice slice against the FFT floor.
+"""Data generation: (a) per-sample time and accuracy against plain abTEM, and the Prismatic backend against the abTEM
+backend, (b) an extra imaging condition against an exit-wave simulation, (c) time per multislice slice against the FFT
+floor.
 
 The baseline of (a) is the same pipeline with ``simulation.engine: plain``: abTEM's ``Potential`` +
 ``PlaneWave.multislice`` on the full scene and on the particle-only scene, from scratch, on the same grid, slicing,
@@ -131,6 +132,57 @@ def generation_rows(name: str, overrides: list[str], n_structures: int, workdir:
     return rows, {"factory": fast, "settings": settings}
 
 
+def prismatic_rows(quick: bool, workdir: Path) -> list[Row]:
+    """(a) au-small through the Prismatic backend against the abTEM backend (fast engine), in the same run: time per
+    sample and noise-free image correlation. Both with Kirkland potentials (Prismatic has no other), the same
+    structures, phonon displacements and imaging conditions. Without Prismatic, one row that says why it is skipped."""
+    from datagen.image import ExitWaveLens
+    from datagen.pipeline import SampleFactory, prepare_substrate
+    from datagen.simulate.prismatic import _load_pyprismatic
+
+    name = "au-small"
+    # the substrate settings of the fast-vs-plain au-small rows above, so their czone blocks are reused from the cache;
+    # one structure: Prismatic takes ~9 s per configuration and scene here (2 cores)
+    overrides = ["simulation.n_phonons=2", "structure.substrate.bank_size=1"] if quick else []
+    n_structures = 1
+    try:
+        _load_pyprismatic()
+    except RuntimeError as err:
+        return [Row("a", f"{name}: time per sample (s), abTEM backend vs Prismatic: SKIPPED",
+                    f"{err}; build it with `make prismatic`", None, None, None, "", None, "s")]
+    recipes = {b: _recipe(name, [*overrides, f"simulation.backend={b}", "simulation.parametrization=kirkland"], "fast")
+               for b in ("abtem", "prismatic")}
+    cache = workdir / f"bank-{name}"  # cache names hash what the data depend on (parametrization included)
+    for recipe in recipes.values():
+        prepare_substrate(recipe, SEED, cache)
+    factories = {b: SampleFactory(r, SEED, "bench", cache) for b, r in recipes.items()}
+    for factory in factories.values():
+        _warm_up(factory)
+    n_var = recipes["abtem"].imaging.n_conditions
+    times = {b: [] for b in factories}
+    corr, n_slices = [], []
+    for s in range(n_structures):
+        out = {}
+        for b in (("abtem", "prismatic") if s % 2 == 0 else ("prismatic", "abtem")):
+            seconds, out[b] = timed(factories[b].structure_samples, s, n_var, True)
+            times[b].append(seconds / n_var)
+        (ra, wa), (rp, wp) = out["abtem"], out["prismatic"]
+        n_slices.append(ra[0][2]["simulation"]["n_slices"])
+        energy = recipes["abtem"].simulation.energy_eV
+        lenses = [ExitWaveLens(w[1]["wave.npy"], w[2]["simulation"]["sampling_A"], energy) for w in (wa, wp)]
+        for (_, _, ma), (_, _, mp) in zip(ra, rp):
+            ideal = [noise_free_image(lens, m, recipes["abtem"]) for lens, m in zip(lenses, (ma, mp))]
+            corr.append(float(np.corrcoef(ideal[0].ravel(), ideal[1].ravel())[0, 1]))
+    settings = _settings(recipes["abtem"], n_structures, n_slices) + ", Kirkland"
+    t_abtem, t_prism = median(times["abtem"]), median(times["prismatic"])
+    return [
+        Row("a", f"{name}: time per sample (s), abTEM backend vs Prismatic; ratio = Prismatic / abTEM", settings,
+            t_abtem, t_prism, t_prism / t_abtem, "", None, "s"),
+        Row("a", f"{name}: image correlation abTEM vs Prismatic backend (noise-free, min of {len(corr)})", settings,
+            min(corr), None, min(corr), ">= 0.99", at_least(min(corr), 0.99)),
+    ]
+
+
 def condition_rows(factory, settings: str, repeat: int) -> list[Row]:
     """(b): one more imaging condition (image + mask of a condition, on waves already simulated) against one
     exit-wave simulation (both scenes, all phonons, fast engine) of the same structure."""
@@ -247,6 +299,8 @@ def run(sections: set[str], quick: bool, workdir: Path | None = None) -> list[Ro
                     rows += generated
                 if name == "au-small":
                     small = context
+            if "a" in sections:
+                rows += prismatic_rows(quick, work)
             if "b" in sections and small is not None:
                 rows += condition_rows(small["factory"], small["settings"], 1 if quick else 2)
         if "c" in sections:

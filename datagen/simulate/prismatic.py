@@ -29,9 +29,36 @@ What this module relies on, as read in github.com/prism-em/prismatic (2.x source
   The wave is scaled so that vacuum has amplitude 1, as abTEM's unnormalised plane wave.
 * ``include/meta.h``: the HRTEM tilt window defaults to 0..0 mrad, i.e. the untilted plane wave only.
 * ``src/PRISM02_calcSMatrix.cu`` (HRTEM branch, "center defocus at middle of cell"): before cropping, the wave is
-  multiplied by ``propBack``, ``exp(+i pi lambda (Lz/2) q^2 - i chi)`` in the current CPU source (as quoted in a
-  third-party source audit; chi is zero here: no defocus, C3, C5 or aberration file). The saved wave is therefore
+  multiplied by ``propBack``, ``exp(+i pi lambda (Lz/2) q^2 - i chi)`` (CPU source of 2.0,
+  ``PRISM02_calcSMatrix.cpp``, ``setupCoordinates`` and ``propagatePlaneWave_CPU_batch``; chi is zero here: no
+  defocus, C3, C5 or aberration file). The saved wave is therefore
   referred to the cell mid-plane; :func:`to_exit_plane` propagates it forward by ``Lz/2`` to the exit surface.
+
+What real runs (Prismatic 2.0 built by ``make prismatic``, against our abTEM backend with Kirkland potentials, the same
+atoms, grid and 2 Å slices; 2026-11-28) showed:
+
+* Axis order: Prismatic's (x, y) output transposed to [row=y, col=x] matches abTEM (complex correlation 0.976 as read,
+  0.12 transposed, 0.04 / 0.19 flipped), and an off-centre particle's projected centre lands on ``center_px``
+  (tests/test_prismatic.py).
+* Mid-plane reference, sign and distance: one Au atom at depth 1, 3, 9 or 17 Å in an 18 Å cell matches abTEM best
+  after a forward propagation of exactly ``Lz/2`` (scanned 7-12 Å in 0.5 Å steps; correlation 0.998-0.999 there).
+  For a 7 Å Au particle in that cell: 0.976 forward by Lz/2, 0.80 without propagation, 0.67 backward by Lz/2.
+  ``propBack`` uses ``tiledCellDim[0]``, which is z (``meta.h``: cellDim is z, y, x), and the slices run
+  transmit-then-propagate from our z = 0 like abTEM's, so the output plane is the exit surface minus Lz/2.
+* Band: Prismatic keeps the inner half of its spectrum, a square reaching the exit-wave Nyquist frequency; abTEM's
+  waves stop at its antialiasing disc (2/3 of Nyquist, power beyond it 3e-15). Prismatic put 1e-3 of the wave's
+  power beyond that disc, which lowered the correlation with abTEM from 0.992 to 0.978 for a 7 Å particle;
+  :func:`to_exit_plane` applies abTEM's own antialiasing aperture so both backends hand on the same band.
+* Scale: vacuum comes out at amplitude 1.0000 as abTEM's unnormalised plane wave; no rescaling needed.
+* Reproducibility: two runs on the same atoms differ by up to 1.5e-6 in the wave (amplitude ~1), with
+  ``numThreads`` 1 or 2 alike: the S-matrix propagation plans its FFTs with ``FFTW_MEASURE``
+  (``PRISM02_calcSMatrix.cpp``), whose choice of algorithm varies from run to run. A Prismatic dataset is therefore
+  reproducible to a tolerance, not bit for bit (README, "Prismatic"); ``verify`` checks the stored arrays against the
+  manifest as for any dataset, and a resumed dataset keeps its finished shards, so it stays self-consistent.
+* Side effects: ``go()`` writes ``scratch_param.txt`` into the working directory and ``prismatic_gui_params.txt`` into
+  ``$HOME`` (it needs HOME set). Each backend run works in its own temporary folder, with HOME pointed there when it is
+  unset; the working directory and file descriptors 1/2 belong to the whole process, so runs in threads of one
+  process take turns (:data:`_PROCESS_STATE`); separate worker processes run side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +68,7 @@ import ctypes
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -167,10 +195,13 @@ def _fourier_resize(spectrum: np.ndarray, shape) -> np.ndarray:
     return spectrum
 
 
-def to_exit_plane(wave: np.ndarray, extent_xy, distance_A: float, energy_eV: float, shape) -> np.ndarray:
+def to_exit_plane(wave: np.ndarray, extent_xy, distance_A: float, energy_eV: float, shape,
+                  band_limit: bool = True) -> np.ndarray:
     """Propagate Prismatic's wave ``[row=y, col=x]`` forward by ``distance_A`` (its reference plane lies that far
-    before the exit surface) and resample it onto ``shape`` by Fourier cropping or padding, which happens only when
-    Prismatic's even grid differs from an odd requested one. Both act on the spectrum, so one FFT pair does both.
+    before the exit surface), resample it onto ``shape`` by Fourier cropping or padding (only when Prismatic's even
+    grid differs from an odd requested one) and, with ``band_limit``, keep abTEM's antialiasing disc on that grid (2/3
+    of the Nyquist frequency; Prismatic's own band is a square reaching Nyquist, see the module docstring). All act on
+    the spectrum, so one FFT pair does them all.
     """
     ny, nx = wave.shape
     qy = np.fft.fftfreq(ny, extent_xy[1] / ny)[:, None]
@@ -178,7 +209,36 @@ def to_exit_plane(wave: np.ndarray, extent_xy, distance_A: float, energy_eV: flo
     lam = electron_wavelength_A(energy_eV)
     spectrum = np.fft.fft2(wave) * np.exp(-1j * np.pi * lam * distance_A * (qx ** 2 + qy ** 2))
     spectrum = _fourier_resize(spectrum, shape)
+    if band_limit:
+        from abtem.antialias import antialias_aperture
+
+        # rows are y: the aperture only depends on |q|, so (rows, cols) with (y, x) sampling gives it [row, col]
+        spectrum = spectrum * antialias_aperture(tuple(shape), (extent_xy[1] / shape[0], extent_xy[0] / shape[1]), np)
     return (np.fft.ifft2(spectrum) * (shape[0] * shape[1] / (ny * nx))).astype(np.complex64)
+
+
+_PROCESS_STATE = threading.Lock()
+"""Held while a run has changed what the whole process shares: its working directory, file descriptors 1 and 2,
+and HOME where it was unset."""
+
+
+@contextlib.contextmanager
+def _run_in(folder: Path, log: Path):
+    """The process's working directory in ``folder`` (``go()`` writes ``scratch_param.txt`` there), HOME set to it if
+    unset (``go()`` writes ``$HOME/prismatic_gui_params.txt`` and fails without HOME), and stdout/stderr to ``log``;
+    one thread of the process at a time."""
+    with _PROCESS_STATE:
+        cwd, home_unset = os.getcwd(), not os.environ.get("HOME")
+        if home_unset:
+            os.environ["HOME"] = str(folder)
+        try:
+            os.chdir(folder)
+            with _output_to(log):
+                yield
+        finally:
+            os.chdir(cwd)
+            if home_unset:
+                os.environ.pop("HOME", None)
 
 
 @contextlib.contextmanager
@@ -238,11 +298,15 @@ def _load_pyprismatic():
 
 
 class PrismaticBackend(Backend):
-    """Prismatic HRTEM: one run per frozen-phonon configuration (our displacements), stacked.
+    """Prismatic HRTEM: one run per frozen-phonon configuration, stacked. The displacements are the ones
+    ``simulate`` draws for every backend (``backend.phonon_displacements``, from the sample's seed), written as
+    displaced coordinates with Prismatic's own thermal effects off: the same structure and seed give the abTEM and the
+    Prismatic backend the same atoms.
 
-    Differences from the abTEM backend to keep in mind: Kirkland potentials only; atoms snapped to the nearest
-    potential pixel (half the exit-wave sampling); the band limit is the inner half of the spectrum, a square (abTEM:
-    2/3, a disc); slices are anchored at the entrance face (older 2.x builds: at the first atom met).
+    Differences from the abTEM backend to keep in mind: Kirkland potentials only, each atom's summed within
+    ``potBound`` = 3 Å (masks of Au r = 8 and 20 Å came out 0.2 % and 0.1 % smaller than abTEM's); atoms snapped to the nearest potential pixel (half
+    the exit-wave sampling); the wave is cut to abTEM's band (:func:`to_exit_plane`); slices are anchored at the
+    entrance face (older 2.x builds: at the first atom met); reproducible to ~1e-6, not bit for bit.
     """
 
     name = "prismatic"
@@ -281,13 +345,9 @@ class PrismaticBackend(Backend):
             if not _has(meta, key):
                 raise RuntimeError(f"the installed pyprismatic {self.version} has no parameter {key!r}")
             setattr(meta, key, value)
-        log, cwd = folder / "prismatic.log", os.getcwd()
-        try:
-            os.chdir(folder)  # go() writes scratch_param.txt into the working directory
-            with _output_to(log):
-                meta.go()
-        finally:
-            os.chdir(cwd)
+        log = folder / "prismatic.log"
+        with _run_in(folder, log):
+            meta.go()
         if not Path(params["filenameOutput"]).is_file():
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:]) if log.exists() else ""
             raise RuntimeError(f"Prismatic wrote no output file {params['filenameOutput']}; end of its log:\n{tail}")
