@@ -93,6 +93,14 @@ class LogUniform(_Dist):
         return (self.low, self.high)
 
 
+def _check_weights(weights: list[float] | None, n_values: int) -> None:
+    if weights is not None:
+        if len(weights) != n_values:
+            raise ValueError(f"choice needs one weight per value, got {len(weights)} weights for {n_values} values")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"choice weights must be >= 0 with a positive sum, got {weights}")
+
+
 class Choice(_Dist):
     """One of ``values`` (optionally weighted), plus optional Gaussian jitter of std ``jitter_std``.
 
@@ -107,13 +115,7 @@ class Choice(_Dist):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.weights is not None:
-            if len(self.weights) != len(self.values):
-                raise ValueError(
-                    f"choice needs one weight per value, got {len(self.weights)} weights for {len(self.values)} values"
-                )
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise ValueError(f"choice weights must be >= 0 with a positive sum, got {self.weights}")
+        _check_weights(self.weights, len(self.values))
         return self
 
     def sample(self, rng: np.random.Generator) -> float:
@@ -129,8 +131,28 @@ class Choice(_Dist):
         return (min(self.values), max(self.values))
 
 
+class Category(_Dist):
+    """One of the strings ``values`` (optionally weighted): a categorical recipe value such as a particle's shape or
+    element, e.g. ``{dist: choice, values: [Au, Pt, Pd, Ag]}``. Drawn like :class:`Choice` (one ``rng.choice``)."""
+
+    dist: Literal["choice"]
+    values: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_weights(self.weights, len(self.values))
+        return self
+
+    def sample(self, rng: np.random.Generator) -> str:
+        p = None if self.weights is None else np.asarray(self.weights, float) / sum(self.weights)
+        return self.values[int(rng.choice(len(self.values), p=p))]
+
+
 Distribution = Annotated[Union[Uniform, Normal, TruncNormal, LogUniform, Choice], Field(discriminator="dist")]
 Param = Union[float, Distribution]
+Categorical = Union[str, Category]
+"""A string recipe value: fixed, or drawn with :class:`Category`."""
 
 
 def sample(param: Param, rng: np.random.Generator) -> float:
@@ -144,3 +166,13 @@ def bounds(param: Param) -> tuple[float, float]:
     if isinstance(param, (int, float)):
         return (float(param), float(param))
     return param.bounds()
+
+
+def sample_category(param: Categorical, rng: np.random.Generator) -> str:
+    """Draw one value of a categorical ``param``; a fixed string consumes no randomness."""
+    return param if isinstance(param, str) else param.sample(rng)
+
+
+def categories(param: Categorical) -> list[str]:
+    """Every value a categorical ``param`` can take."""
+    return [param] if isinstance(param, str) else list(param.values)

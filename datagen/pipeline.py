@@ -162,8 +162,13 @@ class SampleFactory:
         tv0 = time.perf_counter()
         cond = image_stage.draw_condition(r.imaging, vs)
         intensity = structure.lens.intensity(cond)
-        crop = image_stage.choose_crop(r, r.image_grid_px, structure.centre_px, structure.radius_px,
-                                       vs.rng("imaging.crop"))
+        origin = structure.scene.field_origin_A
+        if origin is not None:  # particles placed in a fixed field of view (several, or off-field): crop to it
+            pixel = r.structure.cell.extent_A / r.image_grid_px
+            crop = (int(round(origin[1] / pixel)), int(round(origin[0] / pixel)))
+        else:
+            crop = image_stage.choose_crop(r, r.image_grid_px, structure.centre_px, structure.radius_px,
+                                           vs.rng("imaging.crop"))
         img, img_meta = image_stage.make_image(intensity, r, cond, crop, vs)
         tv1 = time.perf_counter()
         mask, mask_meta = mask_stage.mask_on_image(structure.particle_map, r, crop)
@@ -186,6 +191,11 @@ class SampleFactory:
             structure["structure_index"] = s
             if centre is not None:
                 structure["center_px"] = [centre[0] - crop[0], centre[1] - crop[1]]
+            if "particles" in structure:  # per-particle record (see structures.build_scene): centres on this image
+                pixel = r.structure.cell.extent_A / r.image_grid_px
+                structure["particles"] = [{**rec, "center_px": [rec["center_A"][1] / pixel - crop[0],
+                                                                 rec["center_A"][0] / pixel - crop[1]]}
+                                          for rec in structure["particles"]]
             imaging = {**cond, "C10_A": -cond["defocus_A"], **variant.image_meta,
                        "focal_spread_convention": "standard deviation"}
             key = sample_key(s, v)
