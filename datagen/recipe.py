@@ -302,8 +302,19 @@ class Simulation(_Section):
     n_phonons: int = Field(default=1, ge=1)
     phonon_sigma_A: float = Field(default=0.1, ge=0)
     """Standard deviation of the frozen-phonon displacement along each axis."""
+    particle_phonon_sigma: Literal["recipe", "element"] = "recipe"
+    """``recipe``: every atom is displaced with ``phonon_sigma_A``. ``element``: the atoms of a metal of the table
+    (``FCC_METALS``: Au, Pt, Pd, Ag) with that metal's room-temperature value, sqrt(B / 8 pi^2); the other atoms
+    (substrate, CdSe) with ``phonon_sigma_A``. For recipes that mix metals."""
     parametrization: Literal["lobato", "kirkland", "peng"] = "lobato"
     device: Literal["auto", "cpu", "gpu"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_sigma_mode(self, handler):
+        data = handler(self)  # left out at its default: recipes written before this key keep their hashes
+        if self.particle_phonon_sigma == "recipe":
+            data.pop("particle_phonon_sigma", None)
+        return data
 
     @model_validator(mode="after")
     def _prismatic_potentials(self):

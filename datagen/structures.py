@@ -724,7 +724,7 @@ def _describe_particles(meta: dict, placed: list[_PlacedParticle], element: str,
     meta["has_stacking_fault"] = any(r["has_stacking_fault"] for r in records)
     meta["element"] = element
     if element in FCC_METALS:
-        # tabulated room-temperature values for the record; the simulation uses simulation.phonon_sigma_A
+        # tabulated room-temperature values; the simulation uses them with simulation.particle_phonon_sigma: element
         meta["debye_waller_B_A2"] = FCC_METALS[element]["debye_waller_B_A2"]
         meta["thermal_sigma_A"] = phonon_sigma_A(element)
     meta["field_origin_A"] = list(field_origin) if field_origin is not None else None

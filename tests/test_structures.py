@@ -213,3 +213,27 @@ def test_decahedron_sizes_are_counted_right():
 
     for size in [(3, 1, 0), (5, 2, 1), (7, 3, 2), (10, 5, 1), (13, 4, 0)]:
         assert _n_atoms("fcc_decahedron", size) == len(Decahedron("Au", *size, latticeconstant=4.0))
+
+
+def test_per_element_phonon_sigma_draws_the_same_stream_scaled_per_metal():
+    """particle_phonon_sigma: element displaces each FCC metal with its own Debye-Waller sigma and everything else
+    with phonon_sigma_A, from the same seeded draws; the default keeps the old, single-sigma displacements."""
+    from types import SimpleNamespace
+
+    from datagen.recipe import Simulation, phonon_sigma_A
+    from datagen.seeding import Streams
+    from datagen.simulate.backend import phonon_displacements
+
+    numbers = np.array([79] * 4000 + [78] * 4000 + [6] * 4000)  # Au, Pt, C
+    scene = SimpleNamespace(numbers=numbers, substrate=None, is_particle=numbers != 6)
+    plain = Simulation(n_phonons=2, phonon_sigma_A=0.1)
+    per_metal = Simulation(n_phonons=2, phonon_sigma_A=0.1, particle_phonon_sigma="element")
+    assert "particle_phonon_sigma" not in plain.model_dump() and per_metal.model_dump()["particle_phonon_sigma"]
+    a = phonon_displacements(scene, plain, Streams(3, 0))
+    b = phonon_displacements(scene, per_metal, Streams(3, 0))
+    carbon = numbers == 6
+    assert np.array_equal(a[:, carbon], b[:, carbon])  # same stream, same sigma
+    for z, element in ((79, "Au"), (78, "Pt")):
+        sel = numbers == z
+        np.testing.assert_allclose(b[:, sel], a[:, sel] * phonon_sigma_A(element) / 0.1, rtol=1e-12)
+        assert b[:, sel].std() == pytest.approx(phonon_sigma_A(element), rel=0.03)

@@ -77,4 +77,6 @@ def simulate(scene: Scene, sim: Simulation, streams: Streams, backend: Backend) 
         "parametrization": sim.parametrization,
         "device": device,
     }
+    if sim.particle_phonon_sigma != "recipe":  # only then: samples of earlier recipes keep their metadata
+        meta["particle_phonon_sigma"] = sim.particle_phonon_sigma
     return ExitWaves(full, particle, L / gpts, meta)

@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from ase.data import chemical_symbols
 
-from ..recipe import Simulation
+from ..recipe import FCC_METALS, Simulation, phonon_sigma_A
 from ..seeding import Streams
 from ..structures import Scene
 
@@ -74,9 +75,23 @@ def phonon_displacements(scene: Scene, sim: Simulation, streams: Streams) -> np.
         d[..., :2] = p.rotate_vectors(d[..., :2])
         out[:, placed] = d
     fresh = ~placed
-    if sigma > 0 and fresh.any():
+    if sim.particle_phonon_sigma == "element":
+        # one draw per value as below, scaled per atom: the same stream, each metal with its own Debye-Waller sigma
+        per_atom = atom_sigmas(scene.numbers[fresh], sigma)
+        if fresh.any() and per_atom.any():
+            out[:, fresh] = streams.rng("simulation.phonons").normal(0.0, per_atom[None, :, None],
+                                                                     size=(n, int(fresh.sum()), 3))
+    elif sigma > 0 and fresh.any():
         out[:, fresh] = streams.rng("simulation.phonons").normal(0.0, sigma, size=(n, int(fresh.sum()), 3))
     return out
+
+
+def atom_sigmas(numbers: np.ndarray, default_A: float) -> np.ndarray:
+    """Per-atom thermal displacement sigma (Å): the table's room-temperature value for the FCC metals of
+    ``recipe.FCC_METALS``, ``default_A`` for every other element."""
+    table = {z: phonon_sigma_A(chemical_symbols[z]) for z in {int(v) for v in np.unique(numbers)}
+             if chemical_symbols[z] in FCC_METALS}
+    return np.array([table.get(int(z), default_A) for z in numbers], float)
 
 
 class Backend:
