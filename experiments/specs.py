@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from hrtem_core.config import (Origins, StrictModel, config_hash, parse_override, read_yaml_mapping, require_unique,
                                set_dotted, validate)
 from hrtem_core.errors import ConfigError
+from mlplatform.analysis import min_attainable_p_test
 from mlplatform.config import TrainConfig, config_from_dict
 
 
@@ -41,6 +42,49 @@ class Subset(_Spec):
 class Phase(_Spec):
     set: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the fine-tune phase relative to the cell's pretrain config (its data, lr, epochs...)."""
+    target: str | None = None
+    """The benchmark that holds out images of the fine-tuning data's distribution (the report marks it as the
+    target: what fine-tuning does on it and off it)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)  # left out while unset: sweeps defined before this key keep their fingerprints
+        if self.target is None:
+            data.pop("target", None)
+        return data
+
+
+class Comparison(_Spec):
+    """A comparison declared in the sweep file before the sweep runs: group ``a`` against group ``b`` on one
+    benchmark's final-epoch Dice (``ood/<benchmark>/dice``; ``mean``: the mean over benchmarks), judged by ``test``.
+    A group is ``SUBSET`` (its pretrained models) or ``SUBSET/finetune`` (the same models after fine-tuning).
+
+    The report judges exactly the declared comparisons, Holm-adjusted together, in the order written; the sweep's
+    definition (comparisons included) is logged on its parent run when it is registered, before any cell trains,
+    and a sweep of the same name with other comparisons is refused."""
+
+    name: str
+    hypothesis: str
+    """What the comparison tests, in a sentence: the report prints it next to the result."""
+    a: str
+    b: str
+    benchmark: str
+    test: Literal["mannwhitney", "wilcoxon"] = "mannwhitney"
+    """mannwhitney: two independent groups (seeds unpaired); wilcoxon: paired by seed (e.g. before vs after
+    fine-tuning the same pretrained models). Both two-sided, exact."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, value: str):
+        if not value or any(c in value for c in " /\\:"):
+            raise ValueError(f"comparison name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
+        return value
+
+    @staticmethod
+    def group(text: str) -> tuple[str, str]:
+        """(subset, phase) of a group ``SUBSET`` or ``SUBSET/PHASE``."""
+        subset, _, phase = text.partition("/")
+        return subset, phase or "pretrain"
 
 
 class SweepSpec(_Spec):
@@ -54,13 +98,54 @@ class SweepSpec(_Spec):
     finetune: Phase | None = None
     max_retries: int = Field(default=1, ge=0)
     """A failing cell is tried again this many times before the sweep gives up on it."""
+    comparisons: list[Comparison] = Field(default_factory=list)
+    """Comparisons declared before the run (see :class:`Comparison`); the report's findings table."""
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    """Significance level of the declared comparisons (after Holm's adjustment)."""
 
     @model_validator(mode="after")
     def _unique(self):
         require_unique([s.name for s in self.subsets], "subsets")
         if self.seeds is not None and (len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0):
             raise ValueError(f"seeds must be distinct and >= 0, got {self.seeds}")
+        require_unique([c.name for c in self.comparisons], "comparisons")
+        names = [s.name for s in self.subsets]
+        phases = ["pretrain"] + (["finetune"] if self.finetune else [])
+        for c in self.comparisons:
+            for side in ("a", "b"):
+                subset, phase = Comparison.group(getattr(c, side))
+                if subset not in names:
+                    raise ValueError(f"comparisons {c.name}: {side}: subset {subset!r} is not one of this sweep's "
+                                     f"subsets ({', '.join(names)})")
+                if phase not in phases:
+                    raise ValueError(f"comparisons {c.name}: {side}: phase {phase!r}; allowed here: "
+                                     f"{', '.join(phases)}" + ("" if self.finetune else " (the sweep has no finetune)"))
+            if Comparison.group(c.a) == Comparison.group(c.b):
+                raise ValueError(f"comparisons {c.name}: a and b are the same group {c.a!r}")
+            # Holm multiplies the smallest p by the number of comparisons: each must be able to reach alpha even
+            # then, whatever the others show, or the sweep could not find what it declared it is looking for
+            n, k = len(self.seed_list), len(self.comparisons)
+            floor = min_attainable_p_test(c.test, n, n)
+            if floor >= self.alpha:
+                raise ValueError(f"comparisons {c.name}: a two-sided {c.test} test on {n} seeds per group cannot "
+                                 f"give p below {floor:.3g}, so it can never reach alpha = {self.alpha}; use more "
+                                 "seeds" + (" (6 pairs for wilcoxon)" if c.test == "wilcoxon" else ""))
+            if floor * k >= self.alpha:
+                raise ValueError(f"comparisons {c.name}: a two-sided {c.test} test on {n} seeds per group gives "
+                                 f"p >= {floor:.3g}; Holm-adjusted over the {k} declared comparisons that can become "
+                                 f"{floor * k:.3g} >= alpha = {self.alpha}; use more seeds or declare fewer "
+                                 "comparisons")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        # left out while unset, so sweeps defined before these keys keep their fingerprints
+        data = handler(self)
+        if not self.comparisons:
+            data.pop("comparisons", None)
+        if self.alpha == 0.05:
+            data.pop("alpha", None)
+        return data
 
     @property
     def seed_list(self) -> list[int]:
@@ -187,11 +272,25 @@ def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
     exp = Experiment(spec, base, path, cli_sets)
     # resolve every run's config now: a bad value fails before any work
     if kind == "sweep":
+        benchmarks = {}
         for subset in spec.subsets:
-            exp.config(subset.set, where=(f"subset {subset.name}",))
+            config = exp.config(subset.set, where=(f"subset {subset.name}",))
+            benchmarks[(subset.name, "pretrain")] = [b.name for b in config.benchmarks]
             if spec.finetune:
-                exp.config(subset.set, spec.finetune.set, where=(f"subset {subset.name}", "finetune"),
-                           context=f"subset {subset.name}, fine-tune")
+                config = exp.config(subset.set, spec.finetune.set, where=(f"subset {subset.name}", "finetune"),
+                                    context=f"subset {subset.name}, fine-tune")
+                benchmarks[(subset.name, "finetune")] = [b.name for b in config.benchmarks]
+        if spec.finetune and spec.finetune.target is not None:
+            known = benchmarks[(spec.subsets[0].name, "finetune")]
+            if spec.finetune.target not in known:
+                raise ConfigError(f"{path}: finetune.target {spec.finetune.target!r} is not one of the fine-tune's "
+                                  f"benchmarks ({', '.join(known) or 'none'})")
+        for c in spec.comparisons:
+            for group in (c.a, c.b):
+                known = benchmarks[Comparison.group(group)]
+                if c.benchmark != "mean" and c.benchmark not in known:
+                    raise ConfigError(f"{path}: comparisons {c.name}: benchmark {c.benchmark!r} is not scored by "
+                                      f"{group} (its benchmarks: {', '.join(known) or 'none'}; or 'mean')")
     else:
         exp.config()
     return exp

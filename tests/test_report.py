@@ -152,6 +152,7 @@ def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
     expected = {"index.html", "runs.csv", "history.csv"} | {
         f"{kind}_{b}.{ext}" for b in (*BENCHMARKS, "mean")
         for kind, ext in (("distribution", "png"), ("dynamics", "png"), ("summary", "csv"), ("pairwise", "csv"))}
+    expected |= {"overview.png", "dynamics_overview.png"}  # Fig. 1 and Fig. 2 of the reference study, for any sweep
     assert names == expected | {"notes.txt"}
     assert not list(out.parent.glob(".sweep.tmp-*"))  # the build folder is gone
     page = index.read_text()
@@ -250,7 +251,8 @@ def test_sweep_report_is_self_contained_and_links_each_run(sweep, tmp_path):
                               (tmp_path / "given", given + "/", given)):
         index = write_report("sweep", "curation-1", uri, out, ui_url=ui_url)
         page = assert_self_contained(index)
-        assert len(page.imgs) == 2 * (len(BENCHMARKS) + 1)  # distribution and dynamics per benchmark and the mean
+        # distribution and dynamics per benchmark and the mean, then the overview and its dynamics
+        assert len(page.imgs) == 2 * (len(BENCHMARKS) + 1) + 2
         hrefs = run_hrefs(page)
         assert set(hrefs) == {parent, *ids.values()}  # every run of the table (and the parent), nothing else
         for rid, found in hrefs.items():

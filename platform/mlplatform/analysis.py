@@ -185,5 +185,86 @@ def min_attainable_p(n_a: int, n_b: int) -> float:
     return min(1.0, 2 / comb(n_a + n_b, n_a)) if n_a and n_b else np.nan
 
 
+TESTS = ("mannwhitney", "wilcoxon")
+"""Tests a declared comparison may name: two-sided Mann-Whitney U (independent groups: two subsets, seeds unpaired)
+and two-sided Wilcoxon signed-rank (paired by seed: e.g. a model before and after fine-tuning), both exact."""
+
+
+def min_attainable_p_test(test: str, n_a: int, n_b: int) -> float:
+    """Smallest two-sided p of ``test`` with these group sizes (pairs: min(n_a, n_b)); 5 pairs cannot reach 0.05."""
+    if test == "wilcoxon":
+        n = min(n_a, n_b)
+        return min(1.0, 2 / 2 ** n) if n else np.nan
+    return min_attainable_p(n_a, n_b)
+
+
+def bootstrap_mean_diff_ci(a, b, paired: bool, n_boot: int = 10000, ci: float = 0.95, seed: int = 0
+                           ) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(a) - mean(b): of the mean of the pair differences when ``paired`` (a[i] and
+    b[i] belong together), else of the two groups resampled independently."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    if paired:
+        d = a - b
+        boot = d[rng.integers(0, d.size, (n_boot, d.size))].mean(axis=1)
+    else:
+        boot = (a[rng.integers(0, a.size, (n_boot, a.size))].mean(axis=1)
+                - b[rng.integers(0, b.size, (n_boot, b.size))].mean(axis=1))
+    lo, hi = np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2])
+    return float(lo), float(hi)
+
+
+def declared_tests(comparisons: list[dict], correction: str = "holm", alpha: float = ALPHA, n_boot: int = 10000,
+                   seed: int = 0) -> pd.DataFrame:
+    """The comparisons declared before a run, each judged by its own test, corrected together (the family is every
+    declared comparison, no more, no fewer).
+
+    Each comparison is a dict with ``name``, ``test`` (one of :data:`TESTS`), values ``a`` and ``b`` (for
+    ``wilcoxon``: paired by position, pairs with a NaN dropped). Columns: name, test, n_a, n_b, mean_a, mean_b,
+    effect (mean a - mean b; paired: mean of the differences), ci_lo, ci_hi (95 % percentile bootstrap), statistic,
+    p_value, p_adjusted, min_p (smallest p the test can give with these sizes), significant."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r}; allowed: {', '.join(CORRECTIONS)}")
+    rows = []
+    for c in comparisons:
+        test = c["test"]
+        if test not in TESTS:
+            raise ValueError(f"comparison {c.get('name')!r}: test {test!r}; allowed: {', '.join(TESTS)}")
+        a, b = np.asarray(c["a"], float).ravel(), np.asarray(c["b"], float).ravel()
+        if test == "wilcoxon":
+            if a.size != b.size:
+                raise ValueError(f"comparison {c.get('name')!r}: a paired test needs as many values in a as in b "
+                                 f"({a.size} and {b.size})")
+            keep = ~(np.isnan(a) | np.isnan(b))
+            a, b = a[keep], b[keep]
+        else:
+            a, b = _clean(a), _clean(b)
+        row = dict(name=c.get("name", ""), test=test, n_a=a.size, n_b=b.size,
+                   mean_a=float(a.mean()) if a.size else np.nan, mean_b=float(b.mean()) if b.size else np.nan,
+                   effect=np.nan, ci_lo=np.nan, ci_hi=np.nan, statistic=np.nan, p_value=np.nan,
+                   min_p=min_attainable_p_test(test, a.size, b.size))
+        if a.size and b.size:
+            row["effect"] = float((a - b).mean()) if test == "wilcoxon" else float(a.mean() - b.mean())
+            row["ci_lo"], row["ci_hi"] = bootstrap_mean_diff_ci(a, b, test == "wilcoxon", n_boot=n_boot, seed=seed)
+            if test == "wilcoxon":
+                d = a - b
+                if np.all(d == 0):
+                    row.update(statistic=0.0, p_value=1.0)
+                else:
+                    res = stats.wilcoxon(a, b, alternative="two-sided", method="auto")
+                    row.update(statistic=float(res.statistic), p_value=float(res.pvalue))
+            else:
+                res = stats.mannwhitneyu(a, b, alternative="two-sided", method="auto")
+                row.update(statistic=float(res.statistic), p_value=float(res.pvalue))
+        rows.append(row)
+    cols = ["name", "test", "n_a", "n_b", "mean_a", "mean_b", "effect", "ci_lo", "ci_hi", "statistic", "p_value",
+            "p_adjusted", "min_p", "significant"]
+    df = pd.DataFrame(rows, columns=[c for c in cols if c not in ("p_adjusted", "significant")])
+    df["p_adjusted"] = adjust_pvalues(df["p_value"].to_numpy(), correction) if len(df) else []
+    df["significant"] = df["p_adjusted"] < alpha
+    return df[cols]
+
+
 __all__ = ["bootstrap_ci", "summarize", "adjust_pvalues", "cliffs_delta", "cohens_d", "permutation_pvalue",
-           "pairwise_tests", "min_attainable_p", "ALPHA", "CORRECTIONS", "METHODS"]
+           "pairwise_tests", "min_attainable_p", "min_attainable_p_test", "bootstrap_mean_diff_ci", "declared_tests",
+           "ALPHA", "CORRECTIONS", "METHODS", "TESTS"]

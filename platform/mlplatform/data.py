@@ -32,7 +32,7 @@ from hrtem_core.locations import register_webdataset_schemes
 from .config import DataConfig, DatasetRef, TrainConfig
 from .curation import (SampleRecord, scan_dataset, select, selection_digest, selection_profile, split_by_structure,
                        subset_name)
-from .transforms import build_augmentation, normalize
+from .transforms import PhysicsAugmentation, build_augmentation, normalize
 
 # the benchmark subsets must not depend on the training seed: every run is scored on the same images
 BENCHMARK_SEED = 0
@@ -234,6 +234,7 @@ class TrainStream(IterableDataset):
         rng = random.Random(s)
         augment = build_augmentation(self.aug, self.crop)
         augment.set_random_seed(s % 2**32)
+        physics = PhysicsAugmentation(self.aug, s + 2)
         pipeline = wds.DataPipeline(
             partial(self._shards, rng),  # a source stage is a callable returning the iterator
             wds.tarfile_to_samples(),
@@ -242,7 +243,8 @@ class TrainStream(IterableDataset):
         )
         for sample in pipeline:
             image, mask = _decode(sample)
-            out = augment(image=normalize(image, self.norm), mask=mask)
+            out = augment(image=normalize(physics.before_normalization(image), self.norm), mask=mask)
+            out["image"] = physics.after_normalization(out["image"])
             yield {"image": torch.from_numpy(np.ascontiguousarray(out["image"]))[None],
                    "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))[None].float()}
 

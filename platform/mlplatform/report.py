@@ -26,10 +26,11 @@ from hrtem_core.files import check_output_folder
 
 from . import analysis, report_html
 from .mlflow_ui import DEFAULT_UI
-from .report_data import (benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep, param_importances,
-                          underpowered)
-from .report_figures import (benchmark_label, distribution_figure, dynamics_figure, history_figure,
-                             importance_figure)
+from .baseline import score_benchmarks
+from .report_data import (baseline_table, benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep,
+                          findings, param_importances, underpowered)
+from .report_figures import (benchmark_label, distribution_figure, dynamics_figure, dynamics_overview_figure,
+                             history_figure, importance_figure, overview_figure)
 
 KINDS = ("sweep", "study")
 LOCAL_UI_URL = DEFAULT_UI  # what `python -m experiments ui` serves
@@ -65,6 +66,19 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
     runs.to_csv(out / report_html.RUNS_CSV, index=False)
     history.to_csv(out / report_html.HISTORY_CSV, index=False)
     tables, images = {}, {}
+    declared = runs.attrs.get("declared") or {}
+    found = findings(runs, declared.get("comparisons") or [], correction, declared.get("alpha", analysis.ALPHA))
+    if len(found):
+        found.to_csv(out / report_html.FINDINGS_CSV, index=False)
+    baseline, notes = score_benchmarks(runs.attrs.get("benchmark_refs") or [])
+    floor = baseline_table(runs, baseline)
+    if len(floor):
+        floor.to_csv(out / report_html.BASELINE_CSV, index=False)
+    order = [b for b in benchmarks(runs) if b != "mean"]
+    _save(overview_figure(runs, order, baseline, f"Sweep {name}: final OOD Dice per training subset",
+                          declared.get("target")), out / report_html.OVERVIEW_PNG, images)
+    _save(dynamics_overview_figure(history, order, baseline, f"Sweep {name}: validation and OOD Dice during "
+                                   "training"), out / report_html.DYNAMICS_PNG, images)
     for b in benchmarks(runs):
         files = report_html.benchmark_files(b)
         summary, tests = benchmark_tables(runs, b, method, correction)
@@ -76,7 +90,8 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
         _save(dynamics_figure(history, b, f"Sweep {name}: OOD Dice on {label} during training\n(median over seeds, "
                                           "band: inter-quartile range)"), out / files["dynamics"], images)
         tables[b] = (summary, tests, underpowered(tests))
-    return report_html.sweep_page(name, runs, tables, method, correction, generated, images, ui_url)
+    return report_html.sweep_page(name, runs, tables, method, correction, generated, images, ui_url,
+                                  findings=found, baseline=floor, notes=notes, target=declared.get("target"))
 
 
 def _write_study(out: Path, trials: pd.DataFrame, study, name: str, generated: datetime, ui_url: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ MIN_IMPORTANCE_TRIALS = 2
 _OOD_DICE = re.compile(r"^ood/(.+)/dice$")
 RUN_COLUMNS = ["run_id", "subset", "seed", "phase", "status", "parent_run", "epochs"]
 HISTORY_COLUMNS = ["run_id", "subset", "seed", "phase", "benchmark", "epoch", "dice", "t"]
+VALIDATION = "val"  # history rows of val/dice (the validation split of the run's own training data)
 
 
 # ---------------------------------------------------------------------------------------------------- MLflow reads
@@ -140,7 +142,7 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
             + f". `python -m experiments doctor --sweep {name}` lists them; end the runs that must not count "
             "(e.g. MlflowClient().set_terminated(run_id, 'KILLED')) and report again")
     by_id = {r.info.run_id: r for r in cells}
-    rows, hist, epochs = [], [], {}
+    rows, hist, epochs, refs = [], [], {}, {}
     for r in cells:
         tags = r.data.tags
         row = dict(run_id=r.info.run_id, subset=tags.get("sweep.subset", tags.get("subset")),
@@ -157,6 +159,12 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
             row.update({f"final/{b}": points[last], f"best/{b}": points[best], f"best_epoch/{b}": best})
             hist += [dict(run_id=r.info.run_id, subset=row["subset"], seed=row["seed"], phase=row["phase"],
                           benchmark=b, epoch=s, dice=v) for s, v in points.items()]
+        # the simulated validation set (the pretrain's; a fine-tune's is its own data's), for the dynamics figure
+        val = {s - shift: v for s, v in _history(client, r.info.run_id, "val/dice").items()}
+        hist += [dict(run_id=r.info.run_id, subset=row["subset"], seed=row["seed"], phase=row["phase"],
+                      benchmark=VALIDATION, epoch=s, dice=v) for s, v in val.items()]
+        if r.data.params.get("benchmarks"):
+            refs.setdefault(row["phase"], r.data.params["benchmarks"])
         row["epochs"] = epochs[r.info.run_id] = _epochs(client, r, steps)
         rows.append(row)
 
@@ -185,11 +193,44 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
     if lost:
         warnings.warn(f"fine-tune runs without a readable parent pretrain, left off the time axis: {', '.join(lost)}")
     history = _order(history)  # stable: each run's rows stay by benchmark, then epoch
-    runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses))
+    runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses),
+                      declared=_declared(client, parent), benchmark_refs=_benchmark_refs(refs))
     # for links to the MLflow UI: each run's experiment (the last column of runs.csv) and the parent's
     runs["experiment_id"] = runs["run_id"].map({r.info.run_id: r.info.experiment_id for r in cells})
     runs.attrs["experiment_id"] = parent.info.experiment_id
     return runs, history
+
+
+def _declared(client: MlflowClient, parent) -> dict:
+    """What the sweep declared when it was registered (logged on its parent run before any cell ran): its
+    ``comparisons``, their ``alpha`` and the fine-tune's ``target`` benchmark. The report judges these, never the
+    ones in a sweep file edited since. Empty for a sweep without a logged definition."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent.info.run_id, "sweep/definition.yaml", tmp)
+        except Exception:  # noqa: BLE001  a sweep registered before definitions were logged: nothing declared
+            return {}
+        definition = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(definition, dict):
+        return {}
+    return {"comparisons": list(definition.get("comparisons") or []),
+            "alpha": float(definition.get("alpha", analysis.ALPHA)),
+            "target": (definition.get("finetune") or {}).get("target")}
+
+
+def _benchmark_refs(refs: dict[str, str]) -> list[dict]:
+    """The benchmarks the pretrain runs were scored on (name, path, filter, max_samples), from their params."""
+    import json
+
+    text = refs.get("pretrain") or next(iter(refs.values()), None)
+    try:
+        return list(json.loads(text)) if text else []
+    except ValueError:
+        return []
 
 
 def _duplicated_cells(runs: list) -> dict[tuple, list[str]]:
@@ -350,3 +391,74 @@ def param_importances(study, min_trials: int = MIN_IMPORTANCE_TRIALS) -> tuple[d
 
 __all__ = ["collect_sweep", "collect_study", "benchmarks", "benchmark_tables", "underpowered", "completed",
            "best_trial", "param_importances"]
+
+
+def _group_label(group: str) -> str:
+    subset, _, phase = group.partition("/")
+    return f"{subset} (fine-tuned)" if phase == "finetune" else subset
+
+
+def _group_values(runs: pd.DataFrame, group: str, benchmark: str) -> pd.Series:
+    """Final-epoch Dice of a group (``SUBSET`` or ``SUBSET/PHASE``) on ``benchmark``, indexed by seed."""
+    subset, _, phase = group.partition("/")
+    col = f"final/{benchmark}"
+    sel = runs[(runs["subset"] == subset) & (runs["phase"] == (phase or "pretrain"))]
+    if col not in sel.columns:
+        return pd.Series(dtype=float)
+    return sel.set_index("seed")[col].astype(float).sort_index()
+
+
+def findings(runs: pd.DataFrame, comparisons: list[dict], correction: str = "holm", alpha: float = analysis.ALPHA
+             ) -> pd.DataFrame:
+    """The declared comparisons judged on the runs: ``analysis.declared_tests`` plus the groups, the benchmark, the
+    hypothesis and a plain sentence saying what the numbers say. Paired (wilcoxon) groups are matched by seed."""
+    if not comparisons:
+        return pd.DataFrame()
+    inputs = []
+    for c in comparisons:
+        a, b = _group_values(runs, c["a"], c["benchmark"]), _group_values(runs, c["b"], c["benchmark"])
+        if c.get("test") == "wilcoxon":
+            seeds = sorted(set(a.index) & set(b.index))
+            a, b = a.reindex(seeds), b.reindex(seeds)
+        inputs.append(dict(name=c["name"], test=c.get("test", "mannwhitney"), a=a.to_numpy(), b=b.to_numpy()))
+    df = analysis.declared_tests(inputs, correction=correction, alpha=alpha)
+    df.insert(1, "a", [c["a"] for c in comparisons])
+    df.insert(2, "b", [c["b"] for c in comparisons])
+    df.insert(3, "benchmark", [c["benchmark"] for c in comparisons])
+    df["hypothesis"] = [c.get("hypothesis", "") for c in comparisons]
+    sentences = []
+    for c, r in zip(comparisons, df.itertuples()):
+        la, lb = _group_label(c["a"]), _group_label(c["b"])
+        where = "the mean over benchmarks" if c["benchmark"] == "mean" else c["benchmark"]
+        if np.isnan(r.effect) or np.isnan(r.p_value):
+            sentences.append(f"{la} vs {lb} on {where}: not enough finished runs to test ({r.n_a} and {r.n_b}).")
+            continue
+        direction = "higher" if r.effect > 0 else "lower" if r.effect < 0 else "no different"
+        verdict = (f"significant at {alpha:g}" if r.significant else f"not significant at {alpha:g}")
+        amount = f"{abs(r.effect):.3f} {direction}" if r.effect else "no different"
+        sentences.append(f"{la} scores {amount} than {lb} on {where} (mean Dice {r.mean_a:.3f} vs {r.mean_b:.3f}; "
+                         f"difference {r.effect:+.3f}, 95 % CI [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]), p = "
+                         f"{r.p_adjusted:.3g} ({'paired Wilcoxon' if r.test == 'wilcoxon' else 'Mann-Whitney U'}, "
+                         f"{correction.capitalize() if correction == 'holm' else correction}-adjusted over "
+                         f"{len(df)}): {verdict}.")
+    df["finding"] = sentences
+    return df
+
+
+def baseline_table(runs: pd.DataFrame, baseline: dict[str, dict]) -> pd.DataFrame:
+    """Per benchmark: the classical baseline (tuned on the benchmark) next to every subset and phase's final Dice
+    (mean and minimum over seeds), and whether every model of the group beats it."""
+    rows = []
+    for b, base in baseline.items():
+        col = f"final/{b}"
+        if col not in runs.columns:
+            continue
+        for (subset, phase), g in runs.groupby(["subset", "phase"], sort=False):
+            values = g[col].dropna()
+            rows.append(dict(benchmark=b, subset=subset, phase=phase, n=len(values),
+                             model_mean=float(values.mean()) if len(values) else np.nan,
+                             model_min=float(values.min()) if len(values) else np.nan,
+                             baseline=base["dice"], baseline_sigma_px=base["sigma_px"],
+                             baseline_polarity=base["polarity"],
+                             all_beat_baseline=bool(len(values)) and bool((values > base["dice"]).all())))
+    return pd.DataFrame(rows)

@@ -100,6 +100,105 @@ def dynamics_figure(history: pd.DataFrame, benchmark: str, title: str) -> Figure
 
 
 
+def overview_figure(runs: pd.DataFrame, benchmarks: list[str], baseline: dict[str, dict], title: str,
+                    target: str | None = None) -> Figure:
+    """The study at a glance (the reference study's Fig. 1): one row per benchmark. Left: each subset's pretrained
+    models' final Dice (one point per seed, box over seeds), the classical baseline tuned on the benchmark as a
+    dashed line. Right: the same models before and after fine-tuning, one line per seed, so what fine-tuning does on
+    the target benchmark and off it is seen per seed."""
+    subsets = list(dict.fromkeys(runs["subset"].dropna()))
+    colours = _subset_colours(subsets)
+    has_ft = (runs["phase"] == "finetune").any()
+    fig = Figure(figsize=(11 if has_ft else 6.5, 2.6 * len(benchmarks) + 0.8), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(benchmarks), 2 if has_ft else 1, sharex="col", squeeze=False))
+    rng = np.random.default_rng(0)
+    for row, b in enumerate(benchmarks):
+        col = f"final/{b}"
+        left = axes[row, 0]
+        for i, subset in enumerate(subsets):
+            values = runs.loc[(runs["subset"] == subset) & (runs["phase"] == "pretrain"), col].dropna().to_numpy()
+            if values.size:
+                box = left.boxplot([values], positions=[i], widths=0.5, patch_artist=True, showfliers=False,
+                                   medianprops=dict(color="black"))
+                for patch in box["boxes"]:
+                    patch.set(facecolor=colours[subset], alpha=0.3)
+                left.scatter(i + rng.uniform(-0.12, 0.12, values.size), values, s=18, color=colours[subset],
+                             edgecolor="black", linewidth=0.4, zorder=3)
+        if b in baseline:
+            left.axhline(baseline[b]["dice"], color="0.25", linestyle="--", linewidth=1,
+                         label=f"classical baseline ({baseline[b]['dice']:.2f})")
+            left.legend(loc="lower left", fontsize=7)
+        name = benchmark_label(b) + (" (target)" if b == target else "")
+        left.set_ylabel(f"Dice: {name}", fontsize=9)
+        left.grid(axis="y", alpha=0.3)
+        left.set_xticks(range(len(subsets)), subsets, fontsize=8)
+        if has_ft:
+            right = axes[row, 1]
+            for i, subset in enumerate(subsets):
+                g = runs[runs["subset"] == subset].pivot_table(index="seed", columns="phase", values=col)
+                if not {"pretrain", "finetune"} <= set(g.columns):
+                    continue
+                for _, pair in g[["pretrain", "finetune"]].dropna().iterrows():
+                    right.plot([i - 0.2, i + 0.2], [pair["pretrain"], pair["finetune"]], color=colours[subset],
+                               marker="o", markersize=3, linewidth=1, alpha=0.8)
+            if b in baseline:
+                right.axhline(baseline[b]["dice"], color="0.25", linestyle="--", linewidth=1)
+            right.grid(axis="y", alpha=0.3)
+            right.set_xticks(range(len(subsets)), [f"{s}\npre → fine" for s in subsets], fontsize=8)
+    axes[0, 0].set_title("pretrained models, final epoch (one point per seed)", fontsize=10)
+    if has_ft:
+        axes[0, 1].set_title("before → after fine-tuning (one line per seed)", fontsize=10)
+    fig.suptitle(title)
+    return fig
+
+
+def dynamics_overview_figure(history: pd.DataFrame, benchmarks: list[str], baseline: dict[str, dict],
+                             title: str) -> Figure:
+    """Learning dynamics (the reference study's Fig. 2): one panel per subset; the validation Dice on the simulated
+    data and each benchmark's OOD Dice, median over seeds per epoch on one time axis (fine-tune epochs continue the
+    count), the start of fine-tuning marked, each benchmark's classical baseline as a dotted line."""
+    from .report_data import VALIDATION
+
+    h = history[history["t"].notna()]
+    subsets = list(dict.fromkeys(h["subset"].dropna()))
+    names = [VALIDATION] + [b for b in benchmarks if b != "mean"]
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    colours = {b: ("black" if b == VALIDATION else cmap((i - 1) % 10)) for i, b in enumerate(names)}
+    ncols = min(len(subsets), 2) or 1
+    nrows = max(1, -(-len(subsets) // ncols))
+    fig = Figure(figsize=(6.2 * ncols, 3.6 * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, subset in zip(axes, subsets):
+        for b in names:
+            for phase in PHASES:
+                g = h[(h["subset"] == subset) & (h["phase"] == phase) & (h["benchmark"] == b)].groupby("t")["dice"]
+                if not g.ngroups:
+                    continue
+                med = g.median()
+                label = (("validation (simulated)" if b == VALIDATION else b) if phase == "pretrain" else None)
+                ax.plot(med.index, med.values, color=colours[b], linewidth=2 if b == VALIDATION else 1.3,
+                        linestyle="-" if phase == "pretrain" else "-", marker="o", markersize=2.5, label=label)
+            if b in baseline:
+                ax.axhline(baseline[b]["dice"], color=colours[b], linestyle=":", linewidth=1)
+        ft = h[(h["subset"] == subset) & (h["phase"] == "finetune")]
+        for start in sorted((ft["t"] - ft["epoch"]).unique())[:1]:
+            ax.axvline(start - 0.5, color="0.3", linestyle="--", linewidth=1)
+            ax.text(start - 0.4, 0.03, "fine-tuning starts", transform=ax.get_xaxis_transform(), fontsize=8,
+                    color="0.3")
+        ax.set_title(f"subset {subset}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(subsets):]:
+        ax.set_visible(False)
+    axes[0].legend(loc="lower right", fontsize=7)
+    fig.supxlabel("epoch (pretrain, then fine-tune epochs continue the count)", fontsize="medium")
+    fig.supylabel("Dice (median over seeds); dotted: classical baseline", fontsize="medium")
+    fig.suptitle(title)
+    return fig
+
+
 def history_figure(trials: pd.DataFrame, direction: str | None, title: str) -> Figure:
     """Objective of each finished trial, with the best-so-far line when the direction is known."""
     done = trials[completed(trials) & trials["trial"].notna()]

@@ -24,6 +24,9 @@ INDEX = "index.html"
 RUNS_CSV, HISTORY_CSV = "runs.csv", "history.csv"
 TRIALS_CSV, HISTORY_PNG = "trials.csv", "optimization_history.png"
 IMPORTANCES_PNG, IMPORTANCES_CSV = "param_importances.png", "param_importances.csv"
+FINDINGS_CSV, BASELINE_CSV = "findings.csv", "baseline.csv"
+OVERVIEW_PNG, DYNAMICS_PNG = "overview.png", "dynamics_overview.png"
+FINDINGS_COLUMNS = ["name", "finding", "effect", "ci_lo", "ci_hi", "p_value", "p_adjusted", "min_p", "significant"]
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;
@@ -127,19 +130,77 @@ def _run_columns(runs: pd.DataFrame) -> list[str]:
         c for c in runs.columns if c.startswith("final/")]
 
 
+def _findings_section(found: pd.DataFrame, correction: str) -> list[str]:
+    e = html.escape
+    if not len(found):
+        return ["<h2>Findings</h2><p class='note'>The sweep declared no comparisons (<code>comparisons:</code> in "
+                "its file), so the report draws no conclusions; the per-benchmark tables below compare every pair "
+                "of subsets.</p>"]
+    rows = "".join(
+        f"<tr><td style='text-align:left'><b>{e(str(r.name))}</b><br><i>{e(str(r.hypothesis))}</i></td>"
+        f"<td style='text-align:left'>{e(str(r.finding))}</td><td>{r.effect:+.3f}</td>"
+        f"<td>[{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]</td><td>{r.p_value:.3g}</td><td><b>{r.p_adjusted:.3g}</b></td>"
+        f"<td>{'yes' if r.significant else 'no'}</td></tr>" for r in found.itertuples())
+    return ["<h2>Findings</h2>",
+            f"<p>The comparisons this sweep declared in its file before it ran (logged on the parent run as "
+            f"<code>sweep/definition.yaml</code> at registration), each on the final-epoch Dice of every seed, "
+            f"judged by its declared two-sided test; p-values adjusted together ({e(correction)}) over all "
+            f"{len(found)} declared comparisons. Effect: mean of a minus mean of b (paired: mean of the per-seed "
+            "differences), 95 % percentile bootstrap CI. Nothing was added or dropped after the results. "
+            f"<a href='{FINDINGS_CSV}'>{FINDINGS_CSV}</a></p>",
+            "<table><tr><th>comparison</th><th>finding</th><th>effect</th><th>95 % CI</th><th>p</th>"
+            f"<th>p ({e(correction)})</th><th>significant</th></tr>{rows}</table>"]
+
+
+def _baseline_section(floor: pd.DataFrame, notes: list[str]) -> list[str]:
+    e = html.escape
+    out = ["<h2>Classical baseline</h2><p>Gaussian filter, Otsu threshold, holes filled, largest connected component "
+           "(<code>mlplatform.baseline</code>), scored like the networks (dataset Dice), with its filter width and "
+           "polarity <i>tuned on each benchmark itself</i>: an optimistic floor that a useful model must beat. "
+           f"<a href='{BASELINE_CSV}'>{BASELINE_CSV}</a></p>"]
+    if len(floor):
+        cols = ["benchmark", "subset", "phase", "n", "model_mean", "model_min", "baseline", "baseline_sigma_px",
+                "baseline_polarity", "all_beat_baseline"]
+        out.append(table(floor[cols]))
+    out += [f"<p class='note'>{e(n)}</p>" for n in notes]
+    return out
+
+
 def sweep_page(name: str, runs: pd.DataFrame,
                tables: dict[str, tuple[pd.DataFrame, pd.DataFrame, list[tuple[int, int]]]], method: str,
-               correction: str, generated: datetime, images: Mapping[str, bytes], ui_url: str) -> str:
+               correction: str, generated: datetime, images: Mapping[str, bytes], ui_url: str,
+               findings: pd.DataFrame | None = None, baseline: pd.DataFrame | None = None,
+               notes: list[str] = (), target: str | None = None) -> str:
     """The sweep report. ``runs``: the runs table with its attrs (parent_run_id, experiment_id, tracking_uri,
     cell_statuses); ``tables``: benchmark -> (summary, tests, underpowered seed counts), in page order; ``images``:
-    PNG file name -> bytes, for every figure of ``benchmark_files``; ``ui_url``: the MLflow UI the run ids link to."""
+    PNG file name -> bytes, for every figure of ``benchmark_files`` (and the overview figures when present);
+    ``ui_url``: the MLflow UI the run ids link to; ``findings``: the declared comparisons judged
+    (``report_data.findings``); ``baseline``: ``report_data.baseline_table``; ``target``: the fine-tune's
+    held-out target benchmark."""
     e = html.escape
     attrs = runs.attrs
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(attrs.get("cell_statuses", {}).items()))
     body = [f"<p>Sweep <b>{e(name)}</b>, {_parent(attrs, ui_url)} in "
             f"<code>{e(attrs['tracking_uri'])}</code>. Cell runs: {e(statuses)}; only FINISHED ones are used. "
             f"Data: <a href='{RUNS_CSV}'>{RUNS_CSV}</a> (one row per run), <a href='{HISTORY_CSV}'>{HISTORY_CSV}</a> "
-            "(OOD Dice per epoch).</p>",
+            "(OOD Dice per epoch).</p>"]
+    body += _findings_section(findings if findings is not None else pd.DataFrame(), correction)
+    body += _baseline_section(baseline if baseline is not None else pd.DataFrame(), list(notes))
+    if OVERVIEW_PNG in images:
+        body += ["<h2>Overview</h2>", figure(OVERVIEW_PNG, images, "final OOD Dice per subset, before and after "
+                                             "fine-tuning"),
+                 "<p>One row per benchmark" + (f" (<b>{e(target)}</b> holds out images of the fine-tuning data's "
+                                               "distribution: the target)" if target else "") +
+                 ". Left: the pretrained models of each subset, one point per seed; dashed: the classical baseline. "
+                 "Right: each seed's model before and after fine-tuning.</p>"]
+    if DYNAMICS_PNG in images:
+        body += [figure(DYNAMICS_PNG, images, "validation and OOD Dice per epoch"),
+                 "<p>Per subset, the median over seeds of the validation Dice (the held-out structures of the "
+                 "run's own training data: simulated in pretraining, the fine-tuning data's after the dashed line) "
+                 "and of every benchmark's OOD Dice, per epoch on one axis; dotted: each benchmark's classical "
+                 "baseline.</p>"]
+    body += [
+            "<h2>Per benchmark</h2>"
             "<p>OOD Dice is the dataset-level Dice on each out-of-distribution benchmark (from true/false positive "
             "and false negative pixel counts summed over the benchmark). <i>final</i> is its value after the last "
             "epoch; <i>best</i> is its maximum over epochs — optimistic, since it picks the epoch on the benchmark "

@@ -50,3 +50,35 @@ def build_augmentation(aug: dict, crop_px: int | None):
         std = aug["gaussian_noise_std"]
         steps.append(A.GaussNoise(std_range=(0.0, std), mean_range=(0.0, 0.0), p=0.5))
     return A.Compose(steps, seed=None)
+
+
+def thin_counts(counts: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    """The image ``counts`` (whole, non-negative numbers) as detected at ``factor`` times the dose: each count kept
+    with probability ``factor`` (binomial thinning of Poisson(lambda) counts is Poisson(factor lambda)), rescaled by
+    1 / factor so the mean intensity is unchanged. Images that are not counts are returned unchanged."""
+    x = np.asarray(counts)
+    if factor >= 1 or x.size == 0 or x.min() < 0 or not np.array_equal(x, np.round(x)):
+        return x
+    return (rng.binomial(x.astype(np.int64), factor) / factor).astype(np.float32)
+
+
+class PhysicsAugmentation:
+    """The augmentations that follow the image formation, seeded: dose resampling before normalisation, contrast
+    inversion after it (see config.Augmentation)."""
+
+    def __init__(self, aug: dict, seed: int):
+        self.p_dose = float(aug.get("dose_resample") or 0.0)
+        self.min_factor = float(aug.get("dose_min_factor") or 1.0)
+        self.p_invert = float(aug.get("contrast_inversion") or 0.0)
+        self.rng = np.random.default_rng(seed)
+
+    def before_normalization(self, image: np.ndarray) -> np.ndarray:
+        if self.p_dose and self.rng.random() < self.p_dose:
+            factor = float(np.exp(self.rng.uniform(np.log(self.min_factor), 0.0)))
+            return thin_counts(image, factor, self.rng)
+        return image
+
+    def after_normalization(self, image: np.ndarray) -> np.ndarray:
+        if self.p_invert and self.rng.random() < self.p_invert:
+            return -image
+        return image
