@@ -13,6 +13,7 @@ the resolved URI (the process-wide tracking URI is neither read nor changed). Th
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections import Counter
@@ -209,11 +210,20 @@ def _declared(client: MlflowClient, parent) -> dict:
 
     import yaml
 
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
     with tempfile.TemporaryDirectory() as tmp:
+        shown = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+        os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # one small file: no progress bar
         try:
             path = client.download_artifacts(parent.info.run_id, "sweep/definition.yaml", tmp)
         except Exception:  # noqa: BLE001  a sweep registered before definitions were logged: nothing declared
             return {}
+        finally:
+            if shown is None:
+                os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+            else:
+                os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = shown
         definition = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(definition, dict):
         return {}

@@ -128,7 +128,8 @@ def overview_figure(runs: pd.DataFrame, benchmarks: list[str], baseline: dict[st
             left.axhline(baseline[b]["dice"], color="0.25", linestyle="--", linewidth=1,
                          label=f"classical baseline ({baseline[b]['dice']:.2f})")
             left.legend(loc="lower left", fontsize=7)
-        name = benchmark_label(b) + (" (target)" if b == target else "")
+        name = benchmark_label(b) + (" (fine-tuning target)" if b == target and b != "target" else
+                                     " (held out)" if b == target else "")
         left.set_ylabel(f"Dice: {name}", fontsize=9)
         left.grid(axis="y", alpha=0.3)
         left.set_xticks(range(len(subsets)), subsets, fontsize=8)
@@ -192,8 +193,10 @@ def dynamics_overview_figure(history: pd.DataFrame, benchmarks: list[str], basel
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[len(subsets):]:
         ax.set_visible(False)
-    axes[0].legend(loc="lower right", fontsize=7)
-    fig.supxlabel("epoch (pretrain, then fine-tune epochs continue the count)", fontsize="medium")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    for ax in axes[max(0, len(subsets) - ncols):len(subsets)]:
+        ax.set_xlabel("epoch (pretrain, then fine-tune epochs continue the count)")
     fig.supylabel("Dice (median over seeds); dotted: classical baseline", fontsize="medium")
     fig.suptitle(title)
     return fig
