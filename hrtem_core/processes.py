@@ -59,7 +59,10 @@ class StopSignals:
         os.set_blocking(self._wake_w, False)
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._note)
+                # a signal the process was started ignoring (nohup, a background job's SIGINT) stays ignored: noting
+                # it would stop the work, and re-raising it on exit would then do nothing
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, frame) -> None:
