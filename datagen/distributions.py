@@ -119,8 +119,7 @@ class Choice(_Dist):
         return self
 
     def sample(self, rng: np.random.Generator) -> float:
-        p = None if self.weights is None else np.asarray(self.weights, float) / sum(self.weights)
-        value = float(self.values[int(rng.choice(len(self.values), p=p))])
+        value = float(self.values[_pick(len(self.values), self.weights, rng)])
         if self.jitter_std > 0:
             value += float(rng.normal(0.0, self.jitter_std))
         return value
@@ -129,6 +128,12 @@ class Choice(_Dist):
         if self.jitter_std > 0:
             return (-math.inf, math.inf)
         return (min(self.values), max(self.values))
+
+
+def _pick(n: int, weights: list[float] | None, rng: np.random.Generator) -> int:
+    """Index of one of ``n`` values, uniformly or by ``weights``: the one draw every choice makes."""
+    p = None if weights is None else np.asarray(weights, float) / sum(weights)
+    return int(rng.choice(n, p=p))
 
 
 class Category(_Dist):
@@ -145,8 +150,7 @@ class Category(_Dist):
         return self
 
     def sample(self, rng: np.random.Generator) -> str:
-        p = None if self.weights is None else np.asarray(self.weights, float) / sum(self.weights)
-        return self.values[int(rng.choice(len(self.values), p=p))]
+        return self.values[_pick(len(self.values), self.weights, rng)]
 
 
 Distribution = Annotated[Union[Uniform, Normal, TruncNormal, LogUniform, Choice], Field(discriminator="dist")]

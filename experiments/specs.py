@@ -26,6 +26,13 @@ class _Spec(StrictModel):
     """Unknown keys refused, numbers finite and not booleans, booleans only true/false (hrtem_core.config)."""
 
 
+def _plain_name(kind: str, value: str) -> str:
+    """``value`` if it can name a subset or comparison in tags, metric keys and file names; ValueError otherwise."""
+    if not value or any(c in value for c in " /\\:"):
+        raise ValueError(f"{kind} name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
+    return value
+
+
 class Subset(_Spec):
     name: str
     set: dict[str, Any] = Field(default_factory=dict)
@@ -34,9 +41,7 @@ class Subset(_Spec):
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str):
-        if not value or any(c in value for c in " /\\:"):
-            raise ValueError(f"subset name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
-        return value
+        return _plain_name("subset", value)
 
 
 class Phase(_Spec):
@@ -76,9 +81,7 @@ class Comparison(_Spec):
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str):
-        if not value or any(c in value for c in " /\\:"):
-            raise ValueError(f"comparison name {value!r} must be non-empty without spaces, '/', '\\\\' or ':'")
-        return value
+        return _plain_name("comparison", value)
 
     @staticmethod
     def group(text: str) -> tuple[str, str]:

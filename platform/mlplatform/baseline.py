@@ -83,11 +83,6 @@ def _scores(pred: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]
     return scores_from_totals(totals(counts))
 
 
-def score(images: list[np.ndarray], masks: list[np.ndarray], sigma_px: float, polarity: str) -> dict[str, float]:
-    """Dataset scores of the pipeline with these settings on (image, mask) pairs."""
-    return _scores([segment(i, sigma_px, polarity) for i in images], masks)
-
-
 def tuned(name: str, images: list[np.ndarray], masks: list[np.ndarray], sigmas=SIGMAS_PX,
           polarities=POLARITIES) -> BaselineScore:
     """The best (by dataset Dice; ties to the smaller sigma, then 'dark') setting on this benchmark, and its scores."""

@@ -13,6 +13,7 @@ the resolved URI (the process-wide tracking URI is neither read nor changed). Th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -234,8 +235,6 @@ def _declared(client: MlflowClient, parent) -> dict:
 
 def _benchmark_refs(refs: dict[str, str]) -> list[dict]:
     """The benchmarks the pretrain runs were scored on (name, path, filter, max_samples), from their params."""
-    import json
-
     text = refs.get("pretrain") or next(iter(refs.values()), None)
     try:
         return list(json.loads(text)) if text else []

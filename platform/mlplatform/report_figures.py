@@ -180,7 +180,7 @@ def dynamics_overview_figure(history: pd.DataFrame, benchmarks: list[str], basel
                 med = g.median()
                 label = (("validation (simulated)" if b == VALIDATION else b) if phase == "pretrain" else None)
                 ax.plot(med.index, med.values, color=colours[b], linewidth=2 if b == VALIDATION else 1.3,
-                        linestyle="-" if phase == "pretrain" else "-", marker="o", markersize=2.5, label=label)
+                        marker="o", markersize=2.5, label=label)
             if b in baseline:
                 ax.axhline(baseline[b]["dice"], color=colours[b], linestyle=":", linewidth=1)
         ft = h[(h["subset"] == subset) & (h["phase"] == "finetune")]
