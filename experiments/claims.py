@@ -20,11 +20,14 @@ makes a lease expire early or late, it never lets two holders commit.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,73 @@ def open_engine(url: str | None) -> sa.Engine:
                 raise InputError(f"--storage {redact(url)}: cannot use the claims database: {reason}") from None
             raise
     return engine
+
+
+_local_locks: dict[str, threading.Lock] = {}
+_local_locks_guard = threading.Lock()
+_held = threading.local()  # the keys this thread holds: taking one again inside is a no-op, never a self-deadlock
+
+
+@contextlib.contextmanager
+def exclusive(engine: sa.Engine, key: str) -> Iterator[None]:
+    """One holder at a time of ``key`` among every process (on any machine) sharing this claims database: for the
+    MLflow writes that several workers would otherwise make at once on one shared entity (a sweep's parent run:
+    MLflow's set_tag and log_batch read, then insert, so two concurrent writers collide on a unique key or each
+    log their own metric point).
+
+    PostgreSQL: a session-level advisory lock on a connection kept outside any transaction (the server's idle-in-
+    transaction timeout does not apply). SQLite: a POSIX byte-range lock on ``<database>.lock`` next to the claims
+    file (not on the database file itself: closing any descriptor of a file drops all of a process's POSIX locks on
+    it, which would break SQLite's own locking). Both are released by the operating system or the server when the
+    holder dies, so a SIGKILL inside never leaves the key held."""
+    digest, name = hashlib.sha256(key.encode()).digest(), f"{engine.url}|{key}"
+    held = _held.__dict__.setdefault("keys", set())
+    if name in held:
+        yield
+        return
+    with _local_locks_guard:  # POSIX and advisory locks are per process/session: threads of one process queue here
+        local = _local_locks.setdefault(name, threading.Lock())
+    with local:
+        held.add(name)
+        try:
+            with _os_lock(engine, digest):
+                yield
+        finally:
+            held.discard(name)
+
+
+@contextlib.contextmanager
+def _os_lock(engine: sa.Engine, digest: bytes) -> Iterator[None]:
+    """The cross-process part of :func:`exclusive`."""
+    if engine.dialect.name == "postgresql":
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            lock_id = int.from_bytes(digest[:8], "big", signed=True)
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
+                except DBAPIError:  # the session is gone, and its lock with it; never pool this connection
+                    conn.invalidate()
+        finally:
+            conn.close()
+    elif engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        import fcntl
+
+        fd = os.open(f"{engine.url.database}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            offset = int.from_bytes(digest[:4], "big") & 0x3FFFFFFF
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+        finally:
+            os.close(fd)
+    else:  # one process's private database: the thread lock above is all there is to share
+        yield
 
 
 def _is_creation_race(exc: Exception) -> bool:

@@ -140,10 +140,19 @@ def open_sweep(exp: Experiment, storage_url: str | None, tracking_uri: str) -> S
             client.delete_run(run.info.run_id)
     else:
         parent = claims.set_parent_run(engine, exp.name, parent)
-    _complete_parent(client, exp, parent, engine)
+    with claims.exclusive(engine, _writes_key(exp.name)):
+        _complete_parent(client, exp, parent, engine)
     ctx = SweepContext(exp.name, row["experiment"], engine, tracking_uri, parent)
     _adopt_legacy_runs(ctx)
     return ctx
+
+
+def _writes_key(sweep: str) -> str:
+    """The lock (:func:`claims.exclusive`) of the MLflow writes that every worker of a sweep may make: completing
+    and summarising the parent run, ending runs out of line with the claims. Unlocked, three workers finishing at
+    once each set the parent's tags and metrics, and MLflow's read-then-insert collides on a unique key (or logs each
+    summary metric three times)."""
+    return f"sweep-mlflow-writes:{sweep}"
 
 
 def _legacy_parent(exp: Experiment, tracking_uri: str) -> str | None:
@@ -213,6 +222,13 @@ def align_runs(ctx: SweepContext, fix: bool = True) -> list[str]:
     when no live claim stands behind it: its unit was taken over (a newer epoch), given back, or its holder is
     provably dead. A run still covered by its holder's claim is left alone: that worker may yet commit it.
     """
+    if fix:
+        with claims.exclusive(ctx.engine, _writes_key(ctx.name)):
+            return _align_runs(ctx, fix)
+    return _align_runs(ctx, fix)
+
+
+def _align_runs(ctx: SweepContext, fix: bool) -> list[str]:
     # runs first, claims second: a run's claim is at least as new as the run, so a live worker's run just started is
     # never judged against an older claim; a status is re-read before it is changed
     runs = cell_runs(ctx)
@@ -267,11 +283,20 @@ class ClaimGuard(Callback):
 def is_infrastructure_error(exc: BaseException) -> bool:
     """A failure that is not the unit's fault: a lost or locked database, a refused connection, an insert race."""
     import requests
+    from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, (sa.exc.OperationalError, ConnectionError, TimeoutError, requests.ConnectionError)):
-        return True
-    text = str(exc)
-    return is_insert_race(exc) or "database is locked" in text or "TEMPORARILY_UNAVAILABLE" in text
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # MLflow wraps the database's error: look along the chain
+        seen.add(id(exc))
+        if isinstance(exc, (sa.exc.OperationalError, ConnectionError, TimeoutError, requests.ConnectionError)):
+            return True
+        if isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE":
+            return True  # MLflow's word for an OperationalError of its store (lost connection, aborted pipeline)
+        text = str(exc)
+        if is_insert_race(exc) or "database is locked" in text or "TEMPORARILY_UNAVAILABLE" in text:
+            return True
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return False
 
 
 def _run_unit(ctx: SweepContext, exp: Experiment, claim: claims.Claim, cell: Cell, pretrain_run: str | None,
@@ -400,7 +425,13 @@ def finish_parent(ctx: SweepContext, exp: Experiment) -> None:
     """Give the sweep's parent run what a reader of the UI needs: summary metrics (per subset and phase, the mean over
     seeds of each benchmark's final Dice, and the run count), a description with the definition, a table of results
     linking every recorded run and the comparison view, and the sweep's real duration (registration to the last
-    cell's end). Idempotent: it only writes what changed."""
+    cell's end). Idempotent: it only writes what changed, and workers finishing at once take turns (each reads the
+    parent after the one before it wrote)."""
+    with claims.exclusive(ctx.engine, _writes_key(ctx.name)):
+        _finish_parent(ctx, exp)
+
+
+def _finish_parent(ctx: SweepContext, exp: Experiment) -> None:
     client = ctx.client
     recorded = {r["run_id"] for r in claims.unit_rows(ctx.engine, ctx.name) if r["state"] == DONE}
     runs = [r for r in cell_runs(ctx) if r.info.run_id in recorded]
