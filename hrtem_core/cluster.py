@@ -33,6 +33,7 @@ def connect(scheduler: Any):
         kwargs = {"scheduler_file": scheduler}
     else:
         kwargs = {"address": scheduler}
+        _refuse_fast(scheduler)
     try:
         client = Client(timeout=CONNECT_TIMEOUT_S, set_as_default=False, **kwargs)
     except (OSError, TimeoutError) as exc:
@@ -47,6 +48,23 @@ def connect(scheduler: Any):
             raise InputError(f"--scheduler {scheduler}: the scheduler has no workers, and none joined within "
                              f"{CONNECT_TIMEOUT_S} s (start some: dask worker {address})") from None
     return client
+
+
+def _refuse_fast(address: Any) -> None:
+    """A ``tcp://HOST:PORT`` where nothing listens is said at once: Dask's client retries a refused connection until
+    its timeout. Anything else (no answer yet, another scheme, a cluster object) is left to the client's timeout."""
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        return
+    host, _, port = address[len("tcp://"):].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return  # no explicit port: Dask's default applies and its client reports
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        raise InputError(f"--scheduler {address}: connection refused: no Dask scheduler listens there (start one: "
+                         "dask scheduler --port PORT, or give its --scheduler-file)") from None
+    except OSError:
+        pass  # unreachable or slow: the client's timeout decides, with its own message
 
 
 def _worker_view(paths: list[str]) -> dict:

@@ -260,7 +260,7 @@ CASES = [
     Case("generate-zero-workers", [*GEN, "--out", "{tmp}/out", "--workers", "0"], ["--workers", ">= 1"],
          tracking=False),
     Case("generate-scheduler-refused", [*GEN, "--out", "{tmp}/out", "--scheduler", "tcp://127.0.0.1:9"],
-         ["127.0.0.1:9"], tracking=False),
+         ["127.0.0.1:9", "connection refused"], tracking=False),
     # datagen import
     Case("import-missing-images", ["datagen", "import", "--images", "{tmp}/nothing", "--masks", "{tmp}/nothing",
                                    "--pixel-size", "0.5", "--out", "{tmp}/out"], ["nothing"], tracking=False),
