@@ -314,33 +314,48 @@ def epoch_times(data: dict[str, Path], uri: str, epochs: int, tracked: bool, ood
 
 
 def epoch_rows(work: Path, quick: bool) -> list[Row]:
+    """The cost of MLflow logging and of the OOD callback per training epoch. One definition per goal: the seconds
+    spent inside the logging and OOD calls themselves (wrapped and timed) over the epoch without them. That share
+    is what survives a busy machine: under two competing CPU-bound processes it stayed at 5.1 % for the OOD callback
+    (5.1 % idle), while "epoch with vs without" swung to -32 % (and +43 % in an earlier sequential version): other
+    processes' load lands on whichever variant runs during it. The with/without comparison is kept as information,
+    measured as well as it can be: each round trains the three variants (neither, MLflow, OOD) back to back in an
+    order rotated from round to round, a round's ratio is the variant's fastest epoch over the base's fastest epoch
+    (load only ever adds time), and the row shows the median over at least 5 rounds."""
     from hrtem_core.dataset import read_manifest
 
     data = demo_data(work / "demo", quick)
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     (work / "mlruns").mkdir(exist_ok=True)
-    epochs, rounds = (4, 1) if quick else (6, 2)
+    epochs, rounds = (3, 5) if quick else (5, 7)
     epoch_times(data, uri, 2, tracked=True, ood=True)  # warm-up: imports, MLflow's database, first loaders
-    runs = {"base": [], "mlflow": [], "ood": []}
-    for _ in range(rounds):  # interleaved rounds: every variant sees the same machine load
-        for name, tracked, ood in (("base", False, False), ("mlflow", True, False), ("ood", False, True)):
+    variants = (("base", False, False), ("mlflow", True, False), ("ood", False, True))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    for r in range(rounds):
+        for name, tracked, ood in variants[r % 3:] + variants[:r % 3]:  # rotated: no variant always runs first
             runs[name].append(epoch_times(data, uri, epochs, tracked, ood))
-    epoch = {name: [t for r in rs for t in r["epoch"]] for name, rs in runs.items()}
-    base, tracked, ood = median(epoch["base"]), median(epoch["mlflow"]), median(epoch["ood"])
+    per_round = {name: [min(run["epoch"]) for run in rs] for name, rs in runs.items()}
+    ratios = {name: [t / b for t, b in zip(per_round[name], per_round["base"])] for name in ("mlflow", "ood")}
+    base = median(per_round["base"])
     mlflow_calls = median(t for r in runs["mlflow"] for t in r["mlflow"])
     ood_calls = median(t for r in runs["ood"] for t in r["ood"])
     sizes = ", ".join(f"{name} {read_manifest(path)['n_samples']}" for name, path in data.items())
     settings = (f"demo: smoke.yaml (compact, batch 8, crop 64, 20 steps/epoch, 2 OOD benchmarks; samples: {sizes}); "
-                f"median of {len(epoch['base'])} epochs per variant (first of each run dropped)")
+                f"{rounds} interleaved rounds (order rotated) of {epochs} epochs per variant, first epoch of each run "
+                "dropped; ratio = median over rounds of (variant's fastest epoch / base's fastest epoch in that round)")
+    rounded = {name: [round(x, 4) for x in xs] for name, xs in ratios.items()}
+    mlflow_share, ood_share = mlflow_calls / base, ood_calls / base
     return [
-        Row("e", "epoch with MLflow logging vs without (s); ratio - 1 = overhead", settings, tracked, base,
-            tracked / base - 1, "<= 0.02", at_most(tracked / base - 1, 0.02), "s", notes={"epochs": epoch}),
-        Row("e", "MLflow metric logging per epoch (s) vs epoch without (s); ratio = share", settings, mlflow_calls,
-            base, mlflow_calls / base, "<= 0.02", at_most(mlflow_calls / base, 0.02), "s"),
-        Row("e", "epoch with OOD callback (2 benchmarks) vs without (s); ratio - 1 = overhead", settings, ood, base,
-            ood / base - 1, "<= 0.10", at_most(ood / base - 1, 0.10), "s"),
-        Row("e", "OOD callback per epoch (s) vs epoch without (s); ratio = share", settings, ood_calls, base,
-            ood_calls / base, "<= 0.10", at_most(ood_calls / base, 0.10), "s"),
+        Row("e", "MLflow metric logging per epoch, own time (s) vs epoch without (s); ratio = share", settings,
+            mlflow_calls, base, mlflow_share, "<= 0.02", at_most(mlflow_share, 0.02), "s"),
+        Row("e", "epoch with MLflow logging vs without (s); ratio - 1 = overhead (information: paired rounds)",
+            settings, median(per_round["mlflow"]), base, median(ratios["mlflow"]) - 1, "", None, "s",
+            notes={"per_round_ratio": rounded["mlflow"], "per_round_epoch_s": per_round}),
+        Row("e", "OOD callback (2 benchmarks) per epoch, own time (s) vs epoch without (s); ratio = share", settings,
+            ood_calls, base, ood_share, "<= 0.10", at_most(ood_share, 0.10), "s"),
+        Row("e", "epoch with OOD callback vs without (s); ratio - 1 = overhead (information: paired rounds)",
+            settings, median(per_round["ood"]), base, median(ratios["ood"]) - 1, "", None, "s",
+            notes={"per_round_ratio": rounded["ood"]}),
     ]
 
 
