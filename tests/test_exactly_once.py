@@ -92,7 +92,7 @@ def test_workers_starting_at_the_same_instant_on_a_fresh_queue_never_claim_a_uni
 
 
 LOCKER = r"""
-import os, signal, sys, time
+import os, sys, time
 from experiments import claims
 url, start_at, log, die = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
 engine = claims.open_engine(url)
@@ -102,12 +102,13 @@ def note(what):
     with open(log, "a") as f:  # one short O_APPEND write per line: lines of several processes never interleave
         f.write(f"{os.getpid()} {what} {time.time():.6f}\n")
 
+if die:  # takes the key and holds it until the test SIGKILLs it
+    with claims.exclusive(engine, "sweep-mlflow-writes:race"):
+        note("in")
+        time.sleep(600)
 for _ in range(3):
     with claims.exclusive(engine, "sweep-mlflow-writes:race"):
         note("in")
-        if die:  # holds the key while the others start asking for it, then dies holding it
-            time.sleep(max(0.0, start_at + 0.8 - time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.05)
         with claims.exclusive(engine, "sweep-mlflow-writes:race"):  # taken again inside: no self-deadlock
             pass
@@ -123,22 +124,35 @@ def test_exclusive_sections_never_overlap_across_processes_and_a_killed_holder_f
     server = request.getfixturevalue("postgres_server") if kind == "postgresql" else None
     url = _fresh_claims_url(kind, tmp_path, server, 0)
     log = tmp_path / "sections.log"
-    start_at = time.time() + 3.0
-    killed = subprocess.Popen([sys.executable, "-c", LOCKER, url, str(start_at - 0.5), str(log), "1"], env=ENV,
+    holder = subprocess.Popen([sys.executable, "-c", LOCKER, url, "0", str(log), "1"], env=ENV,
                               stderr=subprocess.PIPE, text=True)
-    procs = [subprocess.Popen([sys.executable, "-c", LOCKER, url, str(start_at), str(log), "0"], env=ENV,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=120)[1] for p in procs]
+    procs: list[subprocess.Popen] = []
+    try:
+        deadline = time.time() + 120  # the others start only once the holder has the key, however slow its start-up
+        while not (log.exists() and f"{holder.pid} in" in log.read_text()):
+            assert holder.poll() is None and time.time() < deadline, "the holder never took the key"
+            time.sleep(0.05)
+        start_at = time.time() + 3.0
+        procs = [subprocess.Popen([sys.executable, "-c", LOCKER, url, str(start_at), str(log), "0"], env=ENV,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        time.sleep(max(0.0, start_at + 0.5 - time.time()))  # (they are asking for it now, unless the machine is slow)
+        killed_at = time.time()
+        holder.kill()  # SIGKILL inside the section: only the server or the kernel can give the key back
+        assert holder.wait(timeout=60) == -signal.SIGKILL
+        outs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:  # a failed assertion above must not leave the holder asleep for ten minutes
+        for p in [holder, *procs]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert all(p.returncode == 0 for p in procs), [o[-1500:] for o in outs]
-    assert killed.wait(timeout=60) == -signal.SIGKILL
     lines = [ln.split() for ln in log.read_text().splitlines()]
-    dead = [ln for ln in lines if ln[0] == str(killed.pid)]
-    assert [d[1] for d in dead] == ["in"], dead  # it did take the key (before the others were released)
-    live = [ln for ln in lines if ln[0] != str(killed.pid)]
+    assert [ln[1] for ln in lines if ln[0] == str(holder.pid)] == ["in"]
+    live = [ln for ln in lines if ln[0] != str(holder.pid)]
     assert len(live) == 4 * 3 * 2
     for enter, leave in zip(live[::2], live[1::2]):  # in/out pairs of one process, never another's in between
         assert (enter[1], leave[1], enter[0]) == ("in", "out", leave[0]), live
-    assert float(live[0][2]) >= start_at + 0.3  # nobody got in while the killed holder lived
+    assert float(live[0][2]) >= killed_at  # nobody got in while the holder lived
 
 
 @pytest.mark.slow
