@@ -92,29 +92,62 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_MAX = 16 + 10_000  # numpy refuses longer headers (read_array_header's max_header_size)
 
 
-def load_npy(data: bytes, what: str = "array") -> np.ndarray:
+def load_npy(data, what: str = "array", view: bool = False) -> np.ndarray:
     """The array of a ``.npy`` file's bytes (never a pickle). DatasetError naming ``what`` (e.g. the shard, sample
-    and member) when they are not one: no magic, a header numpy cannot parse, truncated data."""
-    if not data.startswith(NPY_MAGIC):
-        raise DatasetError(f"{what}: not a .npy array (its {len(data)} bytes do not start with the .npy magic)")
-    stream = io.BytesIO(data)
+    and member) when they are not one: no magic, a header numpy cannot parse, truncated data.
+
+    ``data``: ``bytes`` or any buffer (``bytearray``, a uint8 array). ``view``: the array shares ``data``'s memory
+    instead of being copied out of it (writable when ``data`` is); the loaders read each member into a buffer of its
+    own and decode it this way."""
+    buf = memoryview(data).cast("B")
+    head = bytes(buf[:_NPY_HEADER_MAX])  # the header only: no copy of the data
+    if not head.startswith(NPY_MAGIC):
+        raise DatasetError(f"{what}: not a .npy array (its {len(buf)} bytes do not start with the .npy magic)")
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f".npy format version {version} is not one numpy writes for data (1.0, 2.0)")
-        shape, _, dtype = read_header(stream)
+        shape, fortran_order, dtype, start = _npy_header(head)
         # the header's size against the bytes there are, before numpy allocates what the header claims
-        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if dtype.hasobject or needed > len(data) - stream.tell():
-            raise ValueError(f"its header claims {shape} {dtype} ({needed} bytes) but {len(data) - stream.tell()} "
-                             "bytes follow it" if not dtype.hasobject else "object arrays are not data")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        count = int(np.prod(shape, dtype=np.int64))
+        needed = count * dtype.itemsize
+        if needed > len(buf) - start:
+            raise ValueError(f"its header claims {shape} {dtype} ({needed} bytes) but {len(buf) - start} bytes "
+                             "follow it")
+        flat = np.frombuffer(buf, dtype=dtype, count=count, offset=start)
+        if not view:
+            flat = flat.copy()
+        return flat.reshape(shape, order="F" if fortran_order else "C")
     except (ValueError, EOFError) as exc:
         raise DatasetError(f"{what}: not a valid .npy array ({' '.join(str(exc).split())})") from None
+
+
+_NPY_HEADERS: dict[bytes, tuple] = {}
+
+
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, offset of the data) of a ``.npy`` file from its first bytes, parsed by numpy's
+    own reader (version 1.0 or 2.0, no object dtypes); remembered by the header's bytes (a dataset's samples share a
+    handful of headers, and numpy parses them with ``ast.literal_eval``)."""
+    version = (head[6], head[7]) if len(head) >= 8 else None
+    length = {(1, 0): 10 + int.from_bytes(head[8:10], "little"),
+              (2, 0): 12 + int.from_bytes(head[8:12], "little")}.get(version) if version else None
+    key = head[:length] if length else None
+    if key is not None and key in _NPY_HEADERS:
+        return _NPY_HEADERS[key]
+    stream = io.BytesIO(head)
+    version = np.lib.format.read_magic(stream)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f".npy format version {version} is not one numpy writes for data (1.0, 2.0)")
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not data")
+    parsed = (tuple(shape), bool(fortran_order), dtype, stream.tell())
+    if key is not None and stream.tell() == length and len(_NPY_HEADERS) < 256:
+        _NPY_HEADERS[key] = parsed
+    return parsed
 
 
 def sample_hash(key: str, arrays: dict[str, np.ndarray], meta: dict) -> str:
@@ -221,21 +254,25 @@ def _open_tar(path: Location) -> tarfile.TarFile:
     return tarfile.open(path, "r")
 
 
-def iter_tar_samples(path: Location, fields: Iterable[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: Location, fields: Iterable[str] | None = None,
+                     spans: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) in file order; a key's fields are consecutive in a WebDataset tar.
 
     With ``fields``, only those members are read (locally the others are seeked over: indexing reads only the
-    metadata). A key with none of the wanted fields is not yielded.
+    metadata). A key with none of the wanted fields is not yielded. ``spans``: a dict that receives
+    ``{key: {field: (byte offset of the member's data in the file, size)}}`` for every member, read or not (what
+    the loaders read the members by).
     """
     try:
         with _open_tar(path) as tar:
-            yield from _tar_samples(tar, fields)
+            yield from _tar_samples(tar, fields, spans)
     except (tarfile.TarError, EOFError) as exc:  # truncated, or not a tar at all
         raise DatasetError(f"shard {path}: unreadable tar ({exc}): the file is truncated or corrupt; "
                            "`python -m datagen verify` checks the whole dataset") from None
 
 
-def _tar_samples(tar: tarfile.TarFile, fields: Iterable[str] | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_samples(tar: tarfile.TarFile, fields: Iterable[str] | None,
+                 spans: dict | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     wanted = None if fields is None else set(fields)
     current, found = None, {}
     for member in tar:
@@ -248,6 +285,8 @@ def _tar_samples(tar: tarfile.TarFile, fields: Iterable[str] | None) -> Iterator
             if current is not None and found:
                 yield current, found
             current, found = key, {}
+        if spans is not None:
+            spans.setdefault(key, {})[field] = (member.offset_data, member.size)
         if wanted is None or field in wanted:
             found[field] = tar.extractfile(member).read()
     if current is not None and found:
@@ -260,7 +299,8 @@ def shard_mismatch(root: Location, shard: dict, actual: str) -> DatasetError:
 
 
 def iter_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
-               cache: ShardHashCache | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+               cache: ShardHashCache | None = None, spans: dict | None = None
+               ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The samples of one shard of a manifest (as :func:`iter_tar_samples`), checked against the manifest's sha256.
 
     The file is hashed while it is read, streamed in one pass (the members that ``fields`` leaves out are read
@@ -269,7 +309,7 @@ def iter_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
     (:func:`read_shard` collects a shard first). With ``cache``, a local file whose digest is known for its current
     size and mtime_ns is not hashed again: it is checked against the manifest at once, and read with seeks. Files on
     object storage are always hashed while read. A shard that is missing or not a tar raises what tarfile or the
-    file system raised.
+    file system raised. ``spans``: as :func:`iter_tar_samples`.
     """
     path = join(root, shard["name"])
     st = None
@@ -279,12 +319,12 @@ def iter_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
         if known is not None:
             if known != shard["sha256"]:
                 raise shard_mismatch(root, shard, known)
-            yield from iter_tar_samples(path, fields)
+            yield from iter_tar_samples(path, fields, spans)
             return
     with open_read(path) as fh:
         reader = _HashingReader(fh)
         with tarfile.open(fileobj=reader, mode="r|") as tar:
-            yield from _tar_samples(tar, fields)
+            yield from _tar_samples(tar, fields, spans)
         digest = reader.rest()  # tarfile stops at the end-of-archive blocks: the padding after them counts too
     if cache is not None and st is not None:
         after = os.stat(path)
@@ -295,9 +335,9 @@ def iter_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
 
 
 def read_shard(root: Location, shard: dict, fields: Iterable[str] | None = None,
-               cache: ShardHashCache | None = None) -> list[tuple[str, dict[str, bytes]]]:
+               cache: ShardHashCache | None = None, spans: dict | None = None) -> list[tuple[str, dict[str, bytes]]]:
     """All samples of :func:`iter_shard`, returned only once the shard's sha256 has been checked."""
-    return list(iter_shard(root, shard, fields, cache))
+    return list(iter_shard(root, shard, fields, cache, spans))
 
 
 # ------------------------------------------------------------------------------------------------------ manifest

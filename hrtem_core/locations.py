@@ -68,6 +68,17 @@ def open_read(location: Location) -> IO[bytes]:
     return open(location, "rb")
 
 
+def stamp(location: Location) -> tuple[int, int]:
+    """(size, mtime_ns) of a file (mtime_ns -1 on object storage, whose objects are replaced whole, never edited):
+    what tells a reader that a file is still the one it indexed."""
+    if is_url(location):
+        with _remote(location, "look it up"):
+            fs, path = _fs(location)
+            return int(fs.info(path)["size"]), -1
+    st = Path(location).stat()
+    return st.st_size, st.st_mtime_ns
+
+
 def exists(location: Location) -> bool:
     if is_url(location):
         with _remote(location, "look it up"):

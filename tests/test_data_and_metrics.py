@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -79,6 +80,77 @@ def test_training_stream_mixes_datasets_by_weight(config):
     a = str(config.data.train[0].path)  # the weight-3 dataset
     from_a = sum(d.startswith(a + "/") for d in draws) / len(draws)
     assert from_a == pytest.approx(0.75, abs=0.03)
+
+
+def _whole_shard_order(stream, rank=0, worker=0):
+    """The keys of the webdataset pipeline the stream replaced: whole shards through tarfile, the filter, then the
+    shuffle buffer, with the stream's seeds."""
+    import random
+
+    import webdataset as wds
+
+    from mlplatform.data import stream_seed
+
+    s = stream_seed(stream.seed, stream.epoch, rank, worker)
+    rng = random.Random(s)
+    wanted = {(shard, x.key) for shard, xs in stream.by_shard.items() for x in xs}
+    pipeline = wds.DataPipeline(lambda: stream._shards(rng), wds.tarfile_to_samples(),
+                                wds.select(lambda x: (x["__url__"], x["__key__"]) in wanted),
+                                wds.shuffle(stream.buffer, initial=min(stream.buffer, 64), rng=random.Random(s + 1)))
+    return pipeline
+
+
+def test_training_stream_reads_the_samples_and_order_of_a_whole_shard_pipeline(config):
+    from itertools import islice
+
+    from mlplatform.data import MemberReader, _decode
+
+    curated = curate(config)
+    stream = TrainStream(curated.train, curated.train_weights, config.data, seed=7, epoch=3)
+    for rank, worker in ((0, 0), (1, 2)):
+        old = list(islice(_whole_shard_order(stream, rank, worker), 300))
+        new = list(islice(stream.order(rank, worker), 300))
+        assert [(x["__url__"], x["__key__"]) for x in old] == [(x.shard, x.key) for x in new]
+    reader = MemberReader(max_open=2)  # fewer than the shards: files are closed and opened again
+    for x, y in zip(old[:40], new[:40]):
+        a, b = _decode(x), _decode(reader.read(y))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and b[0].flags.writeable
+    assert len(reader.files) == 2
+    reader.close()
+
+
+def test_loaders_read_only_the_selected_members_of_a_shard_they_indexed(tiny_dataset, tmp_path):
+    import os
+    import shutil
+
+    from mlplatform.curation import scan_dataset
+    from mlplatform.data import DataError, read_samples
+
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset(12, 1, ONE_PER_SHARD), ds)
+    index = scan_dataset(ds)
+    shard = index.records[0].shard
+    in_shard = [r for r in index.records if r.shard == shard]
+    keep, drop = in_shard[0], in_shard[1]
+    cfg = config_from_dict({"data": {"train": [{"path": str(ds)}]}}).data
+    # overwrite the unselected sample's image member, its tar header (a reader of the whole tar stops there: bad
+    # checksum) and its data, in place, keeping the file's size and mtime: the selected sample is still read fine
+    st = os.stat(shard)
+    _, offset, size = next(m for m in drop.members if m[0] == "image.npy")
+    with open(shard, "r+b") as fh:
+        fh.seek(offset - 512)
+        fh.write(b"\xff" * (512 + size))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    [(meta, image, mask)] = read_samples([keep], cfg)
+    assert meta["id"] == keep.meta["id"] and image.shape == mask.shape
+    with pytest.raises(DataError, match="not a .npy array"):  # the overwritten one, if it were selected
+        read_samples([drop], cfg)
+    # the shard changes after the index was made: refused, not read at stale offsets
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=r"changed since the dataset was indexed.*run again"):
+        read_samples([keep], cfg)
+    with pytest.raises(DataError, match="changed since"):
+        next(iter(TrainStream([keep], {str(ds): 1.0}, cfg, seed=0, epoch=0)))
 
 
 def test_presets_have_the_documented_sizes():

@@ -43,7 +43,7 @@ import numpy as np
 
 from hrtem_core.dataset import MANIFEST, check_image_and_mask, iter_shard, load_npy, read_manifest, read_shard
 from hrtem_core.errors import DatasetError, InputError
-from hrtem_core.locations import as_location, exists, is_url, join, name_of
+from hrtem_core.locations import as_location, exists, is_url, join, name_of, stamp
 from hrtem_core.shard_hashes import ShardHashCache
 
 
@@ -65,6 +65,11 @@ class SampleRecord:
     structure_id: str
     # excluded from eq/hash so records can live in sets and dict keys
     meta: dict = field(compare=False, hash=False, repr=False)
+    # where the sample's members lie in its shard, as the (sha256-checked) scan found them: ((field, byte offset of
+    # its data, size), ...) in file order, and the shard file's (size, mtime_ns) then (mtime_ns -1 on object
+    # storage): the loaders read the members by offset, after checking the shard is still that file
+    members: tuple = field(default=(), compare=False, hash=False, repr=False)
+    shard_stamp: tuple = field(default=(), compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -176,15 +181,19 @@ def _scan_shard(root, path, name: str, chash: str, shard: dict, cache: ShardHash
     shard and what is wrong with it. ``decode``: its images and masks are decoded and checked too (a full read)."""
     spath = join(root, shard["name"])
     problem = None  # the first sample that does not decode: reported once the shard's sha256 has been checked
+    spans: dict = {}
     try:  # collected first: nothing is used before the shard's sha256 has been checked
+        before = stamp(spath)
         if decode:
             samples = []
-            for key, fields in iter_shard(root, shard, cache=cache):  # streamed: only the metadata is kept
+            for key, fields in iter_shard(root, shard, cache=cache, spans=spans):  # only the metadata is kept
                 samples.append((key, {"json": fields.get("json", b"")}))
                 if problem is None:
                     problem = _undecodable(f"{spath}: sample {key}", fields)
         else:
-            samples = read_shard(root, shard, fields=("json",), cache=cache)
+            samples = read_shard(root, shard, fields=("json",), cache=cache, spans=spans)
+        if stamp(spath) != before:
+            raise CurationError(f"{spath}: the shard changed while it was indexed; index it again")
     except (tarfile.TarError, OSError) as exc:
         raise CurationError(f"{spath}: unreadable shard ({type(exc).__name__}: {exc})") from None
     except DatasetError as exc:
@@ -200,7 +209,9 @@ def _scan_shard(root, path, name: str, chash: str, shard: dict, cache: ShardHash
             meta = json.loads(fields["json"])
         except ValueError as exc:
             raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
-        records.append(SampleRecord(name, str(root), chash, str(spath), key, _structure_id(chash, key, meta), meta))
+        members = tuple(sorted(((f, *span) for f, span in spans.get(key, {}).items()), key=lambda m: m[1]))
+        records.append(SampleRecord(name, str(root), chash, str(spath), key, _structure_id(chash, key, meta), meta,
+                                    members, before))
     if "n_samples" in shard and len(samples) != shard["n_samples"]:
         raise CurationError(f"{spath}: {len(samples)} samples with metadata, manifest says {shard['n_samples']}")
     return records

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
-from functools import partial
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hrtem_core.dataset import check_image_and_mask, load_npy
 from hrtem_core.errors import DatasetError, InputError
-from hrtem_core.locations import register_webdataset_schemes
+from hrtem_core.locations import is_url, open_read, register_webdataset_schemes
 
 from .config import DataConfig, DatasetRef, TrainConfig
 from .curation import (SampleRecord, scan_dataset, select, selection_digest, selection_profile, split_by_structure,
@@ -163,19 +163,113 @@ def curate(config: TrainConfig) -> CuratedData:
 
 def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     """(image, mask) of a sample as a loader read it, checked: both members present and valid ``.npy``, 2-D, of one
-    shape, the mask 0/1 (uint8 or bool). DataError naming the shard and the sample key otherwise."""
+    shape, the mask 0/1 (uint8 or bool). DataError naming the shard and the sample key otherwise. The arrays are
+    views of the members' buffers (each sample's are its own)."""
     where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
     missing = [name for name in ("image.npy", "mask.npy") if name not in sample]
     if missing:
         raise DataError(f"{where}: has no {' and no '.join(missing)} member (a sample is <key>.image.npy, "
                         "<key>.mask.npy and <key>.json)")
     try:
-        image = load_npy(sample["image.npy"], f"{where}, image.npy")
-        mask = load_npy(sample["mask.npy"], f"{where}, mask.npy")
+        image = load_npy(sample["image.npy"], f"{where}, image.npy", view=True)
+        mask = load_npy(sample["mask.npy"], f"{where}, mask.npy", view=True)
         check_image_and_mask(image, mask, where)
     except DatasetError as exc:
         raise DataError(str(exc)) from None
     return image, mask
+
+
+ARRAYS = ("image.npy", "mask.npy")
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """What a loader needs of a selected sample to read it: where its members lie in its shard (from the scan)."""
+
+    shard: str
+    key: str
+    members: tuple  # SampleRecord.members: ((field, offset, size), ...)
+    stamp: tuple  # SampleRecord.shard_stamp
+
+
+def _by_shard(records: list[SampleRecord]) -> dict[str, list[_Sample]]:
+    """The selected samples of each shard, in file order (the order a pass over the tar meets them)."""
+    out: dict[str, list[_Sample]] = {}
+    for r in records:
+        if not r.members:
+            raise DataError(f"shard {r.shard}, sample {r.key}: the record does not say where its members lie (index "
+                            "the dataset with mlplatform.curation.scan_dataset)")
+        out.setdefault(r.shard, []).append(_Sample(r.shard, r.key, r.members, r.shard_stamp))
+    for samples in out.values():
+        samples.sort(key=lambda s: s.members[0][1])
+    return out
+
+
+class MemberReader:
+    """Reads the array members of selected samples by their byte offsets (random access: nothing else in the shard
+    is read), each into a buffer of its own, with one open file per shard (the last ``max_open``).
+
+    A shard is used only while it is the file the sha256-checked scan indexed: its (size, mtime_ns) when opened must
+    equal the record's ``shard_stamp`` (size alone on object storage, whose objects are replaced whole), checked on
+    the open descriptor; otherwise DataError."""
+
+    def __init__(self, max_open: int = 16):
+        self.max_open = max_open
+        self.files: dict[str, object] = {}  # shard -> fd (local) or file object (object storage), oldest first
+
+    def _open(self, s: _Sample):
+        f = self.files.pop(s.shard, None)
+        if f is None:
+            try:
+                if is_url(s.shard):
+                    f = open_read(s.shard)
+                    now = (int(f.size), -1)
+                else:
+                    f = os.open(s.shard, os.O_RDONLY)
+                    st = os.fstat(f)
+                    now = (st.st_size, st.st_mtime_ns)
+            except OSError as exc:
+                raise DataError(f"shard {s.shard}: cannot be opened ({type(exc).__name__}: {exc}); it was there "
+                                "when the dataset was indexed") from None
+            if tuple(s.stamp) != now:
+                self._close(f)
+                raise DataError(f"shard {s.shard}: changed since the dataset was indexed (size, mtime {tuple(s.stamp)} "
+                                f"then, {now} now); its checked index no longer describes it: run again (it is "
+                                "indexed and checked anew), and `python -m datagen verify` the dataset")
+            while len(self.files) >= self.max_open:
+                self._close(self.files.pop(next(iter(self.files))))
+        self.files[s.shard] = f  # most recently used last
+        return f
+
+    @staticmethod
+    def _close(f) -> None:
+        if isinstance(f, int):
+            os.close(f)
+        else:
+            f.close()
+
+    def read(self, s: _Sample, fields=ARRAYS) -> dict:
+        """{"__key__", "__url__", field: buffer (a uint8 array)} of the sample's members among ``fields``."""
+        f = self._open(s)
+        out: dict = {"__key__": s.key, "__url__": s.shard}
+        for name, offset, size in s.members:
+            if name not in fields:
+                continue
+            buf = np.empty(size, np.uint8)  # not zero-filled: every byte is read into
+            if isinstance(f, int):
+                n = os.preadv(f, [buf], offset)
+            else:
+                f.seek(offset)
+                n = f.readinto(buf)
+            if n != size:
+                raise DataError(f"shard {s.shard}, sample {s.key}, {name}: {n} of its {size} bytes could be read at "
+                                f"offset {offset}: the shard is truncated; `python -m datagen verify` the dataset")
+            out[name] = buf
+        return out
+
+    def close(self) -> None:
+        while self.files:
+            self._close(self.files.pop(next(iter(self.files))))
 
 
 def _rank_world() -> tuple[int, int]:
@@ -193,22 +287,18 @@ def stream_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-class _Selected:
-    """Picklable predicate: is this (shard, key) one of the selected samples?"""
-
-    def __init__(self, records: list[SampleRecord]):
-        self.wanted = {(r.shard, r.key) for r in records}
-
-    def __call__(self, sample: dict) -> bool:
-        return (sample["__url__"], sample["__key__"]) in self.wanted
-
-
 class TrainStream(IterableDataset):
-    """Infinite, seeded stream of augmented (image, mask) crops from the selected training samples."""
+    """Infinite, seeded stream of augmented (image, mask) crops from the selected training samples.
+
+    Shards are drawn with replacement, weighted by their share (below); each drawn shard's selected samples enter a
+    shuffle buffer in file order, and each sample leaving the buffer is read by random access (``MemberReader``):
+    the buffer holds references, not arrays, and the samples a filter drops are never read. The samples and their
+    order are those of a webdataset pipeline that reads whole shards (``tarfile_to_samples``, ``select``,
+    ``shuffle`` with the same seeds), which this stream replaced (tests/test_data_and_metrics.py compares them)."""
 
     def __init__(self, records: list[SampleRecord], dataset_weights: dict[str, float], d: DataConfig, seed: int,
                  epoch: int):
-        self.selected = _Selected(records)
+        self.by_shard = _by_shard(records)
         per_shard = Counter(r.shard for r in records)
         per_dataset = Counter(str(r.dataset_path) for r in records)
         dataset_of = {r.shard: str(r.dataset_path) for r in records}
@@ -227,34 +317,42 @@ class TrainStream(IterableDataset):
         while True:
             yield {"url": rng.choices(self.shards, weights=self.weights)[0]}
 
+    def _samples(self, rng: random.Random):
+        for drawn in self._shards(rng):
+            yield from self.by_shard[drawn["url"]]
+
+    def order(self, rank: int = 0, worker: int = 0):
+        """The stream's samples (``_Sample``) in order, unread, for (rank, loader worker)."""
+        s = stream_seed(self.seed, self.epoch, rank, worker)
+        return wds.shuffle(self.buffer, initial=min(self.buffer, 64), rng=random.Random(s + 1))(
+            self._samples(random.Random(s)))
+
     def __iter__(self):
         rank, _ = _rank_world()
         wid, _ = _worker()
         s = stream_seed(self.seed, self.epoch, rank, wid)
-        rng = random.Random(s)
         augment = build_augmentation(self.aug, self.crop)
         augment.set_random_seed(s % 2**32)
         physics = PhysicsAugmentation(self.aug, s + 2)
-        pipeline = wds.DataPipeline(
-            partial(self._shards, rng),  # a source stage is a callable returning the iterator
-            wds.tarfile_to_samples(),
-            wds.select(self.selected),
-            wds.shuffle(self.buffer, initial=min(self.buffer, 64), rng=random.Random(s + 1)),
-        )
-        for sample in pipeline:
-            image, mask = _decode(sample)
-            out = augment(image=normalize(physics.before_normalization(image), self.norm), mask=mask)
-            out["image"] = physics.after_normalization(out["image"])
-            yield {"image": torch.from_numpy(np.ascontiguousarray(out["image"]))[None],
-                   "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))[None].float()}
+        reader = MemberReader()
+        try:
+            for item in self.order(rank, wid):
+                image, mask = _decode(reader.read(item))
+                out = augment(image=normalize(physics.before_normalization(image), self.norm, inplace=True),
+                              mask=mask)
+                out["image"] = physics.after_normalization(out["image"])
+                yield {"image": torch.from_numpy(np.ascontiguousarray(out["image"]))[None],
+                       "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))[None].float()}
+        finally:
+            reader.close()
 
 
 class EvalStream(IterableDataset):
     """Finite pass over selected samples: each exactly once across ranks and workers; batches of one image size."""
 
     def __init__(self, records: list[SampleRecord], d: DataConfig, batch_size: int | None = None):
-        self.selected = _Selected(records)
-        self.shards = sorted({r.shard for r in records})
+        self.by_shard = _by_shard(records)
+        self.shards = sorted(self.by_shard)
         self.norm = d.normalization.model_dump()
         self.batch_size = batch_size or d.eval_batch_size
         self.n = len(records)
@@ -265,15 +363,19 @@ class EvalStream(IterableDataset):
         mine = self.shards[rank::world][wid::workers]
         if not mine:  # more workers than shards: this one has nothing to read
             return
-        pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(), wds.select(self.selected))
         batch: list = []
-        for sample in pipeline:
-            image, mask = _decode(sample)
-            item = (sample["__key__"], normalize(image, self.norm), mask)
-            if batch and (item[1].shape != batch[-1][1].shape or len(batch) == self.batch_size):
-                yield _collate(batch)
-                batch = []
-            batch.append(item)
+        reader = MemberReader()
+        try:
+            for shard in mine:
+                for s in self.by_shard[shard]:
+                    image, mask = _decode(reader.read(s))
+                    item = (s.key, normalize(image, self.norm, inplace=True), mask)
+                    if batch and (item[1].shape != batch[-1][1].shape or len(batch) == self.batch_size):
+                        yield _collate(batch)
+                        batch = []
+                    batch.append(item)
+        finally:
+            reader.close()
         if batch:
             yield _collate(batch)
 
@@ -305,16 +407,17 @@ def read_samples(records: list[SampleRecord], d: DataConfig) -> list[tuple[dict,
     loader workers)."""
     if not records:
         return []
-    pipeline = wds.DataPipeline(wds.SimpleShardList(sorted({r.shard for r in records})), wds.tarfile_to_samples(),
-                                wds.select(_Selected(records)))
+    by_shard = _by_shard(records)
     found = {}
     norm = d.normalization.model_dump()
-    for sample in pipeline:
-        image, mask = _decode(sample)
-        found[(sample["__url__"], sample["__key__"])] = (normalize(image, norm), mask)
-    missing = [f"{r.shard}:{r.key}" for r in records if (r.shard, r.key) not in found]
-    if missing:
-        raise DataError(f"samples listed by the dataset index are not in their shards: {', '.join(missing[:5])}")
+    reader = MemberReader()
+    try:
+        for shard in sorted(by_shard):
+            for s in by_shard[shard]:
+                image, mask = _decode(reader.read(s))
+                found[(s.shard, s.key)] = (normalize(image, norm, inplace=True), mask)
+    finally:
+        reader.close()
     return [(r.meta, *found[(r.shard, r.key)]) for r in records]
 
 

@@ -14,21 +14,28 @@ import numpy as np
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations otherwise checks PyPI on import
 
 
-def normalize(image: np.ndarray, spec: dict) -> np.ndarray:
-    """float32 image normalised per ``spec`` ({'kind': 'per_image_zscore' | 'per_image_minmax', 'clip_sigma'})."""
+def normalize(image: np.ndarray, spec: dict, inplace: bool = False) -> np.ndarray:
+    """float32 image normalised per ``spec`` ({'kind': 'per_image_zscore' | 'per_image_minmax', 'clip_sigma'}).
+
+    ``inplace``: a writable float32 ``image`` is normalised in its own memory (the loaders' freshly read buffers);
+    otherwise a copy is. The same float32 operations either way, so the values are the same to the bit."""
     x = np.asarray(image, np.float32)
+    if x is image and not (inplace and x.flags.writeable):
+        x = x.copy()
     kind = spec["kind"]
     if kind == "per_image_zscore":
         std = float(x.std())
-        x = (x - float(x.mean())) / (std if std > 0 else 1.0)
+        np.subtract(x, float(x.mean()), out=x)
+        np.divide(x, std if std > 0 else 1.0, out=x)
         if spec.get("clip_sigma"):
-            x = np.clip(x, -spec["clip_sigma"], spec["clip_sigma"])
+            np.clip(x, -spec["clip_sigma"], spec["clip_sigma"], out=x)
     elif kind == "per_image_minmax":
         lo, hi = float(x.min()), float(x.max())
-        x = (x - lo) / (hi - lo if hi > lo else 1.0)
+        np.subtract(x, lo, out=x)
+        np.divide(x, hi - lo if hi > lo else 1.0, out=x)
     else:
         raise ValueError(f"normalization kind {kind!r}; allowed: per_image_zscore, per_image_minmax")
-    return x.astype(np.float32, copy=False)
+    return x
 
 
 def build_augmentation(aug: dict, crop_px: int | None):
