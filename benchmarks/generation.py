@@ -111,9 +111,14 @@ def generation_rows(name: str, overrides: list[str], n_structures: int, workdir:
     settings = _settings(fast_r, n_structures, n_slices)
     t_fast, t_plain = median(times["fast"]), median(times["plain"])
     n_samples = n_structures * n_var
+    sim_share = median(stage["fast"]) / (t_fast * n_var)
     rows = [
         Row("a", f"{name}: time per sample (s); ratio = plain / ours", settings, t_fast, t_plain, t_plain / t_fast,
-            ">= 3", at_least(t_plain / t_fast, 3.0), "s"),
+            ">= 5", at_least(t_plain / t_fast, 5.0), "s",
+            notes={"profile": {"simulate stage, share of our time per sample": sim_share,
+                               "simulate stage per structure, ours / plain": median(stage["fast"])
+                               / median(stage["plain"]),
+                               "bound": "the simulate stage is FFT-bound: see (c), our slices' FFTs vs the floor"}}),
         Row("a", f"{name}: simulate stage per structure (s), both scenes", settings, median(stage["fast"]),
             median(stage["plain"]), median(stage["plain"]) / median(stage["fast"]), "", None, "s"),
         Row("a", f"{name}: image correlation ours vs plain (noise-free, min of {n_samples})", settings, min(corr),
@@ -270,9 +275,15 @@ def slice_rows(quick: bool) -> list[Row]:
     per_plain = t_plain / n_slices
     settings = (f"{gpts}² grid, {n_ph} phonons batched (times per batch), Au r {radius:g} Å on {carbon:g} Å C, "
                 f"{n_slices} slices of 2 Å, scipy.fft; ours: both scenes, potential + transmission + propagation")
+    profile = {"our FFTs per wave per slice, in floor pairs (the bound at this FFT speed)": our_ffts / pair,
+               "share of our time in FFTs": our_ffts / ours,
+               "propagations, transmissions, potential spectra per wave-slice":
+                   [round(counts[k] / counts["wave_slices"], 3) for k in ("propagations", "transmissions",
+                                                                         "potentials")]}
     return [
         Row("c", "time per wave per slice (ms) vs FFT floor: fft2 + ifft2 of the wave", settings, ours * 1e3,
-            pair * 1e3, ours / pair, "<= 3", at_most(ours / pair, 3.0), "ms", notes={"counts": counts}),
+            pair * 1e3, ours / pair, "<= 1.5", at_most(ours / pair, 1.5), "ms",
+            notes={"counts": counts, "profile": profile}),
         Row("c", "time per wave per slice (ms) vs the FFTs our slices do (all of them)", settings, ours * 1e3,
             our_ffts * 1e3, ours / our_ffts, "", None, "ms"),
         Row("c", "plain abTEM: time per slice (ms, one scene) vs FFT floor", settings, per_plain * 1e3,

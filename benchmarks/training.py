@@ -213,7 +213,7 @@ def loader_rows(work: Path, quick: bool) -> list[Row]:
         Row("d", "shard loader vs compact model consumption (samples/s); ratio = loader / model", settings, r_shard,
             compact, r_shard / compact, ">= 10", at_least(r_shard / compact, 10.0), "/s"),
         Row("d", "shard loader vs resnet18-unet consumption (samples/s)", settings, r_shard, resnet, r_shard / resnet,
-            "", None, "/s"),
+            ">= 10", at_least(r_shard / resnet, 10.0), "/s"),
         Row("d", "shard loader vs plain folder of .npy files (samples/s); ratio = median of paired rounds", settings,
             r_shard, r_folder, ratio, ">= 1", at_least(ratio, 1.0), "/s",
             notes={"rounds": rounds, "per_round_ratio": [round(x, 3) for x in ratios],
