@@ -63,8 +63,13 @@ def timed_sweep(work: Path, path: Path, workers: int, claims_url: str | None = N
         raise RuntimeError(f"sweep with {workers} worker(s) failed:\n{res.stderr[-3000:]}")
     from experiments import claims
 
-    rows = claims.unit_rows(claims.open_engine(claims_url), "demo")
-    return seconds, sum(r["state"] == "done" for r in rows)
+    name = read_yaml_mapping(path, "sweep")["name"]  # (the demo's sweep is not named "demo": it counted nothing)
+    rows = claims.unit_rows(claims.open_engine(claims_url), name)
+    done = sum(r["state"] == "done" for r in rows)
+    if done == 0:
+        raise RuntimeError(f"sweep {name!r} with {workers} worker(s) exited 0 but recorded no unit in {claims_url} "
+                           f"(states: {sorted({r['state'] for r in rows})})")
+    return seconds, done
 
 
 def demo_sweep(work: Path, quick: bool) -> Path:
