@@ -101,9 +101,8 @@ def folder_loader_rate(ds: Path, records, n: int) -> float:
     """The baseline: the selected samples as per-sample .npy files, seeded random order, same transforms."""
     import torch
 
-    from mlplatform.transforms import build_augmentation, normalize
-
     from mlplatform.data import stream_seed
+    from mlplatform.transforms import build_augmentation, normalize
 
     d = _data_config(ds, 512)
     norm, augment = d.normalization.model_dump(), build_augmentation(d.augmentation.model_dump(), 512)

@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hrtem_core.dataset import check_image_and_mask, load_npy
+from hrtem_core.dataset import ARRAY_FIELDS, check_image_and_mask, load_npy
 from hrtem_core.errors import DatasetError, InputError
 from hrtem_core.locations import is_url, open_read, register_webdataset_schemes
 
@@ -166,7 +166,7 @@ def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     shape, the mask 0/1 (uint8 or bool). DataError naming the shard and the sample key otherwise. The arrays are
     views of the members' buffers (each sample's are its own)."""
     where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
-    missing = [name for name in ("image.npy", "mask.npy") if name not in sample]
+    missing = [name for name in ARRAY_FIELDS if name not in sample]
     if missing:
         raise DataError(f"{where}: has no {' and no '.join(missing)} member (a sample is <key>.image.npy, "
                         "<key>.mask.npy and <key>.json)")
@@ -177,9 +177,6 @@ def _decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     except DatasetError as exc:
         raise DataError(str(exc)) from None
     return image, mask
-
-
-ARRAYS = ("image.npy", "mask.npy")
 
 
 @dataclass(frozen=True)
@@ -248,7 +245,7 @@ class MemberReader:
         else:
             f.close()
 
-    def read(self, s: _Sample, fields=ARRAYS) -> dict:
+    def read(self, s: _Sample, fields=ARRAY_FIELDS) -> dict:
         """{"__key__", "__url__", field: buffer (a uint8 array)} of the sample's members among ``fields``."""
         f = self._open(s)
         out: dict = {"__key__": s.key, "__url__": s.shard}
@@ -299,13 +296,12 @@ class TrainStream(IterableDataset):
     def __init__(self, records: list[SampleRecord], dataset_weights: dict[str, float], d: DataConfig, seed: int,
                  epoch: int):
         self.by_shard = _by_shard(records)
-        per_shard = Counter(r.shard for r in records)
         per_dataset = Counter(str(r.dataset_path) for r in records)
         dataset_of = {r.shard: str(r.dataset_path) for r in records}
         total_w = sum(dataset_weights[p] for p in per_dataset)
         # a shard's share: its dataset's mixing weight, spread over the dataset's selected samples
-        self.shards = sorted(per_shard)
-        self.weights = [dataset_weights[dataset_of[s]] / total_w * per_shard[s] / per_dataset[dataset_of[s]]
+        self.shards = sorted(self.by_shard)
+        self.weights = [dataset_weights[dataset_of[s]] / total_w * len(self.by_shard[s]) / per_dataset[dataset_of[s]]
                         for s in self.shards]
         self.norm = d.normalization.model_dump()
         self.aug = d.augmentation.model_dump()
