@@ -209,6 +209,49 @@ def _sweep_workers(proc) -> list[psutil.Process]:
         return []
 
 
+KILLED_IN_SCHEMA = r"""
+import os, signal, sys
+import sqlalchemy as sa
+from sqlalchemy import event
+from mlplatform.store import ensure_store
+uri, kill_at, seen = sys.argv[1], int(sys.argv[2]), [0]
+
+@event.listens_for(sa.engine.Engine, "after_cursor_execute")
+def _count(conn, cursor, statement, params, context, executemany):
+    if statement.lstrip().upper().startswith(("CREATE", "ALTER", "DROP", "INSERT", "UPDATE")):
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)   # as a sweep's first process killed while MLflow builds its tables
+
+ensure_store(uri)
+print(seen[0])
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_mlflow_creates_a_new_sqlite_store_leaves_it_usable(tmp_path):
+    """MLflow's migrations on SQLite commit statement by statement: a first process killed among them must not leave
+    a half-made schema that every later process fails on ("table ... already exists", seen in CI)."""
+    run = lambda uri, at: subprocess.run([sys.executable, "-c", KILLED_IN_SCHEMA, uri, str(at)],  # noqa: E731
+                                         capture_output=True, text=True, env=ENV, timeout=300)
+    first = run(f"sqlite:///{tmp_path / 'whole.db'}", 10**9)
+    assert first.returncode == 0, first.stderr[-2000:]
+    n = int(first.stdout.split()[-1])  # DDL and data statements of a whole creation
+    assert n > 100
+    for at in (1, n // 2, n):  # the first statement, mid-migrations, the default experiment's insert
+        db = tmp_path / f"killed-{at}.db"
+        killed = run(f"sqlite:///{db}", at)
+        assert killed.returncode == -signal.SIGKILL, (at, killed.stderr[-2000:])
+        assert not db.exists() or db.stat().st_size == 0, f"a half-made store was left in place (kill at {at}/{n})"
+        again = run(f"sqlite:///{db}", 10**9)
+        assert again.returncode == 0, (at, again.stderr[-2000:])
+        assert [p.name for p in tmp_path.glob(f".{db.name}.new-*")] == []  # the killed one's leftover is gone
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.create_experiment(f"after-kill-{at}")
+        client.set_terminated(client.create_run(exp).info.run_id)
+        assert [e.name for e in client.search_experiments(order_by=["name"])] == ["Default", f"after-kill-{at}"]
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_restart_records_every_unit_once(workspace, stores, tmp_path):
     claims_url, store = stores

@@ -145,6 +145,8 @@ def ensure_store(uri: str) -> None:
         db = Path(uri[len("sqlite:///"):].split("?")[0])
         with open(db.parent / (db.name + ".init-lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if not db.exists() or db.stat().st_size == 0:
+                _new_sqlite_store(db)
             touch()
     elif uri.startswith(("postgresql:", "postgresql+")):
         import sqlalchemy as sa
@@ -161,6 +163,37 @@ def ensure_store(uri: str) -> None:
         touch()
     for line in replay_pending_ends(uri):
         print(line, file=sys.stderr)
+
+
+def _new_sqlite_store(db: Path) -> None:
+    """Create a new SQLite store's schema in a file beside it and rename it into place; the caller holds the lock.
+
+    MLflow's migrations on SQLite are not one transaction (alembic commits each DDL statement there), so a process
+    killed while they run would leave a half-made schema at ``db`` on which every later process fails ("table ...
+    already exists"). Built aside, a kill leaves only a stray ``.<name>.new-<pid>`` file, removed by the next process
+    to take the lock; ``db`` is either absent (or the empty file a connection check left) or complete.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    for stale in db.parent.glob(f".{db.name}.new-*"):  # from a process killed here: we hold the lock, it does not
+        stale.unlink(missing_ok=True)
+    tmp = db.parent / f".{db.name}.new-{os.getpid()}"
+    uri = f"sqlite:///{tmp}"
+    try:
+        store = _get_sqlalchemy_store(uri, None)  # the artifact root MlflowClient(uri) would give experiment 0
+        store.engine.dispose()  # no connection may outlive the rename (its journal is named after the old path)
+        SqlAlchemyStore._engine_map.pop(uri, None)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, db)
+        fd = os.open(db.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -- a store that goes away mid-run -----------------------------------------------------------------------------------
