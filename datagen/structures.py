@@ -198,7 +198,7 @@ def spacegroup_generator(Z: tuple[int, ...], coords: tuple[tuple[float, float, f
     """czone's ``Generator.from_spacegroup`` for these arguments, as a copy of one made once per process.
 
     Making one costs ~0.6 s (pymatgen's space-group tables), ~10 % of a structure's time on ``au-small``; a deep copy
-    costs ~1 ms and is the same object, so every structure still gets a generator of its own to transform."""
+    costs ~1 ms and is equal to a new one, so every structure still gets a generator of its own to transform."""
     import copy
 
     return copy.deepcopy(_spacegroup_generator(Z, coords, cell_dims, cell_angs, sgn))

@@ -245,7 +245,7 @@ def test_a_process_killed_while_mlflow_creates_a_new_sqlite_store_leaves_it_usab
         assert not db.exists() or db.stat().st_size == 0, f"a half-made store was left in place (kill at {at}/{n})"
         again = run(f"sqlite:///{db}", 10**9)
         assert again.returncode == 0, (at, again.stderr[-2000:])
-        assert [p.name for p in tmp_path.glob(f".{db.name}.new-*")] == []  # the killed one's leftover is gone
+        assert [p.name for p in tmp_path.glob(f"{db.name}.*.partial")] == []  # the killed one's leftover is gone
         client = MlflowClient(f"sqlite:///{db}")
         exp = client.create_experiment(f"after-kill-{at}")
         client.set_terminated(client.create_run(exp).info.run_id)

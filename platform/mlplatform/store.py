@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from hrtem_core.databases import CONNECT_TIMEOUT_S, CONNECT_TRIES, check_database, connect_args, redact
 from hrtem_core.errors import InputError
-from hrtem_core.files import cache_dir, write_atomic
+from hrtem_core.files import atomic_writer, cache_dir, write_atomic
 
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # two+ letters so a Windows drive letter is not a scheme
 
@@ -170,30 +170,20 @@ def _new_sqlite_store(db: Path) -> None:
 
     MLflow's migrations on SQLite are not one transaction (alembic commits each DDL statement there), so a process
     killed while they run would leave a half-made schema at ``db`` on which every later process fails ("table ...
-    already exists"). Built aside, a kill leaves only a stray ``.<name>.new-<pid>`` file, removed by the next process
-    to take the lock; ``db`` is either absent (or the empty file a connection check left) or complete.
+    already exists"). Built aside (:func:`hrtem_core.files.atomic_writer`), a kill leaves only a stray
+    ``<name>.<pid>.partial``, removed by the next process to take the lock; ``db`` is either absent (or the empty file
+    a connection check left) or complete.
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
 
-    for stale in db.parent.glob(f".{db.name}.new-*"):  # from a process killed here: we hold the lock, it does not
+    for stale in db.parent.glob(f"{db.name}.*.partial"):  # from a process killed here: we hold the lock, it does not
         stale.unlink(missing_ok=True)
-    tmp = db.parent / f".{db.name}.new-{os.getpid()}"
-    uri = f"sqlite:///{tmp}"
-    try:
+    with atomic_writer(db) as fh:  # SQLite fills the empty file; it is fsynced and renamed when this block ends
+        uri = f"sqlite:///{fh.name}"
         store = _get_sqlalchemy_store(uri, None)  # the artifact root MlflowClient(uri) would give experiment 0
         store.engine.dispose()  # no connection may outlive the rename (its journal is named after the old path)
         SqlAlchemyStore._engine_map.pop(uri, None)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, db)
-        fd = os.open(db.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- a store that goes away mid-run -----------------------------------------------------------------------------------
