@@ -86,6 +86,18 @@ def ctf_kwargs(cond: dict, energy_eV: float) -> dict:
     }
 
 
+# abTEM 1.0.11's polar aberration series (Aberrations._evaluate_from_angular_grid), in its order: the power n of
+# alpha (with its factor 1/n), the coefficient without angular dependence, and (C, phi_C, m) for each term
+# C * cos(m * (phi - phi_C))
+_POLAR_GROUPS = (
+    (2, "C10", (("C12", "phi12", 2),)),
+    (3, None, (("C21", "phi21", 1), ("C23", "phi23", 3))),
+    (4, "C30", (("C32", "phi32", 2), ("C34", "phi34", 4))),
+    (5, None, (("C41", "phi41", 1), ("C43", "phi43", 3), ("C45", "phi45", 5))),
+    (6, "C50", (("C52", "phi52", 2), ("C54", "phi54", 4), ("C56", "phi56", 6))),
+)
+
+
 class ExitWaveLens:
     """The exit waves of one structure, ready for many imaging conditions: make one per structure and ask it for the
     intensity of each condition.
@@ -102,21 +114,69 @@ class ExitWaveLens:
         self.energy_eV = energy_eV
         self.spectra = scipy.fft.fft2(np.asarray(waves, np.complex64), axes=(-2, -1), workers=1)
         self._grid = None
+        self._alpha_powers: dict[int, np.ndarray] = {}  # (1/n) * alpha**n on self._grid
 
     def kernel(self, cond: dict) -> np.ndarray:
         """abTEM's CTF array for ``cond`` in our [row, col] layout (abTEM evaluates it on (x, y)).
 
-        What ``CTF._evaluate_kernel`` does, with the polar grid of scattering angles computed once per lens."""
+        What ``CTF._evaluate_kernel`` does, with the polar grid of scattering angles computed once per lens, and the
+        aberration phase by :meth:`_aberration_phase` (bit for bit abTEM's; tests/test_image.py checks it)."""
         import abtem
 
         ctf = abtem.CTF(**ctf_kwargs(cond, self.energy_eV))
         if self._grid is None:
             n = self.waves.shape[-1]
-            ctf.grid.match(abtem.Waves(np.zeros((n, n), np.complex64), energy=self.energy_eV,
-                                       sampling=self.sampling_A))
+            self._like = abtem.Waves(np.zeros((n, n), np.complex64), energy=self.energy_eV, sampling=self.sampling_A)
+            ctf.grid.match(self._like)
             self._grid = ctf._angular_grid("cpu")
-        kernel = ctf._evaluate_from_angular_grid(*self._grid)
+        else:  # every condition's CTF knows the grid: abTEM's aperture is soft (antialiased) only on a known grid
+            ctf.grid.match(self._like)
+        alpha, phi = self._grid
+        array = self._aberration_phase(ctf._aberrations, alpha, phi)
+        if array is None or ctf._spatial_envelope.angular_spread != 0.0 or ctf._wiener_snr != 0.0 \
+                or ctf._flip_phase:
+            kernel = ctf._evaluate_from_angular_grid(alpha, phi)
+        else:  # the rest of CTF._evaluate_from_angular_grid for scalar parameters
+            kernel = array
+            if ctf._temporal_envelope.focal_spread != 0.0:
+                kernel = kernel * ctf._temporal_envelope._evaluate_from_angular_grid(alpha, phi)
+            if ctf._aperture.semiangle_cutoff != np.inf:
+                kernel = kernel * ctf._aperture._evaluate_from_angular_grid(alpha, phi)
         return np.ascontiguousarray(np.asarray(kernel, np.complex64).T)
+
+    def _aberration_phase(self, aberrations, alpha: np.ndarray, phi: np.ndarray) -> np.ndarray | None:
+        """``aberrations._evaluate_from_angular_grid(alpha, phi)`` with the same arithmetic in the same order, minus
+        the work whose result is known: ``(1/n) * alpha**n`` is computed once per lens, and a term ``C * cos(m *
+        (phi - phi_C))`` whose coefficient ``C`` is zero is left out (abTEM adds its +-0, which leaves every sum
+        unchanged: the sums start from an array of +0). Only for coefficients that are Python numbers (numpy
+        scalars would change the dtype of abTEM's arithmetic); otherwise None, and the caller asks abTEM."""
+        from abtem.core.complex import complex_exponential
+
+        coef = aberrations._aberration_coefficients
+        if not all(type(v) in (float, int) for v in coef.values()):
+            return None
+        if not aberrations._has_aberrations:
+            return np.ones(alpha.shape, dtype=np.complex64)
+        powers = self._alpha_powers
+        array = np.zeros(alpha.shape, dtype=np.float32)
+        for n, scalar, terms in _POLAR_GROUPS:
+            symbols = ((scalar,) if scalar else ()) + tuple(s for c, p, _ in terms for s in (c, p))
+            if not aberrations._nonzero_coefficients(symbols):
+                continue
+            total = coef[scalar] if scalar else None
+            for c, p, m in terms:
+                if coef[c] == 0.0:
+                    continue
+                angle = phi - coef[p] if m == 1 else m * (phi - coef[p])
+                term = coef[c] * np.cos(angle)
+                total = term if total is None else total + term
+            if total is None:  # every coefficient of the group is zero (a phase alone is set): abTEM adds +-0
+                continue
+            if n not in powers:
+                powers[n] = 1 / n * alpha**n
+            array = array + powers[n] * total
+        array *= np.array(2 * np.pi / aberrations.wavelength, dtype=np.float32)
+        return complex_exponential(-array)
 
     def intensity(self, cond: dict) -> np.ndarray:
         """Phonon-averaged image intensity [row, col] on the potential grid, relative to the incident beam (vacuum
