@@ -13,6 +13,7 @@ CI must run them (``.ci/run`` installs the package).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +22,14 @@ import pytest
 
 from benchmarks.services import (DaskCluster, ServiceUnavailable, free_loopback_port, stop_process_group,
                                  throwaway_postgres)
+
+
+# A test session started in the background by a non-interactive shell (`make test &`, nohup) ignores Ctrl-C (SIGINT),
+# and every command the tests start inherits that; our commands rightly keep an ignored Ctrl-C ignored, so the tests
+# that press Ctrl-C would wait for a command that never stops. The tests stand for a terminal, where Ctrl-C is on:
+# with a handler here (handlers, unlike SIG_IGN, are reset by exec) the commands start with SIGINT at its default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _unavailable(reason: str):
