@@ -96,6 +96,9 @@ _POLAR_GROUPS = (
     (5, None, (("C41", "phi41", 1), ("C43", "phi43", 3), ("C45", "phi45", 5))),
     (6, "C50", (("C52", "phi52", 2), ("C54", "phi54", 4), ("C56", "phi56", 6))),
 )
+# each group's symbols, as abTEM checks them (Aberrations._nonzero_coefficients) to decide whether to evaluate it
+_GROUP_SYMBOLS = tuple(((scalar,) if scalar else ()) + tuple(s for c, p, _ in terms for s in (c, p))
+                       for _, scalar, terms in _POLAR_GROUPS)
 
 
 class ExitWaveLens:
@@ -113,7 +116,8 @@ class ExitWaveLens:
         self.sampling_A = sampling_A
         self.energy_eV = energy_eV
         self.spectra = scipy.fft.fft2(np.asarray(waves, np.complex64), axes=(-2, -1), workers=1)
-        self._grid = None
+        self._like = None  # an abtem.Waves on our grid, for each condition's CTF to match
+        self._grid = None  # abTEM's polar grid of scattering angles (alpha, phi) on it
         self._alpha_powers: dict[int, np.ndarray] = {}  # (1/n) * alpha**n on self._grid
 
     def kernel(self, cond: dict) -> np.ndarray:
@@ -124,13 +128,12 @@ class ExitWaveLens:
         import abtem
 
         ctf = abtem.CTF(**ctf_kwargs(cond, self.energy_eV))
-        if self._grid is None:
+        if self._like is None:
             n = self.waves.shape[-1]
             self._like = abtem.Waves(np.zeros((n, n), np.complex64), energy=self.energy_eV, sampling=self.sampling_A)
-            ctf.grid.match(self._like)
+        ctf.grid.match(self._like)  # every condition's: abTEM's aperture is soft (antialiased) only on a known grid
+        if self._grid is None:
             self._grid = ctf._angular_grid("cpu")
-        else:  # every condition's CTF knows the grid: abTEM's aperture is soft (antialiased) only on a known grid
-            ctf.grid.match(self._like)
         alpha, phi = self._grid
         array = self._aberration_phase(ctf._aberrations, alpha, phi)
         if array is None or ctf._spatial_envelope.angular_spread != 0.0 or ctf._wiener_snr != 0.0 \
@@ -159,8 +162,7 @@ class ExitWaveLens:
             return np.ones(alpha.shape, dtype=np.complex64)
         powers = self._alpha_powers
         array = np.zeros(alpha.shape, dtype=np.float32)
-        for n, scalar, terms in _POLAR_GROUPS:
-            symbols = ((scalar,) if scalar else ()) + tuple(s for c, p, _ in terms for s in (c, p))
+        for (n, scalar, terms), symbols in zip(_POLAR_GROUPS, _GROUP_SYMBOLS):
             if not aberrations._nonzero_coefficients(symbols):
                 continue
             total = coef[scalar] if scalar else None

@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datagen.image import _POLAR_GROUPS, ExitWaveLens, ctf_kwargs
+from datagen.image import _GROUP_SYMBOLS, ExitWaveLens, ctf_kwargs
 
 ENERGY = 300e3
-SYMBOLS = [s for _, scalar, terms in _POLAR_GROUPS for s in ((scalar,) if scalar else ()) + tuple(
-    x for c, p, _ in terms for x in (c, p))]
+SYMBOLS = [s for group in _GROUP_SYMBOLS for s in group]
 
 
 def abtem_kernel(cond: dict, n: int, sampling: float) -> np.ndarray:
