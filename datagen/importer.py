@@ -142,7 +142,7 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
     """Import micrographs and masks as a dataset at ``out``; returns (manifest, whether it was already there)."""
     for flag, value in (("--pixel-size", pixel_size_A), ("--dose", dose_e_per_A2)):
         if value is not None and not (np.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} must be a number > 0, got {value}")
+            raise InputError(f"{flag} must be a number > 0, got {value}")
     images, masks, out = Path(images), Path(masks), Path(out)
     images_root, image_files = list_inputs(images, "images")
     masks_root, mask_files = list_inputs(masks, "masks")

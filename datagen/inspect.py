@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hrtem_core.dataset import iter_dataset, read_manifest
+from hrtem_core.errors import InputError
 from hrtem_core.files import write_atomic
 from hrtem_core.locations import Location, as_location, name_of
 
@@ -119,15 +120,15 @@ def contact_sheet(root: Location, out: Path, n: int = 16) -> Path:
 
     root, out = as_location(root), Path(out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: the contact sheet is a PNG; give a path ending in .png")
+        raise InputError(f"--out {out}: the contact sheet is a PNG; give a path ending in .png")
     if out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a path ending in .png")
+        raise InputError(f"--out {out}: is a folder; give a path ending in .png")
     if not 1 <= n <= MAX_PANELS:
-        raise ValueError(f"--n {n}: a contact sheet holds 1 to {MAX_PANELS} panels")
+        raise InputError(f"--n {n}: a contact sheet holds 1 to {MAX_PANELS} panels")
     manifest = read_manifest(root)
     samples = list(islice(iter_dataset(root), n))
     if not samples:
-        raise ValueError(f"{root}: the dataset holds no samples")
+        raise InputError(f"{root}: the dataset holds no samples")
 
     cols = min(COLUMNS, len(samples))
     rows = math.ceil(len(samples) / cols)

@@ -35,6 +35,7 @@ from hrtem_core.config import canonical_json, config_hash
 from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, WAVE_SHARD_PATTERN, build_manifest,
                                 check_output, encode_sample, file_sha256, sample_hash, software_versions, to_jsonable,
                                 utc_now, write_atomic, write_manifest, write_shard)
+from hrtem_core.errors import InputError
 from hrtem_core.locations import is_url, join, upload
 from hrtem_core.processes import StopSignals, become_worker
 
@@ -568,11 +569,11 @@ def generate(recipe: Recipe, n: int, seed: int, out: Path, workers: int = 1, kee
     if is_url(out):
         return _generate_to_object_store(recipe, n, seed, str(out), workers, keep_waves, dataset, progress, scheduler)
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise InputError(f"--n must be >= 1, got {n}")
     if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+        raise InputError(f"--seed must be >= 0, got {seed}")
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise InputError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     dataset = dataset or f"{recipe.name}-seed{seed}"  # not the folder name: the same command gives the same hash anywhere
     ident = _run_identity(recipe, seed, n, keep_waves, dataset)

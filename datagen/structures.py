@@ -40,6 +40,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from hrtem_core.errors import InputError
+
 from .distributions import bounds, sample, sample_category
 from .recipe import FCC_METALS, MULTIPLY_TWINNED, Particle, Recipe, Substrate, phonon_sigma_A, split_binary
 from .seeding import Streams
@@ -318,7 +320,7 @@ def build_particle(p: Particle, streams, kind: str | None = None, element: str |
     radius = sample(p.radius_A, streams.rng("structure.particle.radius_A"))
     n_requested = int(round(sample(p.defects.n, streams.rng("structure.particle.defects.n"))))
     if n_requested < 0:
-        raise ValueError(f"structure.particle.defects.n drew {n_requested}; it must be >= 0")
+        raise InputError(f"structure.particle.defects.n drew {n_requested}; it must be >= 0")
     rng = streams.rng("structure.particle.defects")
     sphere = Sphere(radius=radius, center=np.zeros(3))
     meta: dict = {"kind": kind, "radius_A": radius}

@@ -256,7 +256,7 @@ def register_sweep(engine: sa.Engine, name: str, fingerprint: str, experiment: s
                          .values(fingerprint=fingerprint))
     row = sweep_row(engine, name)
     if row["fingerprint"] != fingerprint:
-        raise ValueError(f"sweep {name!r} already exists in {redact(str(engine.url))} with a different definition; "
+        raise InputError(f"sweep {name!r} already exists in {redact(str(engine.url))} with a different definition; "
                          "give the changed sweep a new name")
     with engine.begin() as conn:
         _insert_ignoring_duplicates(conn, units, [

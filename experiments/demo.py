@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datagen.pipeline import generate
 from datagen.recipe import load_recipe
+from hrtem_core.errors import InputError
 
 CONFIGS = Path(__file__).parent / "configs"
 SWEEP = CONFIGS / "demo-sweep.yaml"
@@ -51,7 +52,7 @@ def run_demo(out: str | Path = "demo", workers: int = 2, tracking_uri: str | Non
 
     out = Path(out)
     if out.resolve() != Path("demo").resolve():
-        raise ValueError(f"--out {out}: the demo configs read demo/data/...; run it from the repository root "
+        raise InputError(f"--out {out}: the demo configs read demo/data/...; run it from the repository root "
                          "with the default --out demo")
     started = time.perf_counter()
     timings = {}

@@ -82,14 +82,14 @@ def existing_study(name: str, url: str | None) -> tuple[optuna.storages.BaseStor
     if path is None and url.startswith("sqlite:"):
         path = _sqlite_path(url)
     if path is not None and not path.is_file():
-        raise ValueError(f"no study {name!r}: {path} does not exist" + (" (give --storage)" if url is None else ""))
+        raise InputError(f"no study {name!r}: {path} does not exist" + (" (give --storage)" if url is None else ""))
     storage = study_storage(url)
     names = sorted(s.study_name for s in storage.get_all_studies())
     for candidate in (f"{STUDY_PREFIX}{name}", name):
         if candidate in names:
             return storage, candidate, storage.get_study_id_from_name(candidate)
     there = ", ".join(n.removeprefix(STUDY_PREFIX) for n in names) or "none"
-    raise ValueError(f"no study {name!r} in {storage_url(storage)}; studies there: {there}")
+    raise InputError(f"no study {name!r} in {storage_url(storage)}; studies there: {there}")
 
 
 def storage_url(storage) -> str:

@@ -41,7 +41,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, TrialState
 
 from hrtem_core.config import show_value
-from hrtem_core.errors import ConfigError
+from hrtem_core.errors import ConfigError, InputError
 from mlplatform import mlflow_ui
 from mlplatform.store import resolve_tracking_uri
 from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_experiment
@@ -138,7 +138,7 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
     if study.user_attrs.get("fingerprint") == exp.legacy_fingerprint():  # recorded before one hashing convention
         study.set_user_attr("fingerprint", exp.fingerprint())
     if study.user_attrs.get("fingerprint") != exp.fingerprint():
-        raise ValueError(f"study {exp.name!r} already exists in {storage_url(storage)} with a different definition; "
+        raise InputError(f"study {exp.name!r} already exists in {storage_url(storage)} with a different definition; "
                          "give the changed study a new name")
     # what align_study needs, so that a doctor can align a study by its name alone
     for key, value in (("experiment", exp.config().tracking.experiment),
@@ -272,7 +272,7 @@ def _info(study: optuna.Study, exp: Experiment | None) -> _StudyInfo:
     if exp is not None:
         return _StudyInfo(exp.name, exp.config().tracking.experiment, exp.spec.objective, attrs["mlflow_parent_run"])
     if "experiment" not in attrs or "objective" not in attrs:
-        raise ValueError(f"study {study.study_name!r} predates the attributes that let it be aligned by name: run "
+        raise InputError(f"study {study.study_name!r} predates the attributes that let it be aligned by name: run "
                          "its `study` command once (with the same definition)")
     return _StudyInfo(study.study_name.removeprefix("study:"), attrs["experiment"],
                       Objective.model_validate(attrs["objective"]), attrs["mlflow_parent_run"])
@@ -531,12 +531,12 @@ def load_study(name: str, storage_arg: str | None) -> optuna.Study:
     file that does not exist is not created)."""
     path = journal_path(storage_arg)
     if path is not None and not path.is_file():
-        raise ValueError(f"no study {name!r}: the journal {path} does not exist")
+        raise InputError(f"no study {name!r}: the journal {path} does not exist")
     storage = study_storage(storage_arg)
     try:
         return optuna.load_study(study_name=f"study:{name}", storage=storage)
     except KeyError:
-        raise ValueError(f"no study {name!r} in {storage_url(storage)}") from None
+        raise InputError(f"no study {name!r} in {storage_url(storage)}") from None
 
 
 def doctor_study(name: str, storage_arg: str | None, tracking_uri: str | None, fix: bool) -> tuple[list[str], bool]:

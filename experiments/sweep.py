@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
 from hrtem_core.config import config_hash
-from hrtem_core.errors import ConfigError
+from hrtem_core.errors import ConfigError, InputError
 from mlplatform import mlflow_ui
 from mlplatform.model_format import LEGACY_PRETRAIN_RUN, PRETRAIN_RUN
 from mlplatform.store import resolve_tracking_uri
@@ -161,7 +161,7 @@ def _legacy_parent(exp: Experiment, tracking_uri: str) -> str | None:
     if not parents:
         return None
     if parents[-1].data.tags.get("sweep.fingerprint") not in (exp.fingerprint(), exp.legacy_fingerprint()):
-        raise ValueError(f"sweep {exp.name!r} already exists in {tracking_uri} (run {parents[-1].info.run_id}) with "
+        raise InputError(f"sweep {exp.name!r} already exists in {tracking_uri} (run {parents[-1].info.run_id}) with "
                          "a different definition; give the changed sweep a new name")
     return parents[-1].info.run_id  # the first one made: the one its cells were reused under
 
@@ -185,7 +185,7 @@ def load_sweep(name: str, storage_url: str | None, tracking_uri: str) -> SweepCo
     engine = claims.open_engine(storage_url)
     row = claims.sweep_row(engine, name)
     if row is None:
-        raise ValueError(f"--sweep {name!r}: no such sweep in {claims.redact(str(engine.url))}; sweeps there: "
+        raise InputError(f"--sweep {name!r}: no such sweep in {claims.redact(str(engine.url))}; sweeps there: "
                          f"{', '.join(claims.sweep_names(engine)) or 'none'}")
     return SweepContext(name, row["experiment"], engine, tracking_uri, row["parent_run"])
 

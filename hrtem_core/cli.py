@@ -73,12 +73,13 @@ def positive_float(text: str) -> float:
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 interrupted: str = "interrupted") -> int:
-    """Run one subcommand the way every command line of the project does: bad input (an :class:`InputError`, or a
-    library's ValueError/OSError about a value or a file) prints ``error: <message>`` and exits 2, Ctrl-C prints
-    ``interrupted`` and exits 130; anything else is a bug and keeps its traceback."""
+    """Run one subcommand the way every command line of the project does: bad input (an :class:`InputError`) prints
+    ``error: <message>`` and exits 2, Ctrl-C prints ``interrupted`` and exits 130; anything else is a bug and keeps
+    its traceback (exit 1). A library's ValueError or OSError is not taken for bad input: the code that knows which
+    value or file the user gave turns it into an InputError naming them, so a bug never passes for a user mistake."""
     try:
         return func(args)
-    except (InputError, ValueError, OSError) as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import tarfile
+import tokenize
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -118,11 +119,17 @@ def load_npy(data, what: str = "array", view: bool = False) -> np.ndarray:
         if not view:
             flat = flat.copy()
         return flat.reshape(shape, order="F" if fortran_order else "C")
-    except (ValueError, EOFError) as exc:
-        raise DatasetError(f"{what}: not a valid .npy array ({' '.join(str(exc).split())})") from None
+    except _BAD_NPY_HEADER as exc:
+        raise DatasetError(f"{what}: not a valid .npy array ({' '.join(str(exc).split()) or type(exc).__name__})") \
+            from None
 
 
 _NPY_HEADERS: dict[bytes, tuple] = {}
+# what numpy's header reader (ast.literal_eval of the header's text) raises on damaged bytes: one flipped byte in a
+# header gives ValueError, SyntaxError or tokenize's TokenError ("EOF in multi-line statement"), deep nesting
+# RecursionError
+_BAD_NPY_HEADER = (ValueError, EOFError, SyntaxError, tokenize.TokenError, TypeError, OverflowError, RecursionError,
+                   MemoryError)
 
 
 def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -212,6 +219,18 @@ def check_image_and_mask(image: np.ndarray, mask: np.ndarray, where: str) -> Non
         raise DatasetError(f"{where}: mask values must be 0 or 1, found {int(mask.max())}")
 
 
+def load_metadata(data: bytes, what: str) -> dict:
+    """A sample's metadata from its ``.json`` member: DatasetError naming ``what`` (the shard and sample) unless the
+    bytes are UTF-8 JSON of an object."""
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError (not UTF-8) is a ValueError too
+        raise DatasetError(f"{what}: its metadata (.json) is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{what}: its metadata (.json) must be a JSON object, got a {type(meta).__name__}")
+    return meta
+
+
 def decode_sample(key: str, fields: dict[str, bytes], where: str = "") -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, metadata) of one sample's members, checked against the sample contract (DatasetError if not);
     ``where`` (e.g. ``shard shard-000001.tar, ``) prefixes the sample in messages."""
@@ -220,7 +239,7 @@ def decode_sample(key: str, fields: dict[str, bytes], where: str = "") -> tuple[
     if missing:
         raise DatasetError(f"{what}: missing {', '.join(missing)}")
     arrays = {name: load_npy(fields[name], f"{what}, {name}") for name in fields if name.endswith(".npy")}
-    meta = json.loads(fields["json"])
+    meta = load_metadata(fields["json"], what)
     image, mask = arrays["image.npy"], arrays["mask.npy"]
     if image.dtype != np.float32 or image.ndim != 2:
         raise DatasetError(f"{what}: image must be float32 [H, W], got {image.dtype} {image.shape}")
@@ -512,7 +531,7 @@ def iter_dataset(root: Location) -> Iterator[tuple[str, dict[str, np.ndarray], d
     manifest = read_manifest(root)
     for shard in manifest["shards"]:
         for key, fields in iter_tar_samples(join(root, shard["name"])):
-            arrays, meta = decode_sample(key, fields)
+            arrays, meta = decode_sample(key, fields, where=f"shard {shard['name']}, ")
             yield key, arrays, meta
 
 

@@ -21,6 +21,8 @@ convention of docs/architecture.md; each backend (abTEM and Prismatic both index
 
 from __future__ import annotations
 
+from hrtem_core.errors import InputError
+
 from ..recipe import Simulation
 from ..seeding import Streams
 from ..structures import Scene, grid_points
@@ -43,7 +45,7 @@ def get_backend(name: str, cache=None) -> Backend:
         return AbtemBackend(cache)
     if name == "prismatic":
         return PrismaticBackend()
-    raise ValueError(f"simulation.backend={name!r}; allowed: {', '.join(BACKENDS)}")
+    raise InputError(f"simulation.backend={name!r}; allowed: {', '.join(BACKENDS)}")
 
 
 def simulate(scene: Scene, sim: Simulation, streams: Streams, backend: Backend) -> ExitWaves:

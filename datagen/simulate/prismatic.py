@@ -73,6 +73,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hrtem_core.errors import InputError
+
 from ..recipe import Simulation
 from ..structures import Scene
 from .backend import Backend, electron_wavelength_A
@@ -319,7 +321,7 @@ class PrismaticBackend(Backend):
 
     def exit_waves(self, scene: Scene, displacements, sim: Simulation, gpts, device):
         if sim.parametrization != "kirkland":
-            raise ValueError(f"simulation.parametrization={sim.parametrization!r}: simulation.backend=prismatic "
+            raise InputError(f"simulation.parametrization={sim.parametrization!r}: simulation.backend=prismatic "
                              "uses Kirkland's parametrization only; set simulation.parametrization=kirkland")
         n_phonons = displacements.shape[0]
         if len(scene.numbers) == 0:  # Prismatic cannot read an empty atom list; vacuum is a unit plane wave

@@ -217,6 +217,14 @@ class TrainerConfig(_Section):
 class TrackingConfig(_Section):
     experiment: str = "hrtem-segmentation"
     run_name: str | None = None
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, value: str):
+        if not value.strip() or value != value.strip():
+            raise ValueError(f"an MLflow experiment name must be non-empty without leading or trailing spaces, "
+                             f"got {value!r}")
+        return value
     subset: str | None = None
     """Name of the curated training subset (default: derived from the train datasets and filters)."""
     n_prediction_images: int = Field(default=4, ge=0)

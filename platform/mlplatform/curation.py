@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from hrtem_core.dataset import MANIFEST, check_image_and_mask, iter_shard, load_npy, read_manifest, read_shard
+from hrtem_core.dataset import (MANIFEST, check_image_and_mask, iter_shard, load_metadata, load_npy, read_manifest,
+                                read_shard)
 from hrtem_core.errors import DatasetError, InputError
 from hrtem_core.locations import as_location, exists, is_url, join, name_of, stamp
 from hrtem_core.shard_hashes import ShardHashCache
@@ -205,10 +206,7 @@ def _scan_shard(root, path, name: str, chash: str, shard: dict, cache: ShardHash
         raise DatasetError(problem)
     records = []
     for key, fields in samples:
-        try:
-            meta = json.loads(fields["json"])
-        except ValueError as exc:
-            raise CurationError(f"{spath}: sample {key}: metadata is not valid JSON ({exc})") from None
+        meta = load_metadata(fields["json"], f"{spath}: sample {key}")
         members = tuple(sorted(((f, *span) for f, span in spans.get(key, {}).items()), key=lambda m: m[1]))
         records.append(SampleRecord(name, str(root), chash, str(spath), key, _structure_id(chash, key, meta), meta,
                                     members, before))
@@ -315,6 +313,25 @@ def _numbers(*values):
             raise FilterError(f"arithmetic needs numbers, got {v!r}")
 
 
+# far beyond any hand-written filter, far below Python's recursion limit (compiling, evaluating and quoting a node in
+# an error message each take a few frames per level)
+MAX_FILTER_DEPTH = 100
+
+
+def _depth(tree: ast.AST) -> int:
+    """The nesting depth of an expression's syntax tree, counted without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
 def compile_filter(expr: str, known_fields: set[str]) -> Filter:
     """Compile a filter expression over sample metadata (see the module docstring for the grammar)."""
     text = " ".join(str(expr).split("\n")).strip()  # YAML may fold or break long filters over lines
@@ -327,6 +344,12 @@ def compile_filter(expr: str, known_fields: set[str]) -> Filter:
         where = "at the end" if col > len(text) else f"at column {col}"
         raise FilterError(f"filter {text!r}: syntax error {where}: {exc.msg}\n  {text}\n  {' ' * (col - 1)}^") \
             from None
+    except (RecursionError, MemoryError):  # Python's parser gives up on a few thousand nested operators
+        raise FilterError(f"filter {_clip(text)!r}: nested too deeply (at most {MAX_FILTER_DEPTH} levels of "
+                          "operators, calls and parentheses)") from None
+    if (depth := _depth(tree)) > MAX_FILTER_DEPTH:  # compiling and evaluating recurse once per level
+        raise FilterError(f"filter {_clip(text)!r}: nested {depth} levels deep; at most {MAX_FILTER_DEPTH} levels "
+                          "of operators, calls and parentheses are allowed")
     used: set[str] = set()
 
     def bad(node, what):

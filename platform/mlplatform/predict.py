@@ -52,6 +52,11 @@ def fourier_rescale(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return (idctn(out, type=2, norm="ortho") * scale).astype(np.float32)
 
 
+# the smallest side, in pixels at the model's pixel size, that every preset segments (the compact U-Net's deepest
+# level is 8x coarser and its instance norms need more than one element there)
+MIN_SIDE_PX = 16
+
+
 def model_grid(shape: tuple[int, int], pixel_size_A: float | None, model_pixel_size_A: float) -> tuple[int, int]:
     """Pixels per side of the same field of view at the model's pixel size."""
     if pixel_size_A is None:
@@ -133,14 +138,21 @@ def check_inputs(files: list[Path]) -> list[tuple[Path, str, tuple[int, int]]]:
 
 def check_grids(images: list[tuple[Path, str, tuple[int, int]]], pixel_size_A: float | None,
                 model_pixel_size_A: float) -> None:
-    """InputError unless every image, resampled to the model's pixel size, stays within MAX_PIXELS."""
+    """InputError unless every image, resampled to the model's pixel size, stays within MAX_PIXELS and has at least
+    MIN_SIDE_PX pixels a side."""
     problems = {}
     for file, where, shape in images:
         grid = model_grid(shape, pixel_size_A, model_pixel_size_A)
-        if grid[0] * grid[1] > MAX_PIXELS and file not in problems:
-            problems[file] = (f"{where}: {shape[0]} x {shape[1]} pixels of {pixel_size_A} Å become {grid[0]} x "
-                              f"{grid[1]} at the model's {model_pixel_size_A} Å, more than {MAX_PIXELS:,} pixels: "
-                              "check --pixel-size")
+        if file in problems:
+            continue
+        size = (f"{shape[0]} x {shape[1]} pixels" + ("" if pixel_size_A is None else f" of {pixel_size_A} Å")
+                + ("" if tuple(grid) == tuple(shape) else f" become {grid[0]} x {grid[1]}")
+                + f" at the model's {model_pixel_size_A} Å")
+        if grid[0] * grid[1] > MAX_PIXELS:
+            problems[file] = f"{where}: {size}, more than {MAX_PIXELS:,} pixels: check --pixel-size"
+        elif min(grid) < MIN_SIDE_PX:
+            problems[file] = (f"{where}: {size}; the model needs at least {MIN_SIDE_PX} x {MIN_SIDE_PX} pixels (its "
+                              "deepest features are 8x coarser): check --pixel-size, or give a larger micrograph")
     _report(list(problems.values()), len({file for file, _, _ in images}))
 
 

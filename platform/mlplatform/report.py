@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
+from hrtem_core.errors import InputError
 from hrtem_core.files import check_output_folder
 
 from . import analysis, report_html
@@ -123,12 +124,12 @@ def write_report(kind: str, name: str, tracking_uri: str | None, out_dir, method
     ``ui_url`` is not http(s)://.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind {kind!r}; allowed: {', '.join(KINDS)}")
+        raise InputError(f"kind {kind!r}; allowed: {', '.join(KINDS)}")
     if method not in analysis.METHODS or correction not in analysis.CORRECTIONS:
-        raise ValueError(f"method {method!r}, correction {correction!r}; allowed: {', '.join(analysis.METHODS)} "
+        raise InputError(f"method {method!r}, correction {correction!r}; allowed: {', '.join(analysis.METHODS)} "
                          f"and {', '.join(analysis.CORRECTIONS)}")
     if ui_url is not None and _http_url(ui_url) is None:
-        raise ValueError(f"ui_url {ui_url!r}: expected the MLflow UI's address, http(s)://HOST[:PORT][/PATH]")
+        raise InputError(f"ui_url {ui_url!r}: expected the MLflow UI's address, http(s)://HOST[:PORT][/PATH]")
     check_output_folder(out_dir, "report --out")  # before the queries: a file there is known at once
     if kind == "sweep":
         runs, history = collect_sweep(tracking_uri, name)

@@ -25,6 +25,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from hrtem_core.errors import InputError
+
 from . import analysis
 from .model_format import EPOCH_OFFSET, LEGACY_PRETRAIN_RUN, PRETRAIN_RUN
 from .store import resolve_tracking_uri
@@ -65,7 +67,7 @@ def _search(client: MlflowClient, filter_string: str) -> list:
 
 def _literal(value: str) -> str:
     if "'" in value or "\\" in value:  # MLflow's filter grammar has no escape for them
-        raise ValueError(f"name {value!r}: quotes and backslashes are not supported in sweep/study names")
+        raise InputError(f"name {value!r}: quotes and backslashes are not supported in sweep/study names")
     return f"'{value}'"
 
 
@@ -73,7 +75,7 @@ def _parent(client: MlflowClient, uri: str, kind: str, name: str):
     parents = _search(client, f"tags.{kind} = {_literal(name)} AND tags.kind = '{kind}'")
     if not parents:
         known = sorted({r.data.tags.get(kind, "?") for r in _search(client, f"tags.kind = '{kind}'")})
-        raise ValueError(f"no {kind} named {name!r} in {uri}: no run is tagged {kind}={name}, kind={kind}; "
+        raise InputError(f"no {kind} named {name!r} in {uri}: no run is tagged {kind}={name}, kind={kind}; "
                          f"{'studies' if kind == 'study' else 'sweeps'} found there: {', '.join(known) or 'none'}")
     if len(parents) > 1:  # a relaunch under the same name: the newest parent is the one being reported
         warnings.warn(f"{len(parents)} parent runs are tagged {kind}={name!r}; reporting the newest, "
@@ -88,7 +90,7 @@ def _children(client: MlflowClient, parent, kind: str, child_kind: str, name: st
     statuses = Counter(r.info.status for r in runs)
     if not statuses["FINISHED"]:
         found = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or f"no {child_kind} runs at all"
-        raise ValueError(f"{kind} {name!r} (parent run {pid}) has no FINISHED {child_kind} runs: found {found}")
+        raise InputError(f"{kind} {name!r} (parent run {pid}) has no FINISHED {child_kind} runs: found {found}")
     return runs, statuses
 
 
@@ -139,7 +141,7 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
     cells = [r for r in cells if r.info.status == "FINISHED"]
     duplicates = _duplicated_cells(cells)
     if duplicates:  # one seed counted twice would shift every statistic: no report until the record is repaired
-        raise ValueError(f"sweep {name!r} has more than one FINISHED run for a (subset, seed, phase): " + "; ".join(
+        raise InputError(f"sweep {name!r} has more than one FINISHED run for a (subset, seed, phase): " + "; ".join(
             f"{subset}/s{seed}:{phase}: {', '.join(ids)}" for (subset, seed, phase), ids in duplicates.items())
             + f". `python -m experiments doctor --sweep {name}` lists them; end the runs that must not count "
             "(e.g. MlflowClient().set_terminated(run_id, 'KILLED')) and report again")
@@ -288,7 +290,7 @@ def collect_study(tracking_uri: str | None, name: str):
             pass  # categorical parameter: keep the strings
     trials = trials.sort_values(["trial", "run_id"], kind="stable", na_position="last").reset_index(drop=True)
     if not (trials["status"].eq("FINISHED") & trials["objective"].notna()).any():
-        raise ValueError(f"study {name!r} (parent run {parent.info.run_id}) has FINISHED trial runs but none "
+        raise InputError(f"study {name!r} (parent run {parent.info.run_id}) has FINISHED trial runs but none "
                          f"logged the metric 'objective'")
     notes, study, direction = [], None, None
     storage, study_name = parent.data.tags.get("optuna.storage"), parent.data.tags.get("optuna.study_name")

@@ -35,7 +35,8 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from hrtem_core.errors import ServiceError
+from hrtem_core.databases import redact
+from hrtem_core.errors import ConfigError, ServiceError
 from hrtem_core.files import cache_dir
 
 from mlplatform.model_format import METADATA, MODEL_URI_TAG, REQUIRED_METADATA, THRESHOLD, WEIGHTS
@@ -76,8 +77,9 @@ def get_or_create_experiment(name: str, tracking_uri: str | None = None) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
-                raise MlflowException(f"experiment {name!r} ({exp.experiment_id}) is deleted in {uri}: restore it "
-                                      "(MlflowClient().restore_experiment) or remove it for good (mlflow gc)")
+                raise ConfigError(f"tracking.experiment={name!r}: experiment {exp.experiment_id} of that name is "
+                                  f"deleted in {redact(uri)}: restore it (MlflowClient().restore_experiment), remove "
+                                  "it for good (mlflow gc), or name another experiment")
             if exp.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:  # made before we marked ours, or by someone else
                 describe_experiment(client, exp.experiment_id, EXPERIMENT_DESCRIPTION)
             return exp.experiment_id
