@@ -63,8 +63,13 @@ def test_finished_run_records_params_tags_metrics_and_artifacts_next_to_the_db(u
     tags = data.data.tags
     assert tags["phase"] == "pretrain" and tags["subset"] == "defocus-narrow" and tags["mlflow.runName"] == "r"
     assert tags["platform.version"] and "failure_reason" not in tags
-    if "git.commit" in tags:  # present in a git checkout
-        assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    # the tests run from a git checkout (CI clones the repository): the run names the commit that computed it
+    checkout = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert tags["git.commit"] == head and tags["git.dirty"] == str(bool(dirty)).lower(), tags
     history = MlflowClient(uri).get_metric_history(r.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
     files = {f.path for f in MlflowClient(uri).list_artifacts(r.run_id)}
@@ -288,3 +293,38 @@ def test_importing_the_platform_registers_no_mlflow_model():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_a_store_made_from_the_schema_template_equals_a_migrated_one(tmp_path, monkeypatch):
+    """A new SQLite store is a copy of the cached schema template (mlplatform.store.schema_template) instead of ~440
+    migration statements: the same tables, indexes, alembic version and rows as a migrated store, and the Default
+    experiment MLflow itself gives a new store (its artifact root, from the working folder, and its time)."""
+    import sqlite3
+
+    from mlplatform.store import _new_sqlite_store, schema_template
+
+    monkeypatch.chdir(tmp_path)
+    template = schema_template()
+    assert template is not None and template.parent.parent == Path(os.environ["HRTEM_CACHE_DIR"])
+
+    def contents(db):
+        con = sqlite3.connect(db)
+        try:
+            schema = sorted(con.execute("select type, name, tbl_name, sql from sqlite_master"))
+            rows = {name: sorted(map(repr, con.execute(f'select * from "{name}"')))
+                    for (kind, name, _, _) in schema if kind == "table" and name != "experiments"}
+            experiments = list(con.execute("select experiment_id, name, artifact_location, lifecycle_stage, "
+                                           "creation_time from experiments"))
+        finally:
+            con.close()
+        return schema, rows, experiments
+
+    before = int(time.time() * 1000)
+    _new_sqlite_store(tmp_path / "migrated.db", None)
+    _new_sqlite_store(tmp_path / "copied.db", template)
+    migrated, copied = contents(tmp_path / "migrated.db"), contents(tmp_path / "copied.db")
+    assert len(migrated[0]) > 50 and copied[:2] == migrated[:2]
+    (eid, name, location, stage, created), = copied[2]
+    assert [row[:4] for row in migrated[2]] == [(eid, name, location, stage)] == [
+        (0, "Default", (tmp_path / "mlruns" / "0").as_posix(), "active")]
+    assert before <= created <= int(time.time() * 1000)  # made now, not when the template was

@@ -146,7 +146,7 @@ def ensure_store(uri: str) -> None:
         with open(db.parent / (db.name + ".init-lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not db.exists() or db.stat().st_size == 0:
-                _new_sqlite_store(db)
+                _new_sqlite_store(db, schema_template())
             touch()
     elif uri.startswith(("postgresql:", "postgresql+")):
         import sqlalchemy as sa
@@ -165,7 +165,7 @@ def ensure_store(uri: str) -> None:
         print(line, file=sys.stderr)
 
 
-def _new_sqlite_store(db: Path) -> None:
+def _new_sqlite_store(db: Path, template: Path | None) -> None:
     """Create a new SQLite store's schema in a file beside it and rename it into place; the caller holds the lock.
 
     MLflow's migrations on SQLite are not one transaction (alembic commits each DDL statement there), so a process
@@ -173,17 +173,59 @@ def _new_sqlite_store(db: Path) -> None:
     already exists"). Built aside (:func:`hrtem_core.files.atomic_writer`), a kill leaves only a stray
     ``<name>.<pid>.partial``, removed by the next process to take the lock; ``db`` is either absent (or the empty file
     a connection check left) or complete.
+
+    ``template`` (:func:`schema_template`): a copy of it replaces the migrations (~440 statements, about a second);
+    MLflow then finds its tables and adds its Default experiment itself, as it does after migrating.
     """
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+    import shutil
 
     for stale in db.parent.glob(f"{db.name}.*.partial"):  # from a process killed here: we hold the lock, it does not
         stale.unlink(missing_ok=True)
     with atomic_writer(db) as fh:  # SQLite fills the empty file; it is fsynced and renamed when this block ends
-        uri = f"sqlite:///{fh.name}"
-        store = _get_sqlalchemy_store(uri, None)  # the artifact root MlflowClient(uri) would give experiment 0
-        store.engine.dispose()  # no connection may outlive the rename (its journal is named after the old path)
-        SqlAlchemyStore._engine_map.pop(uri, None)
+        if template is not None:
+            with open(template, "rb") as src:
+                shutil.copyfileobj(src, fh)
+            fh.flush()
+        _open_with_mlflow(Path(fh.name))
+
+
+def _open_with_mlflow(db: Path) -> None:
+    """Let MLflow open the SQLite file ``db`` as a tracking store, as a client does: it migrates an empty file and adds
+    its Default experiment (with the artifact root MlflowClient would give it) where there is none; then let go."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    uri = f"sqlite:///{db}"
+    store = _get_sqlalchemy_store(uri, None)
+    store.engine.dispose()  # no connection may outlive a rename (its journal is named after the old path)
+    SqlAlchemyStore._engine_map.pop(uri, None)
+
+
+def schema_template() -> Path | None:
+    """An empty SQLite store of this MLflow version, migrated, without MLflow's Default experiment (which each new
+    store gets from MLflow with its own artifact root and time): ``<cache>/mlflow-sqlite-schema/mlflow-<version>.db``,
+    made on first use. None where there is no cache folder to keep it in (stores are then migrated one by one)."""
+    import sqlite3
+
+    folder = cache_dir()
+    if folder is None:
+        return None
+    template = folder / "mlflow-sqlite-schema" / f"mlflow-{mlflow.__version__}.db"
+    if template.is_file() and template.stat().st_size > 0:
+        return template
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(template) as fh:  # complete or absent; processes making it together each rename a whole one
+            _open_with_mlflow(Path(fh.name))
+            con = sqlite3.connect(fh.name)
+            try:
+                with con:
+                    con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            finally:
+                con.close()
+    except OSError:
+        return None
+    return template
 
 
 # -- a store that goes away mid-run -----------------------------------------------------------------------------------
