@@ -52,11 +52,14 @@ bench: setup
 bench-quick: setup
 	$(PY) -m benchmarks --quick
 
+# two pytest-xdist workers (one per core); tests that share a service run on one worker (tests/conftest.py)
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 clean-data:
 	rm -rf $(OUT) demo

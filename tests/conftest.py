@@ -32,11 +32,40 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _unavailable(reason: str):
-    """Skip on a developer machine, fail in CI (where these tests must run)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"PostgreSQL test server unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL test server unavailable: {reason}")
+# -- how the suite runs in parallel (make test: pytest-xdist, -n 2 --dist loadgroup) -----------------------------------
+
+# tests that share a session service run on one worker, which starts it once: the key is a fixture, the value the
+# group (xdist_group) of every test that uses it
+SHARED_SERVICES = {"dask_cluster": "dask", "s3_server": "s3-and-mlflow-server", "mlflow_server": "s3-and-mlflow-server"}
+# a test that needs one of these servers is slow (make test-fast leaves it out; CI runs it)
+SERVERS = {"postgres_server", "postgres_url", "dask_cluster", "s3_server", "mlflow_server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Groups the tests of each shared service (SHARED_SERVICES), marks slow those that need a server (SERVERS),
+    and puts the slow tests first (a stable sort, the
+    same order in every worker), so that the long ones start at once and the short ones fill the gaps instead of a
+    long test starting last on one worker while the other waits."""
+    for item in items:
+        groups = {SHARED_SERVICES[f] for f in item.fixturenames if f in SHARED_SERVICES}
+        for group in sorted(groups):
+            item.add_marker(pytest.mark.xdist_group(group))
+        if SERVERS & set(item.fixturenames):  # before -m selects: make test-fast needs no server
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run: ``CI`` set to any value CI services use for "on" (true, 1, yes; any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes", "on")
+
+
+def unavailable(what: str, reason: str):
+    """Skip on a developer machine, fail in CI, where every test must run (a skipped test is evidence lost)."""
+    if in_ci():
+        pytest.fail(f"{what} unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {reason}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,13 +88,28 @@ def postgres_server(tmp_path_factory):
         with throwaway_postgres(tmp_path_factory.mktemp("postgres")) as server:
             yield server
     except ServiceUnavailable as exc:
-        _unavailable(str(exc))
+        unavailable("PostgreSQL test server", str(exc))
 
 
 @pytest.fixture
 def postgres_url(postgres_server, request) -> str:
     """URL of a fresh, empty database on the session's PostgreSQL server, named after the test."""
     return postgres_server.new_database(request.node.name)
+
+
+# -- command lines, each in a process of its own, without an interpreter start each --------------------------------
+
+
+@pytest.fixture(scope="session")
+def cli(shard_hash_cache):
+    """A :class:`cli_forkserver.ForkServer`: ``cli.run(argv, cwd)`` runs ``python -m <argv>``'s ``main`` in a forked
+    process of its own (exit status, stdout and stderr as a subprocess gives them), for the tests of refusals and exit
+    statuses. Started after the session's environment is set (``shard_hash_cache``): its children inherit it."""
+    from cli_forkserver import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 # -- a real Dask scheduler and two worker processes on loopback ---------------------------------------------------

@@ -1,6 +1,7 @@
 """The bad-input suite: every command, fed input it cannot use, says so in one line and changes nothing.
 
-Each case runs the command line (its ``main``, in a process of its own: :class:`ForkServer`) in a fresh folder (its working directory) next to the shared tiny datasets, with
+Each case runs the command line (its ``main``, in a process of its own: conftest's ``cli``, a
+:class:`cli_forkserver.ForkServer`) in a fresh folder (its working directory) next to the shared tiny datasets, with
 its own tracking store, sweep claims database and study journal there, and asserts the contract of
 docs/architecture.md "Errors":
 
@@ -111,6 +112,38 @@ def _flip_byte(rel: str = "data", shard: str = "shard-000001.tar", offset: int =
     return make
 
 
+def _damage_member(suffix: str, offset: int, value: int, vouch: bool = False, rel: str = "data",
+                   shard: str = "shard-000001.tar"):
+    """A copy of the train dataset whose first ``<key><suffix>`` member of ``shard`` has byte ``offset`` of its data
+    set to ``value``. The manifest is left as it was (reading the sample finds it before the shard's sha256 does), or,
+    with ``vouch``, gets the damaged shard's sha256 (so that only reading the sample can find it)."""
+    def make(tmp: Path, ws: Path):
+        import hashlib
+        import tarfile
+
+        _copy_dataset(rel=rel)(tmp, ws)
+        path = tmp / rel / shard
+        with tarfile.open(path) as tar:
+            member = next(m for m in tar if m.name.endswith(suffix))
+        data = bytearray(path.read_bytes())
+        data[member.offset_data + offset] = value
+        path.write_bytes(bytes(data))
+        if vouch:
+            manifest = json.loads((tmp / rel / "manifest.json").read_text())
+            for entry in manifest["shards"]:
+                if entry["name"] == shard:
+                    entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+            (tmp / rel / "manifest.json").write_text(json.dumps(manifest))
+    return make
+
+
+# the '{' that opens an image's .npy header (10 bytes in) with its bits flipped: numpy's header reader fails in
+# Python's tokenizer (TokenError), not with a ValueError
+_NPY_HEADER_FLIPPED = _damage_member(".image.npy", 10, ord("{") ^ 0xFF)
+# a byte that is never UTF-8 inside a sample's metadata
+_JSON_NOT_UTF8 = _damage_member(".json", 1, 0xFF)
+
+
 def _truncate(rel: str = "data", shard: str = "shard-000001.tar"):
     def make(tmp: Path, ws: Path):
         _copy_dataset(rel=rel)(tmp, ws)
@@ -210,17 +243,44 @@ def _file(rel: str, data: bytes = b"not what you think\n"):
     return make
 
 
-def _model_folder(rel="model", weights: bytes | None = b"truncated", metadata: str | None = None):
-    """A model folder (as `predict --model PATH` takes) with broken contents."""
+def _model_folder(rel="model", weights: bytes | Callable[[], bytes] | None = b"truncated", metadata: str | None = None):
+    """A model folder (as `predict --model PATH` takes), with broken contents unless given real ``weights``."""
     def make(tmp: Path, ws: Path):
         folder = tmp / rel
         folder.mkdir(parents=True)
         if weights is not None:
-            (folder / "weights.pt").write_bytes(weights)
+            (folder / "weights.pt").write_bytes(weights() if callable(weights) else weights)
         meta = metadata if metadata is not None else json.dumps(
             {"preset": "compact", "pixel_size_A": 0.5, "threshold": 0.5,
              "normalization": {"kind": "per_image_zscore", "clip_sigma": 5.0}})
         (folder / "metadata.json").write_text(meta)
+    return make
+
+
+def _compact_weights() -> bytes:
+    """A freshly initialised compact network's state dict, as weights.pt holds it."""
+    import io
+
+    import torch
+
+    from mlplatform.models import build_model
+
+    buf = io.BytesIO()
+    torch.save(build_model("compact").state_dict(), buf)
+    return buf.getvalue()
+
+
+def _deleted_experiment(name: str):
+    """The case's tracking store holds experiment ``name``, deleted (MLflow keeps its name until `mlflow gc`)."""
+    def make(tmp: Path, ws: Path):
+        from mlflow import MlflowClient
+
+        from mlplatform.store import ensure_store
+
+        store = f"sqlite:///{tmp}/mlflow.db"
+        ensure_store(store)
+        client = MlflowClient(store)
+        client.delete_experiment(client.create_experiment(name))
     return make
 
 
@@ -299,6 +359,22 @@ CASES = [
          _both(_copy_dataset(), lambda tmp, ws: (tmp / "data" / "shard-000002.tar").unlink()), tracking=False),
     Case("verify-npy-bomb-in-shard", ["datagen", "verify", "{tmp}/data"], ["shard-000001.tar", "header claims"],
          _bomb_member(), tracking=False),
+    Case("verify-npy-header-flipped-byte", ["datagen", "verify", "{tmp}/data"],
+         ["shard-000001.tar", "sample 0000002_00", "image.npy", "not a valid .npy"], _NPY_HEADER_FLIPPED,
+         tracking=False),
+    Case("info-npy-header-flipped-byte", ["datagen", "info", "{tmp}/data"],
+         ["shard-000001.tar", "sample 0000002_00", "image.npy", "not a valid .npy"], _NPY_HEADER_FLIPPED,
+         tracking=False),
+    Case("show-npy-header-flipped-byte", ["datagen", "show", "{tmp}/data", "--out", "{tmp}/sheet.png", "--n", "12"],
+         ["shard-000001.tar", "sample 0000002_00", "image.npy", "not a valid .npy"], _NPY_HEADER_FLIPPED,
+         tracking=False),
+    Case("verify-json-not-utf8", ["datagen", "verify", "{tmp}/data"],
+         ["shard-000001.tar", "sample 0000002_00", "not valid UTF-8"], _JSON_NOT_UTF8, tracking=False),
+    Case("info-json-not-utf8", ["datagen", "info", "{tmp}/data"],
+         ["shard-000001.tar", "sample 0000002_00", "not valid UTF-8"], _JSON_NOT_UTF8, tracking=False),
+    Case("train-json-not-utf8", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.path={tmp}/data"],
+         ["shard-000001.tar", "sample 0000002_00", "not valid UTF-8"], _damage_member(".json", 1, 0xFF, vouch=True)),
+    Case("recipes-unexpected-argument", ["datagen", "recipes", "--nope"], ["--nope"], tracking=False),
     Case("info-truncated-shard", ["datagen", "info", "{tmp}/data"], ["shard-000001.tar"], _truncate(),
          tracking=False),
     Case("show-truncated-shard", ["datagen", "show", "{tmp}/data", "--out", "{tmp}/sheet.png"],
@@ -322,6 +398,16 @@ CASES = [
          ["{tmp}/nothing"]),
     Case("train-filter-syntax", [*TRAIN, "{ws}/base.yaml", "--set", "data.train.0.filter=imaging.defocus_A <<"],
          ["filter"]),
+    Case("train-filter-nested-too-deeply", [*TRAIN, "{ws}/base.yaml", "--set",
+                                             "data.train.0.filter=" + "not " * 400 + "imaging.defocus_A > 0"],
+         ["data.train.0.filter", "nested", "at most 100"]),
+    Case("train-filter-beyond-the-parser", [*TRAIN, "{ws}/base.yaml", "--set",
+                                            "data.train.0.filter=" + "-" * 5000 + "imaging.defocus_A > 0"],
+         ["data.train.0.filter", "nested too deeply"]),
+    Case("train-empty-experiment-name", [*TRAIN, "{ws}/base.yaml", "--set", "tracking.experiment=''"],
+         ["tracking.experiment", "non-empty"]),
+    Case("train-deleted-experiment", [*TRAIN, "{ws}/base.yaml"], ["tracking.experiment", "exp-test", "deleted",
+                                                                  "restore"], _deleted_experiment("exp-test")),
     Case("train-filter-unknown-field", [*TRAIN, "{ws}/base.yaml", "--set",
                                         "data.train.0.filter=imaging.no_such_field > 1"], ["no_such_field"]),
     Case("train-filter-selects-nothing", [*TRAIN, "{ws}/base.yaml", "--set",
@@ -417,6 +503,11 @@ CASES = [
     Case("predict-model-metadata-not-json", ["experiments", "predict", "--model", "{tmp}/model", "--input",
                                              "{tmp}/imgs", "--out", "{tmp}/pred"], ["metadata"],
          _both(_images(n=1), _model_folder(metadata="{oops")), tracking=False),
+    Case("predict-image-too-small", ["experiments", "predict", "--model", "{tmp}/model", "--input", "{tmp}/imgs",
+                                     "--out", "{tmp}/pred"], ["tiny.npy", "2 x 2 pixels", "at least 16 x 16"],
+         _both(_model_folder(weights=_compact_weights),
+               _images(n=1, bad=lambda f: np.save(f / "tiny.npy", np.ones((2, 2), np.float32)))),
+         tracking=False),
     Case("predict-unknown-run", ["experiments", "predict", "--model", RUN_ID, "--input", "{tmp}/imgs", "--out",
                                  "{tmp}/pred"], [RUN_ID], _images(n=1)),
     # benchmarks
@@ -425,38 +516,6 @@ CASES = [
 
 
 # -- running a case --------------------------------------------------------------------------------------------------
-
-class ForkServer:
-    """Runs ``python -m <argv>`` through ``tests/cli_forkserver.py``: the same ``main(argv)`` in a process of its own,
-    without paying the interpreter start and the torch/MLflow/Lightning imports per case (about 3 s each), which is
-    what lets the suite hold ~90 cases and stay a small part of CI. ``BAD_INPUT_SUBPROCESS=1`` runs real ``python -m``
-    processes instead (slower, same results)."""
-
-    def __init__(self):
-        self.proc = None
-        if os.environ.get("BAD_INPUT_SUBPROCESS") != "1":
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
-            assert json.loads(self.proc.stdout.readline()) == {"ready": True}
-
-    def run(self, argv: list[str], cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess:
-        if self.proc is None:
-            return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=_env(),
-                                  cwd=cwd, timeout=timeout_s)
-        out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"  # outside the case folder
-        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
-                                          "timeout_s": timeout_s}) + "\n")
-        self.proc.stdin.flush()
-        code = json.loads(self.proc.stdout.readline())["exit"]
-        if code == -9:
-            raise subprocess.TimeoutExpired(argv, timeout_s)
-        return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
-
-    def close(self):
-        if self.proc is not None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
 
 def _listing(*roots: Path) -> set[str]:
     return {str(p) for root in roots for p in root.rglob("*")}
@@ -471,7 +530,7 @@ def _rows(db: Path, table: str, where: str = "") -> int:
         return con.execute(f"select count(*) from {table} {where}").fetchone()[0]
 
 
-def run_case(case: Case, tmp: Path, ws: Path, busy_port: int, cli: ForkServer) -> tuple[subprocess.CompletedProcess,
+def run_case(case: Case, tmp: Path, ws: Path, busy_port: int, cli) -> tuple[subprocess.CompletedProcess,
                                                                                         dict]:
     """Run ``case`` in ``tmp``; returns the process and what it left (new/removed files, runs, experiments...)."""
     fmt = {"ws": ws, "tmp": tmp, "store": f"sqlite:///{tmp}/mlflow.db", "port": free_loopback_port(), "busy": busy_port}
@@ -480,17 +539,17 @@ def run_case(case: Case, tmp: Path, ws: Path, busy_port: int, cli: ForkServer) -
     argv = [a.format(**fmt) for a in case.argv]
     if case.tracking:
         argv += ["--tracking-uri", fmt["store"]]
-    before = _listing(tmp, ws)
+    store = tmp / "mlflow.db"
+    before, made = _listing(tmp, ws), _rows(store, "experiments", "where name != 'Default'")  # made by the setup
     res = cli.run(argv, tmp)
     after = _listing(tmp, ws)
-    store = tmp / "mlflow.db"
     left = {
         "new": sorted(after - before - {str(store), f"{store}.init-lock", str(tmp / "mlruns"),
                                         str(tmp / "mlruns" / "mlflow.db"), str(tmp / "mlruns" / "mlflow.db.init-lock"),
                                         str(tmp / "claims.db")}),
         "gone": sorted(before - after),
         "runs": _rows(store, "runs") + _rows(tmp / "mlruns" / "mlflow.db", "runs"),
-        "experiments": _rows(store, "experiments", "where name != 'Default'"),
+        "experiments": _rows(store, "experiments", "where name != 'Default'") - made,
         "claims": _rows(tmp / "claims.db", "sweep_units"),
         "journal": (tmp / "journal.log").stat().st_size if (tmp / "journal.log").exists() else 0,
     }
@@ -512,11 +571,6 @@ def check(case: Case, res: subprocess.CompletedProcess, left: dict, fmt: dict) -
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def cli():
-    server = ForkServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -528,8 +582,22 @@ def busy_port():
         yield s.getsockname()[1]
 
 
-def test_the_suite_is_large_enough():
-    assert len(CASES) >= 60
+def test_every_command_has_bad_input_cases():
+    """The table covers every subcommand of every command line (one added without a case fails here), with distinct
+    ids, and stays large."""
+    import argparse
+
+    from datagen.cli import build_parser as datagen_parser
+    from experiments.cli import build_parser as experiments_parser
+
+    commands = {("benchmarks", None)}
+    for package, build in (("datagen", datagen_parser), ("experiments", experiments_parser)):
+        for action in build()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands |= {(package, name) for name in action.choices}
+    covered = {(c.argv[0], None if c.argv[0] == "benchmarks" else c.argv[1]) for c in CASES}
+    assert sorted(commands - covered, key=str) == [], "commands without a bad-input case"
+    assert len(commands) >= 17 and len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -562,3 +630,29 @@ def test_a_sample_that_only_decoding_finds_bad_fails_the_run_naming_it(tmp_path,
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "shard-000001.tar" in runs[0].data.tags["failure_reason"]
     assert not client.search_logged_models([runs[0].info.experiment_id])
+
+
+BUGGY_INFO = r"""
+import sys
+import datagen.inspect
+
+def dataset_info(root):  # a bug deep in a command: not the user's fault, whatever exception it raises
+    raise {exc}("an internal inconsistency")
+
+datagen.inspect.dataset_info = dataset_info
+from datagen.cli import main
+sys.exit(main(["info", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("exc", ["ValueError", "OSError"])
+def test_a_bug_is_not_taken_for_bad_input(exc, workspace):
+    """The error contract's other half: exit 2 with one line is for bad input (InputError) only. A bug, here an
+    exception raised inside `datagen info` on a good dataset, prints its traceback and exits 1, so a test (or a user)
+    sees a bug as a bug. ValueError and OSError were once taken for bad input."""
+    res = subprocess.run([sys.executable, "-c", BUGGY_INFO.format(exc=exc), str(workspace / "bench")],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert "Traceback (most recent call last)" in res.stderr and f"{exc}: " in res.stderr, res.stderr[-2000:]
+    assert "an internal inconsistency" in res.stderr and "in dataset_info" in res.stderr, res.stderr[-2000:]
+    assert not [line for line in res.stderr.splitlines() if line.startswith("error: ")], res.stderr[-2000:]

@@ -45,6 +45,7 @@ def _ctrl_c_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow  # a server, stopped by a signal
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "terminate"])
 def test_dashboard_serves_the_study(tmp_path, signum):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"

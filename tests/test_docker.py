@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 ENV_EXAMPLE = ROOT / "docker" / ".env.example"
@@ -37,13 +39,6 @@ SECRET_USES = {
 }
 
 
-def _unavailable(reason: str):
-    """Skip on a developer machine, fail in CI (where these tests must run)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"docker-compose unavailable in CI: {reason}", pytrace=False)
-    pytest.skip(f"docker-compose unavailable: {reason}")
-
-
 def _env_file(path: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
@@ -57,7 +52,7 @@ def _env_file(path: Path) -> dict[str, str]:
 def _render(env_file: Path, **overrides: str) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
-        _unavailable("no docker-compose on PATH (install the Debian package 'docker-compose')")
+        unavailable("docker-compose", "no docker-compose on PATH (install the Debian package 'docker-compose')")
     # a clean environment: variables of the developer's shell would override the env file
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | overrides
     return subprocess.run([exe, "-f", str(COMPOSE), "--env-file", str(env_file), "config"], cwd=ROOT, env=env,

@@ -114,55 +114,6 @@ def test_a_claim_held_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_p
 
 
 @pytest.mark.slow
-def test_sweep_killed_midway_resumes_without_losing_or_duplicating(workspace, tmp_path):
-    spec = sweep_spec("kill")
-    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    path = write_spec(workspace, "kill.yaml", spec)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    queue = f"sqlite:///{tmp_path / 'sweeps.db'}"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SWEEP_HEARTBEAT_GRACE_S": "60"}
-    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "2", "--quiet",
-           "--tracking-uri", store, "--storage", queue]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(tracked_runs(store, filter_string="attributes.status = 'FINISHED' and "
-                                                                       "tags.kind = 'cell'")) < 3:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and both workers, as a crash would
-    proc.wait()
-    finished_before = len(tracked_runs(store, filter_string="attributes.status = 'FINISHED' and tags.kind = 'cell'"))
-    assert 3 <= finished_before < 12, "the kill must land midway"
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
-    cells = tracked_runs(store, filter_string="tags.kind = 'cell'")
-    finished = Counter((r.data.tags["sweep.cell"], r.data.tags["phase"]) for r in cells
-                       if r.info.status == "FINISHED")
-    assert len(finished) == 12 and set(finished.values()) == {1}, finished  # every cell x phase exactly once
-    assert not [r for r in cells if r.info.status == "RUNNING"]
-    parent = tracked_runs(store, filter_string="tags.kind = 'sweep'")
-    assert len(parent) == 1
-    assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parent[0].info.run_id}
-    for r in cells:
-        if r.data.tags["phase"] == "finetune" and r.info.status == "FINISHED":
-            pre = MlflowClient(store).get_run(r.data.tags["pretrain_run"])
-            assert pre.data.tags["sweep.cell"] == r.data.tags["sweep.cell"] and pre.data.tags["phase"] == "pretrain"
-    # the parent summarises the recorded runs for the MLflow UI: means over seeds, links, the sweep's duration
-    top = MlflowClient(store).get_run(parent[0].info.run_id)
-    note = top.data.tags["mlflow.note.content"]
-    recorded = [r for r in cells if r.info.status == "FINISHED"]
-    assert all(f"/runs/{r.info.run_id})" in note for r in recorded) and "viewStateShareKey=" in note
-    for subset in ("all", "near-focus"):
-        mine = [r.data.metrics["ood/bench/dice"] for r in recorded
-                if r.data.tags["sweep.subset"] == subset and r.data.tags["phase"] == "pretrain"]
-        assert top.data.metrics[f"summary/{subset}/pretrain/ood_bench_dice"] == pytest.approx(sum(mine) / len(mine))
-    assert top.info.end_time == max(r.info.end_time for r in recorded)
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # idempotent: nothing to do
-    assert again.returncode == 0 and len(tracked_runs(store, filter_string="tags.kind = 'cell'")) == len(cells)
-    assert MlflowClient(store).get_metric_history(top.info.run_id, "summary/all/pretrain/ood_bench_dice").__len__() == 1
-
-
-@pytest.mark.slow
 def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, tmp_path):
     spec = {"kind": "study", "name": "s", "base": "base.yaml", "set": {"epochs": 3},
             "search_space": {

@@ -1,9 +1,9 @@
 """Refused input leaves nothing behind: ``predict`` (bad images, bad models, bad --out, bad pixel sizes), model files
 for ``finetune --from``, and the micrograph readers' size limits (decompression bombs) and damaged files.
 
-The command-line cases run the real command in a subprocess and check the error convention (docs/architecture.md):
-exit 2, one stderr line ``error: <what>: <value>: <what is allowed>``, no traceback, and the folder that would have
-received the outputs listed identically before and after.
+The command-line cases run the real command (its ``main`` in a process of its own: conftest's ``cli``) and check the
+error convention (docs/architecture.md): exit 2, one stderr line ``error: <what>: <value>: <what is allowed>``, no
+traceback, and the folder that would have received the outputs listed identically before and after.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -27,13 +26,21 @@ from hrtem_core import micrographs
 from hrtem_core.errors import InputError
 from hrtem_core.micrographs import MAX_FILE_PIXELS, MAX_PIXELS, read_pages
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 META = {"preset": "compact", "pixel_size_A": 0.2, "normalization": {"kind": "per_image_zscore"}}
 
 
-def cli(package: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", package, *map(str, args)], capture_output=True, text=True, env=ENV,
-                          timeout=300)
+_FORKS = {}
+
+
+@pytest.fixture(autouse=True)
+def _commands(cli, tmp_path_factory):
+    """Where run_cli runs its commands: conftest's ``cli`` (each command's ``main`` in a process of its own)."""
+    _FORKS.update(server=cli, folders=tmp_path_factory)
+
+
+def run_cli(package: str, *args) -> subprocess.CompletedProcess:
+    """``python -m <package> <args>`` in a fresh working folder of its own."""
+    return _FORKS["server"].run([package, *map(str, args)], _FORKS["folders"].mktemp("cli"), timeout_s=300)
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
@@ -144,8 +151,8 @@ def predict_refused(tmp_path: Path, model, inputs: Path, *words: str, out: Path 
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     before = listing(parent)
-    line = refused(cli("experiments", "predict", "--model", model, "--input", inputs, "--out", out,
-                       "--pixel-size", pixel_size), *words)
+    line = refused(run_cli("experiments", "predict", "--model", model, "--input", inputs, "--out", out,
+                           "--pixel-size", pixel_size), *words)
     assert listing(parent) == before
     return line
 
@@ -187,8 +194,8 @@ def test_a_pixel_size_that_would_resample_beyond_the_limit(model_dir, tmp_path):
 def test_a_negative_pixel_size_is_refused_by_the_parser(model_dir, tmp_path):
     inputs = good_input(tmp_path / "in")
     (tmp_path / "results").mkdir()
-    res = cli("experiments", "predict", "--model", model_dir, "--input", inputs, "--out", tmp_path / "results" / "m",
-              "--pixel-size", "-1")
+    res = run_cli("experiments", "predict", "--model", model_dir, "--input", inputs, "--out",
+                  tmp_path / "results" / "m", "--pixel-size", "-1")
     # argparse's own convention (usage, then the error naming the option), not a one-line InputError
     assert res.returncode == 2 and "--pixel-size" in res.stderr and "Traceback" not in res.stderr
     assert not any((tmp_path / "results").iterdir())
@@ -251,24 +258,24 @@ def test_a_broken_model_folder_is_named_and_refused(model_dir, tmp_path, case, w
 
 
 def test_a_run_id_that_is_not_in_the_store(model_dir, store, tmp_path):
-    res = cli("experiments", "predict", "--model", "0123456789abcdef0123456789abcdef", "--input",
-              good_input(tmp_path / "in"), "--out", tmp_path / "out", "--tracking-uri", store)
+    res = run_cli("experiments", "predict", "--model", "0123456789abcdef0123456789abcdef", "--input",
+                  good_input(tmp_path / "in"), "--out", tmp_path / "out", "--tracking-uri", store)
     refused(res, "model '0123456789abcdef0123456789abcdef': run 0123456789abcdef0123456789abcdef could not be read")
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_uri_that_is_not_in_the_store(model_dir, store, tmp_path):
-    res = cli("experiments", "predict", "--model", "models:/no-such-model/3", "--input", good_input(tmp_path / "in"),
-              "--out", tmp_path / "out", "--tracking-uri", store)
+    res = run_cli("experiments", "predict", "--model", "models:/no-such-model/3", "--input",
+                  good_input(tmp_path / "in"), "--out", tmp_path / "out", "--tracking-uri", store)
     refused(res, "model 'models:/no-such-model/3'", "could not be fetched")
     assert not (tmp_path / "out").exists()
 
 
 def test_a_run_id_with_a_store_that_does_not_exist_creates_none(tmp_path):
     (tmp_path / "store").mkdir()
-    res = cli("experiments", "predict", "--model", "0123456789abcdef0123456789abcdef", "--input",
-              good_input(tmp_path / "in"), "--out", tmp_path / "out", "--tracking-uri",
-              f"sqlite:///{tmp_path}/store/mlflow.db")
+    res = run_cli("experiments", "predict", "--model", "0123456789abcdef0123456789abcdef", "--input",
+                  good_input(tmp_path / "in"), "--out", tmp_path / "out", "--tracking-uri",
+                  f"sqlite:///{tmp_path}/store/mlflow.db")
     refused(res, "the tracking store", "does not exist")
     assert not any((tmp_path / "store").iterdir()) and not (tmp_path / "out").exists()
 
@@ -333,7 +340,7 @@ def test_finetune_from_a_broken_model_is_refused_before_any_run(model_dir, store
     shutil.copytree(model_dir, model)
     _break_model(model, "weights of another architecture", tmp_path)
     config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "au-small-finetune.yaml"
-    res = cli("experiments", "finetune", "--config", config, "--from", model, "--tracking-uri", store, "--quiet")
+    res = run_cli("experiments", "finetune", "--config", config, "--from", model, "--tracking-uri", store, "--quiet")
     refused(res, "weights.pt: the weights do not fit preset 'compact'")
     client = MlflowClient(store)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -402,7 +409,7 @@ def test_import_refuses_a_bomb_and_writes_nothing(tmp_path):
     png_bomb(images / "b.png", 100_000, 100_000)
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "b_mask.png")
     before = listing(tmp_path)
-    res = cli("datagen", "import", "--images", images, "--masks", masks, "--pixel-size", "0.4", "--out",
-              tmp_path / "ds")
+    res = run_cli("datagen", "import", "--images", images, "--masks", masks, "--pixel-size", "0.4", "--out",
+                  tmp_path / "ds")
     refused(res, "b.png: image of 100000 x 100000 pixels", "MAX_PIXELS")
     assert listing(tmp_path) == before

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import unavailable
 from datagen.simulate import prismatic as pr
 from datagen.pipeline import SampleFactory, generate
 from datagen.recipe import Simulation
@@ -224,7 +225,7 @@ def real_prismatic():
     try:
         pr._load_pyprismatic()
     except RuntimeError as err:
-        pytest.skip(f"{err}: {NEEDS_PRISMATIC}")
+        unavailable("Prismatic", f"{err}: {NEEDS_PRISMATIC}")
 
 
 def complex_correlation(a: np.ndarray, b: np.ndarray) -> float:

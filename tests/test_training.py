@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hrtem_core.config import set_dotted
 from hrtem_core.dataset import file_sha256
 from mlplatform.config import ConfigError, config_from_dict
 from mlplatform.curation import CurationError, scan_dataset, select, selection_digest
+from mlplatform.data import DataError
 from mlplatform.metrics import SegmentationScores
 from mlplatform.predict import predict_path
 from mlplatform.train import train
@@ -99,7 +101,9 @@ def test_pretrain_run_records_everything(pretrained, datasets, store):
         assert steps == set(range(EPOCHS)), images
     # the model carries the metrics of the epoch it holds (the last), and a name that says subset, seed and phase
     model = client.get_logged_model(run.outputs.model_outputs[0].model_id)
-    assert model.name == f"{tags['subset']}-s3-pretrain".replace(" ", "_") or model.name.endswith("-s3-pretrain")
+    # MLflow refuses '/', ':', '.', spaces and quotes in a model's name: each run of them in the subset becomes '_'
+    assert model.name == re.sub(r"[^A-Za-z0-9_-]+", "_", f"{tags['subset']}-s3-pretrain").strip("_"), model.name
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*-s3-pretrain", model.name), model.name
     assert {m.key: m.value for m in model.metrics}["ood/mean/dice"] == _history(client, pretrained,
                                                                                 "ood/mean/dice")[-1][1]
 
@@ -184,12 +188,13 @@ def test_a_run_that_fails_ends_failed_with_the_reason(datasets, store, tmp_path)
     # no prediction panels: their samples are read (and this one refused) before the run exists
     cfg = _config(datasets, benchmarks=[{"name": "broken", "path": str(broken)}], epochs=1,
                   **{"tracking.n_prediction_images": 0})
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match=rf"sample {victim.key}: mask shape \(7, 7\) differs") as failed:
         train(cfg, tracking_uri=store, progress=False)
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("test")
     runs = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
-    assert runs and runs[0].data.tags["failure_reason"]
+    assert len(runs) == 1 and victim.key in runs[0].data.tags["failure_reason"], [r.data.tags for r in runs]
+    assert str(failed.value) in runs[0].data.tags["failure_reason"]
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
 
 

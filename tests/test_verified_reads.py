@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from mlplatform.config import config_from_dict
 from mlplatform.curation import scan_dataset
 from mlplatform.data import DataError, read_samples
 from mlplatform.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -78,15 +75,16 @@ def _runs(store: str) -> list:
     return client.search_runs(ids) if ids else []
 
 
-def _cli(module: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT, env={**os.environ})
+def _cli(cli, tmp_path: Path, module: str, *args) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` (its ``main`` in a process of its own: conftest's ``cli``), in ``tmp_path``, with
+    this test's environment (its own shard-hash cache)."""
+    return cli.run([module, *map(str, args)], tmp_path, timeout_s=900)
 
 
-def _train_cli(cfg: dict, tmp_path: Path, store: str) -> subprocess.CompletedProcess:
+def _train_cli(cli, cfg: dict, tmp_path: Path, store: str) -> subprocess.CompletedProcess:
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return _cli("experiments", "train", "--config", path, "--tracking-uri", store, "--quiet")
+    return _cli(cli, tmp_path, "experiments", "train", "--config", path, "--tracking-uri", store, "--quiet")
 
 
 def _refused(res: subprocess.CompletedProcess, *needles: str) -> str:
@@ -145,7 +143,7 @@ def _rebuild_shard(root: Path, index: int, change) -> str:
 
 
 # -------------------------------------------------------------------------------------------- a shard that changed
-def test_a_flipped_byte_fails_training_before_any_run(data, tmp_path):
+def test_a_flipped_byte_fails_training_before_any_run(cli, data, tmp_path):
     shard = data["train"] / "shard-000001.tar"
     key = _flip_image_byte(shard)
     store = _store(tmp_path)
@@ -157,9 +155,9 @@ def test_a_flipped_byte_fails_training_before_any_run(data, tmp_path):
     assert _manifest(data["train"])["shards"][1]["sha256"][:16] in message  # what differs: both digests
     assert _runs(store) == []  # refused before the MLflow run existed: no provenance to get wrong
 
-    _refused(_train_cli(_config(data), tmp_path, store), "shard-000001.tar", str(data["train"]))
+    _refused(_train_cli(cli, _config(data), tmp_path, store), "shard-000001.tar", str(data["train"]))
     assert _runs(store) == []
-    _refused(_cli("datagen", "verify", data["train"]), f"shard shard-000001.tar, sample {key}")
+    _refused(_cli(cli, tmp_path, "datagen", "verify", data["train"]), f"shard shard-000001.tar, sample {key}")
 
 
 def test_a_changed_benchmark_shard_is_refused_too(data, tmp_path):
@@ -258,7 +256,7 @@ BAD_MANIFESTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
-def test_a_manifest_of_the_wrong_shape_is_refused(case, data, tmp_path):
+def test_a_manifest_of_the_wrong_shape_is_refused(cli, case, data, tmp_path):
     change, key = BAD_MANIFESTS[case]
     root = data["train"]
     if case == "traversal":  # a real file outside the dataset, which a reader must never reach
@@ -268,14 +266,14 @@ def test_a_manifest_of_the_wrong_shape_is_refused(case, data, tmp_path):
     with pytest.raises(DatasetError, match="must|is not allowed|missing") as err:
         verify_dataset(root)
     assert where in str(err.value) and key in str(err.value)
-    _refused(_cli("datagen", "verify", root), where, key)
+    _refused(_cli(cli, tmp_path, "datagen", "verify", root), where, key)
     store = _store(tmp_path)
     with pytest.raises(InputError) as err:
         train(config_from_dict(_config(data)), tracking_uri=store, progress=False)
     assert where in str(err.value) and key in str(err.value) and "data.train.0.path" in str(err.value)
     assert _runs(store) == []
     if case == "traversal":
-        _refused(_train_cli(_config(data), tmp_path, store), where, key)
+        _refused(_train_cli(cli, _config(data), tmp_path, store), where, key)
         assert _runs(store) == []
 
 
@@ -285,10 +283,11 @@ def _mask_255(key, fields):
     return {**fields, "mask.npy": npy_bytes(mask)}
 
 
-def test_a_mask_of_0_255_is_refused_naming_the_sample(data, tmp_path):
+def test_a_mask_of_0_255_is_refused_naming_the_sample(cli, data, tmp_path):
     key = _rebuild_shard(data["bench"], 0, _mask_255)
     assert scan_dataset(data["bench"]).n_samples == 4  # every hash matches: only decoding can tell
-    _refused(_cli("datagen", "verify", data["bench"]), f"sample {key}: mask values must be 0 or 1, found 255")
+    _refused(_cli(cli, tmp_path, "datagen", "verify", data["bench"]),
+             f"sample {key}: mask values must be 0 or 1, found 255")
     store = _store(tmp_path)
     with pytest.raises(DataError, match=rf"bench/shard-000000\.tar, sample {key}: mask values must be 0 or 1"):
         train(config_from_dict(_config(data)), tracking_uri=store, progress=False)
@@ -296,7 +295,8 @@ def test_a_mask_of_0_255_is_refused_naming_the_sample(data, tmp_path):
     assert f"sample {key}" in _runs(store)[0].data.tags["failure_reason"]
     # a loader worker's error too reaches the user as one line (torch re-raises it with the worker's traceback)
     cfg = _config(data, **{"data.num_workers": 1})
-    res = _refused(_train_cli(cfg, tmp_path, store), f"sample {key}: mask values must be 0 or 1", "shard-000000.tar")
+    res = _refused(_train_cli(cli, cfg, tmp_path, store), f"sample {key}: mask values must be 0 or 1",
+                   "shard-000000.tar")
     assert str(data["bench"]) in res
     assert [r.info.status for r in _runs(store)] == ["FAILED", "FAILED"]
 
@@ -307,13 +307,14 @@ def _corrupt_mask_header(key, fields):
     return {**fields, "mask.npy": bytes(data)}
 
 
-def test_a_corrupt_npy_header_is_refused_naming_the_sample(data, tmp_path):
+def test_a_corrupt_npy_header_is_refused_naming_the_sample(cli, data, tmp_path):
     key = _rebuild_shard(data["bench"], 0, _corrupt_mask_header)
     index = scan_dataset(data["bench"])
     cfg = config_from_dict(_config(data))
     with pytest.raises(DataError, match=rf"shard-000000\.tar, sample {key}, mask\.npy: not a valid \.npy array"):
         read_samples(index.records, cfg.data)
-    _refused(_cli("datagen", "verify", data["bench"]), f"shard shard-000000.tar, sample {key}, mask.npy")
+    _refused(_cli(cli, tmp_path, "datagen", "verify", data["bench"]),
+             f"shard shard-000000.tar, sample {key}, mask.npy")
     store = _store(tmp_path)
     with pytest.raises(DataError, match=rf"sample {key}, mask\.npy"):
         train(config_from_dict(_config(data, **{"tracking.n_prediction_images": 4})), tracking_uri=store,
@@ -321,13 +322,13 @@ def test_a_corrupt_npy_header_is_refused_naming_the_sample(data, tmp_path):
     assert _runs(store) == []  # the prediction panels' samples are read before the run exists
 
 
-def test_a_sample_without_its_mask_is_refused_naming_the_sample(data, tmp_path):
+def test_a_sample_without_its_mask_is_refused_naming_the_sample(cli, data, tmp_path):
     key = _rebuild_shard(data["bench"], 0, lambda k, f: {n: v for n, v in f.items() if n != "mask.npy"})
     index = scan_dataset(data["bench"])
     with pytest.raises(DataError, match=rf"shard-000000\.tar, sample {key}: has no mask\.npy member") as err:
         read_samples(index.records, config_from_dict(_config(data)).data)
     assert str(data["bench"]) in str(err.value) and isinstance(err.value, InputError)
-    _refused(_cli("datagen", "verify", data["bench"]), f"sample {key}: missing mask.npy")
+    _refused(_cli(cli, tmp_path, "datagen", "verify", data["bench"]), f"sample {key}: missing mask.npy")
 
 
 def test_decode_checks_shapes_and_dtypes():
