@@ -11,10 +11,16 @@ from hrtem_core.processes import run_in_child
 
 def share_cores(workers: int) -> None:
     """Give each of ``workers`` local processes its share of the cores: torch's default (all cores per process)
-    oversubscribes the machine and slows every worker down many times over."""
+    oversubscribes the machine and slows every worker down many times over. A thread count the user set for the whole
+    machine's work (OMP_NUM_THREADS, as torch itself reads it) is a ceiling, never raised."""
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        ceiling = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        ceiling = 0
+    torch.set_num_threads(min(threads, ceiling) if ceiling > 0 else threads)
 
 
 def run_processes(target, arg_lists: list[tuple], label: str) -> None:

@@ -24,6 +24,12 @@ from benchmarks.services import (DaskCluster, ServiceUnavailable, free_loopback_
                                  throwaway_postgres)
 
 
+# Two xdist workers share the two cores, and each starts training processes of its own: torch's default of one
+# thread per core in every process oversubscribes the machine, and OpenMP's waiting threads spin on the cores the
+# others need (two concurrent tiny trainings: 20-29 s of CPU with the default, 14-15 s with one thread each). Every
+# process the tests start inherits this; experiments.workers.share_cores takes it as a ceiling.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A test session started in the background by a non-interactive shell (`make test &`, nohup) ignores Ctrl-C (SIGINT),
 # and every command the tests start inherits that; our commands rightly keep an ignored Ctrl-C ignored, so the tests
 # that press Ctrl-C would wait for a command that never stops. The tests stand for a terminal, where Ctrl-C is on:

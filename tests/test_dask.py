@@ -72,7 +72,7 @@ def test_bad_scheduler_arguments_fail_cleanly(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_on_dask_records_every_unit_once(dask_cluster, workspace, tmp_path):
     """The workers of a sweep as Dask tasks (one per Dask worker): the exactly-once rule of the claims holds."""
-    spec = sweep_spec(f"dask-{tmp_path.name}", seeds=(0, 1))
+    spec = sweep_spec(f"dask-{tmp_path.name}", seeds=(0,))
     spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
     path = write_spec(workspace, f"dask-{tmp_path.name}.yaml", spec)
     store, claims_db = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'sweeps.db'}"
@@ -84,7 +84,7 @@ def test_a_sweep_on_dask_records_every_unit_once(dask_cluster, workspace, tmp_pa
             and r.data.tags.get("kind") == "cell"]
     units = [(r.data.tags["sweep.subset"], r.data.tags["seed"], r.data.tags["phase"]) for r in runs
              if r.info.status == "FINISHED"]
-    assert len(units) == len(set(units)) == 2 * 2 * 2  # subsets x seeds x phases, each once
+    assert len(units) == len(set(units)) == 2 * 1 * 2  # subsets x seeds x phases, each once
 
 
 @pytest.mark.slow
