@@ -52,8 +52,10 @@ bench: setup
 bench-quick: setup
 	$(PY) -m benchmarks --quick
 
-# two pytest-xdist workers (one per core); tests that share a service run on one worker (tests/conftest.py)
-PYTEST_PARALLEL ?= -n 2 --dist loadgroup
+# three pytest-xdist workers on the two cores: the tests spend much of their time waiting for the processes and
+# servers they start, and a third worker fills those waits; tests that share a service run on one worker
+# (tests/conftest.py)
+PYTEST_PARALLEL ?= -n 3 --dist loadgroup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_PARALLEL)

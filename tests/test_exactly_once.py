@@ -292,7 +292,7 @@ KILL_POINTS = ("started", "training", "recorded", "worker", "training", "recorde
 
 
 @pytest.mark.slow
-def test_sigkill_at_state_triggered_points_then_restart_records_every_unit_once(workspace, stores, tmp_path):
+def test_sigkill_at_state_triggered_points_then_restart_records_every_unit_once(workspace, stores, tmp_path, cli):
     """Six SIGKILLs of a two-worker sweep (the whole process group, or one worker and then the rest), each at a point
     of the run's own state (KILL_POINTS, in a seeded order); after each, no unit is recorded twice. A restart then
     finishes the sweep with every unit recorded once, and a second restart has nothing to do."""
@@ -339,7 +339,7 @@ def test_sigkill_at_state_triggered_points_then_restart_records_every_unit_once(
     assert res.returncode == 0, res.stderr[-3000:]
     cells = _assert_exactly_once(store, "kills", n_units=12)
     top = _assert_the_parent_summarises(store, "kills", cells)
-    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)  # nothing left to do
+    again = cli.run(cmd[2:], tmp_path, timeout_s=300)  # nothing left to do (main in a process of its own)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(_assert_exactly_once(store, "kills", n_units=12)) == len(cells)
     # the summary is written when the sweep completes, not again by a run that found nothing to do
@@ -450,14 +450,14 @@ def test_a_worker_stopped_past_its_lease_never_records_its_unit(workspace, store
 # -- doctor ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_doctor_lists_and_repairs_what_a_killed_sweep_left_and_names_duplicates(workspace, tmp_path):
+def test_doctor_lists_and_repairs_what_a_killed_sweep_left_and_names_duplicates(workspace, tmp_path, cli):
     spec = sweep_spec("doc", seeds=(0,))
     spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
     path = write_spec(workspace, f"doc-{tmp_path.name}.yaml", spec)
     claims_url, store = f"sqlite:///{tmp_path / 'sweeps.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     where = ["--tracking-uri", store, "--storage", claims_url]
     cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "1", "--quiet", *where]
-    doctor = [sys.executable, "-m", "experiments", "doctor", "--sweep", "doc", *where]
+    doctor = ["experiments", "doctor", "--sweep", "doc", *where]  # run by conftest's cli: main in a process of its own
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -468,17 +468,17 @@ def test_doctor_lists_and_repairs_what_a_killed_sweep_left_and_names_duplicates(
     proc.wait()
     orphan = tracked_runs(store, filter_string="tags.kind = 'cell' and attributes.status = 'RUNNING'")[0].info.run_id
 
-    found = subprocess.run(doctor, capture_output=True, text=True, env=ENV, timeout=120)
+    found = cli.run(doctor, tmp_path, timeout_s=120)
     assert found.returncode == 1, found.stdout + found.stderr
     assert "its holder is dead" in found.stdout and f"{orphan} " in found.stdout, found.stdout
     assert MlflowClient(store).get_run(orphan).info.status == "RUNNING"  # without --fix nothing changes
-    fixed = subprocess.run([*doctor, "--fix"], capture_output=True, text=True, env=ENV, timeout=120)
+    fixed = cli.run([*doctor, "--fix"], tmp_path, timeout_s=120)
     assert fixed.returncode == 0 and "given back" in fixed.stdout, fixed.stdout + fixed.stderr
     killed = MlflowClient(store).get_run(orphan)
     assert killed.info.status == "KILLED" and "died" in killed.data.tags["failure_reason"]
     from experiments import claims
     assert "claimed" not in {r["state"] for r in claims.unit_rows(claims.open_engine(claims_url), "doc")}
-    clean = subprocess.run(doctor, capture_output=True, text=True, env=ENV, timeout=120)
+    clean = cli.run(doctor, tmp_path, timeout_s=120)
     assert clean.returncode == 0, clean.stdout + clean.stderr
 
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
@@ -491,8 +491,8 @@ def test_doctor_lists_and_repairs_what_a_killed_sweep_left_and_names_duplicates(
     copy = client.create_run(original.info.experiment_id, tags=original.data.tags).info.run_id
     client.set_terminated(copy, "FINISHED")
     unit = f"{original.data.tags['sweep.cell']}:pretrain"
-    for command in ([*doctor, "--fix"], cmd):
-        res = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    for command in ([*doctor, "--fix"], cmd[2:]):  # the sweep refuses before it would start its workers
+        res = cli.run(command, tmp_path, timeout_s=300)
         assert res.returncode == 1, res.stdout + res.stderr
         assert f"recorded more than once: {unit}" in res.stdout + res.stderr and copy in res.stdout + res.stderr
     assert client.get_run(copy).info.status == "FINISHED"
