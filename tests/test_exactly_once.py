@@ -368,8 +368,9 @@ def _assert_the_parent_summarises(store, sweep, cells):
 # -- a stalled worker ------------------------------------------------------------------------------------------------
 
 def _inside_a_transaction(*urls) -> bool:
-    """Whether a stopped process holds a write lock on one of the stores (SQLite: the whole file; PostgreSQL: a
-    session idle in a transaction). This test is about a worker stalled between database calls; one stalled inside a
+    """Whether a stopped process holds a lock on one of the stores (SQLite: any lock on the file, a reader's shared
+    lock included, which would keep every writer out until it continues; PostgreSQL: a session idle in a
+    transaction). This test is about a worker stalled between database calls; one stalled inside a
     write blocks an SQLite store for everyone until it continues (a limit of SQLite, see the README), and on
     PostgreSQL the claims connections end such sessions after a minute."""
     import sqlite3
@@ -380,7 +381,7 @@ def _inside_a_transaction(*urls) -> bool:
         if url.startswith("sqlite:///"):
             conn = sqlite3.connect(url[len("sqlite:///"):], timeout=0.5)
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN EXCLUSIVE")  # refused while any other connection holds even a shared lock
                 conn.rollback()
             except sqlite3.OperationalError:
                 return True
