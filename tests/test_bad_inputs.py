@@ -34,12 +34,8 @@ import pytest
 import yaml
 
 from benchmarks.services import free_loopback_port
+from cli_forkserver import _env
 
-
-
-def _env() -> dict:
-    """This process's environment at call time (conftest sets HRTEM_CACHE_DIR for the session) without warnings."""
-    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
 

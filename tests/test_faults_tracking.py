@@ -14,13 +14,8 @@ import yaml
 from mlflow import MlflowClient
 
 from benchmarks.services import free_loopback_port, stop_process_group
+from cli_forkserver import _env
 from conftest import _wait_http
-
-
-
-def _env() -> dict:
-    """This process's environment at call time (conftest sets HRTEM_CACHE_DIR for the session) without warnings."""
-    return {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _server(backend: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
