@@ -7,6 +7,7 @@ the bootstrap and the permutation test take a seed. NaN values (a run that did n
 from __future__ import annotations
 
 from itertools import combinations
+import math
 from math import comb
 
 import numpy as np
@@ -186,8 +187,168 @@ def min_attainable_p(n_a: int, n_b: int) -> float:
 
 
 TESTS = ("mannwhitney", "wilcoxon")
-"""Tests a declared comparison may name: two-sided Mann-Whitney U (independent groups: two subsets, seeds unpaired)
-and two-sided Wilcoxon signed-rank (paired by seed: e.g. a model before and after fine-tuning), both exact."""
+"""Tests a declared comparison of two groups may name: two-sided Mann-Whitney U (independent groups: two subsets,
+seeds unpaired) and two-sided Wilcoxon signed-rank (paired by seed: e.g. a model before and after fine-tuning), both
+exact."""
+TREND_TESTS = ("jonckheere", "spearman")
+"""Tests a declared trend across the ordered levels of one axis may name (:func:`trend_test`): Jonckheere-Terpstra
+(exact null distribution without ties, permutation with them) and Spearman's rho between level rank and value
+(permutation p-value)."""
+ALTERNATIVES = ("two-sided", "increasing", "decreasing")
+N_PERM = 20000  # permutations of a trend test with ties (a fixed seed: the same data give the same p)
+
+
+def jonckheere_null(sizes) -> np.ndarray:
+    """Exact null distribution of the Jonckheere-Terpstra statistic J for groups of these sizes (no ties): counts of
+    the equally likely rank orders, indexed by J = 0 .. sum_{i<j} n_i n_j.
+
+    J counts the pairs (x in an earlier group, y in a later group) with x < y. Under H0 every interleaving of the
+    groups is equally likely, and the number with a given count of such pairs is a coefficient of the q-multinomial
+    [N; n_1, ..., n_k]_q = prod_{i<=N} (1 - q^i) / prod_g prod_{i<=n_g} (1 - q^i) (Gaussian polynomials; the
+    statistic is the number of inversions of a multiset permutation). Computed in exact integers."""
+    sizes = [int(n) for n in sizes if int(n) > 0]
+    n = sum(sizes)
+    top = sum(a * b for a, b in combinations(sizes, 2))
+    poly = [0] * (top + n * (n + 1) // 2 + 1)
+    poly[0] = 1
+    for i in range(1, n + 1):  # multiply by (1 - q^i)
+        for k in range(len(poly) - 1, i - 1, -1):
+            poly[k] -= poly[k - i]
+    for size in sizes:
+        for i in range(1, size + 1):  # divide by (1 - q^i): the series 1 + q^i + q^2i + ...
+            for k in range(i, len(poly)):
+                poly[k] += poly[k - i]
+    counts = np.array(poly[:top + 1], dtype=object)
+    if any(c < 0 for c in counts) or any(poly[top + 1:]):
+        raise AssertionError("q-multinomial did not divide exactly")  # cannot happen: a polynomial identity
+    return counts
+
+
+def _jonckheere_statistic(groups: list[np.ndarray]) -> float:
+    """J: over every pair of groups i < j, the pairs (x_i, x_j) with x_i < x_j, ties counting one half."""
+    j = 0.0
+    for a, b in combinations(groups, 2):
+        diff = b[None, :] - a[:, None]
+        j += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+    return j
+
+
+def _tail_p(observed: float, null_values: np.ndarray, weights, alternative: str) -> float:
+    """p of ``observed`` under a discrete null (values with weights), one- or two-sided (two-sided: twice the
+    smaller tail, at most 1)."""
+    w = np.asarray(weights, dtype=float)
+    w = w / w.sum()
+    eps = 1e-9 * max(1.0, abs(observed))
+    upper = float(w[null_values >= observed - eps].sum())
+    lower = float(w[null_values <= observed + eps].sum())
+    if alternative == "increasing":
+        return min(1.0, upper)
+    if alternative == "decreasing":
+        return min(1.0, lower)
+    return min(1.0, 2 * min(upper, lower))
+
+
+def _arrangements(sizes: list[int]) -> int:
+    count = math.factorial(sum(sizes))
+    for n in sizes:
+        count //= math.factorial(n)
+    return count
+
+
+def _all_assignments(sizes: list[int]):
+    """Every way to deal positions 0..N-1 into groups of these sizes (as index arrays in group order)."""
+    def deal(rest: tuple, k: int):
+        if k == len(sizes):
+            yield []
+            return
+        for chosen in combinations(rest, sizes[k]):
+            left = tuple(i for i in rest if i not in chosen)
+            for tail in deal(left, k + 1):
+                yield [*chosen, *tail]
+    for order in deal(tuple(range(sum(sizes))), 0):
+        yield np.array(order)
+
+
+def trend_test(groups, test: str = "jonckheere", alternative: str = "two-sided", n_perm: int = N_PERM,
+               seed: int = 0) -> dict:
+    """A trend across ordered groups (``groups[0]`` the lowest level): ``statistic``, ``p_value`` and ``exact``
+    (False when p comes from random permutations).
+
+    ``jonckheere``: J (see :func:`_jonckheere_statistic`); without ties, p from its exact null distribution
+    (:func:`jonckheere_null`). ``spearman``: rho between each value's level (its group's index, tied within a group)
+    and the value. Otherwise p is a permutation p-value over the assignments of the values to the groups: all of
+    them when there are at most ``n_perm``, else ``n_perm`` random ones (seeded) plus the observed one.
+    ``alternative``: ``increasing`` (values rise with the level), ``decreasing`` or ``two-sided``."""
+    if test not in TREND_TESTS:
+        raise ValueError(f"trend test {test!r}; allowed: {', '.join(TREND_TESTS)}")
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative {alternative!r}; allowed: {', '.join(ALTERNATIVES)}")
+    groups = [g for g in (_clean(g) for g in groups) if g.size]
+    if len(groups) < 2:
+        return dict(statistic=np.nan, p_value=np.nan, exact=False)
+    sizes = [g.size for g in groups]
+    values = np.concatenate(groups)
+    cuts = np.cumsum(sizes)[:-1]
+    level_ranks = stats.rankdata(np.repeat(np.arange(len(groups)), sizes))
+
+    def statistics(arrangements: np.ndarray) -> np.ndarray:
+        """The statistic of each row of ``arrangements`` (values in group order)."""
+        if test == "jonckheere":
+            return np.array([_jonckheere_statistic(np.split(row, cuts)) for row in arrangements])
+        r = stats.rankdata(arrangements, axis=1)
+        x = level_ranks - level_ranks.mean()
+        y = r - r.mean(axis=1, keepdims=True)
+        denom = np.sqrt((x ** 2).sum() * (y ** 2).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (y @ x) / denom
+
+    observed = float(statistics(values[None, :])[0])
+    if test == "jonckheere" and np.unique(values).size == values.size:
+        counts = jonckheere_null(sizes)
+        return dict(statistic=observed, p_value=_tail_p(observed, np.arange(counts.size, dtype=float), counts,
+                                                        alternative), exact=True)
+    if _arrangements(sizes) <= n_perm:
+        null = statistics(np.array([values[order] for order in _all_assignments(sizes)]))
+        exact = True
+    else:
+        rng = np.random.default_rng(seed)
+        null = np.append(statistics(np.array([rng.permutation(values) for _ in range(n_perm)])), observed)
+        exact = False
+    return dict(statistic=observed, p_value=_tail_p(observed, null, np.ones(null.size), alternative), exact=exact)
+
+
+def _trend_row(c: dict, seed: int) -> dict:
+    groups = [_clean(g) for g in c["groups"]]
+    alternative = c.get("alternative", "two-sided")
+    filled = [g for g in groups if g.size]
+    res = trend_test(groups, c["test"], alternative, seed=seed)
+    slope, lo, hi = theil_sen(groups)
+    return dict(name=c.get("name", ""), test=c["test"], n_a=int(sum(g.size for g in groups)), n_b=len(filled),
+                mean_a=float(filled[0].mean()) if filled else np.nan,
+                mean_b=float(filled[-1].mean()) if filled else np.nan, effect=slope, ci_lo=lo, ci_hi=hi,
+                statistic=res["statistic"], p_value=res["p_value"],
+                min_p=min_attainable_p_trend([g.size for g in groups], alternative))
+
+
+def min_attainable_p_trend(sizes, alternative: str = "two-sided") -> float:
+    """Smallest p a trend test over groups of these sizes can give: one arrangement out of N! / prod(n_g!) (twice
+    that, two-sided). Three levels of two seeds: 1/90 one-sided."""
+    sizes = [int(n) for n in sizes if int(n)]
+    if len(sizes) < 2:
+        return np.nan
+    return min(1.0, (1 if alternative != "two-sided" else 2) / _arrangements(sizes))
+
+
+def theil_sen(groups) -> tuple[float, float, float]:
+    """The trend's size: the Theil-Sen slope of value against level index (change per level step) with its 95 %
+    confidence interval (scipy.stats.theilslopes)."""
+    groups = [_clean(g) for g in groups]
+    x = np.concatenate([np.full(g.size, i, float) for i, g in enumerate(groups)])
+    y = np.concatenate(groups)
+    if np.unique(x).size < 2:
+        return np.nan, np.nan, np.nan
+    res = stats.theilslopes(y, x, alpha=0.95)
+    return float(res.slope), float(res.low_slope), float(res.high_slope)
 
 
 def min_attainable_p_test(test: str, n_a: int, n_b: int) -> float:
@@ -220,7 +381,10 @@ def declared_tests(comparisons: list[dict], correction: str = "holm", alpha: flo
     declared comparison, no more, no fewer).
 
     Each comparison is a dict with ``name``, ``test`` (one of :data:`TESTS`), values ``a`` and ``b`` (for
-    ``wilcoxon``: paired by position, pairs with a NaN dropped). Columns: name, test, n_a, n_b, mean_a, mean_b,
+    ``wilcoxon``: paired by position, pairs with a NaN dropped); a trend comparison (test one of
+    :data:`TREND_TESTS`) has instead ``groups`` (value arrays, lowest level first) and ``alternative``, and its row
+    says: n_a the values, n_b the levels, mean_a and mean_b the means of the lowest and highest level, effect the
+    Theil-Sen slope per level step with its 95 % CI (:func:`theil_sen`). Columns: name, test, n_a, n_b, mean_a, mean_b,
     effect (mean a - mean b; paired: mean of the differences), ci_lo, ci_hi (95 % percentile bootstrap), statistic,
     p_value, p_adjusted, min_p (smallest p the test can give with these sizes), significant."""
     if correction not in CORRECTIONS:
@@ -228,8 +392,11 @@ def declared_tests(comparisons: list[dict], correction: str = "holm", alpha: flo
     rows = []
     for c in comparisons:
         test = c["test"]
+        if test in TREND_TESTS:
+            rows.append(_trend_row(c, seed))
+            continue
         if test not in TESTS:
-            raise ValueError(f"comparison {c.get('name')!r}: test {test!r}; allowed: {', '.join(TESTS)}")
+            raise ValueError(f"comparison {c.get('name')!r}: test {test!r}; allowed: {', '.join(TESTS + TREND_TESTS)}")
         a, b = np.asarray(c["a"], float).ravel(), np.asarray(c["b"], float).ravel()
         if test == "wilcoxon":
             if a.size != b.size:
@@ -267,4 +434,5 @@ def declared_tests(comparisons: list[dict], correction: str = "holm", alpha: flo
 
 __all__ = ["bootstrap_ci", "summarize", "adjust_pvalues", "cliffs_delta", "cohens_d", "permutation_pvalue",
            "pairwise_tests", "min_attainable_p", "min_attainable_p_test", "bootstrap_mean_diff_ci", "declared_tests",
-           "ALPHA", "CORRECTIONS", "METHODS", "TESTS"]
+           "trend_test", "jonckheere_null", "min_attainable_p_trend", "theil_sen", "ALPHA", "CORRECTIONS", "METHODS",
+           "TESTS", "TREND_TESTS", "ALTERNATIVES"]
