@@ -242,7 +242,8 @@ def _insert_ignoring_duplicates(conn, table: sa.Table, rows: list[dict]) -> None
 
 
 def register_sweep(engine: sa.Engine, name: str, fingerprint: str, experiment: str,
-                   unit_keys: list[tuple[int, str, str]], previous_fingerprint: str | None = None) -> dict:
+                   unit_keys: list[tuple[int, str, str]], previous_fingerprint: str | None = None,
+                   kind: str = "sweep") -> dict:
     """Queue a sweep's units (idempotent: any number of processes may do it at once, and a half-done registration
     is completed). Returns the sweep's row; ValueError if the name is taken by another definition.
 
@@ -256,13 +257,20 @@ def register_sweep(engine: sa.Engine, name: str, fingerprint: str, experiment: s
                          .values(fingerprint=fingerprint))
     row = sweep_row(engine, name)
     if row["fingerprint"] != fingerprint:
-        raise InputError(f"sweep {name!r} already exists in {redact(str(engine.url))} with a different definition; "
-                         "give the changed sweep a new name")
+        shown = name.removeprefix(f"{kind}:")
+        raise InputError(f"{kind} {shown!r} already exists in {redact(str(engine.url))} with a different "
+                         f"definition; give the changed {kind} a new name")
+    register_units(engine, name, unit_keys)
+    return row
+
+
+def register_units(engine: sa.Engine, queue: str, unit_keys: list[tuple[int, str, str]]) -> None:
+    """Queue units (cell, cell key, phase) under ``queue`` (a sweep's name, or a queue of its own such as a dataset's
+    generation); idempotent, safe when many processes do it at once."""
     with engine.begin() as conn:
         _insert_ignoring_duplicates(conn, units, [
-            dict(sweep=name, cell=cell, phase=phase, cell_key=key, state=PENDING, epoch=0, lease_until=0.0,
+            dict(sweep=queue, cell=cell, phase=phase, cell_key=key, state=PENDING, epoch=0, lease_until=0.0,
                  failures=0, infra_failures=0, updated=_now()) for cell, key, phase in unit_keys])
-    return row
 
 
 def sweep_row(engine: sa.Engine, name: str) -> dict | None:
@@ -271,9 +279,13 @@ def sweep_row(engine: sa.Engine, name: str) -> dict | None:
     return dict(row) if row else None
 
 
+RESERVED = ("study:", "dataset:")  # names of the other queues kept here: a study's row, a dataset's generation
+
+
 def sweep_names(engine: sa.Engine) -> list[str]:
     with engine.connect() as conn:
-        return [r[0] for r in conn.execute(sa.select(sweeps.c.name).order_by(sweeps.c.name))]
+        names = [r[0] for r in conn.execute(sa.select(sweeps.c.name).order_by(sweeps.c.name))]
+    return [n for n in names if not n.startswith(RESERVED)]
 
 
 def set_parent_run(engine: sa.Engine, name: str, run_id: str) -> str:
@@ -415,6 +427,24 @@ class Claim:
         ok = self._update_held(state=state, holder=None, lease_until=0.0, failures=failures,
                                infra_failures=infra_failures, error=error[:2000])
         return state if ok else None
+
+
+def reopen(engine: sa.Engine, row: dict) -> bool:
+    """Put a done unit back to pending because its result is gone (a dataset folder deleted since); conditional on
+    the row we read, so of many processes that find it gone, one reopens it and the others see it pending."""
+    key = UnitKey(row["sweep"], row["cell"], row["phase"])
+    with engine.begin() as conn:
+        return conn.execute(units.update().where(
+            key.where(), units.c.epoch == row["epoch"], units.c.state == DONE, units.c.run_id == row["run_id"]
+        ).values(state=PENDING, holder=None, lease_until=0.0, run_id=None, updated=_now())).rowcount == 1
+
+
+def reopen_failed(engine: sa.Engine, row: dict) -> bool:
+    """Put a failed unit back to pending with its failures forgotten (a dataset generation asked for again)."""
+    key = UnitKey(row["sweep"], row["cell"], row["phase"])
+    with engine.begin() as conn:
+        return conn.execute(units.update().where(key.where(), units.c.epoch == row["epoch"], units.c.state == FAILED)
+                            .values(state=PENDING, failures=0, infra_failures=0, updated=_now())).rowcount == 1
 
 
 def adopt(engine: sa.Engine, key: UnitKey, run_id: str) -> bool:

@@ -50,7 +50,8 @@ from mlplatform.train import check_trainer, curate_checked, logged_metrics, trai
 from . import claims
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
-from .workers import run_on_dask, run_processes, share_cores
+from .datasets import datasets_read, ensure_datasets
+from .workers import dispatch, share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,27 +126,61 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 direction=spec.objective.direction, pruner=_pruner(exp),
                                 sampler=optuna.samplers.TPESampler(seed=spec.sampler_seed + worker))
-    if "mlflow_parent_run" not in study.user_attrs:
-        client = MlflowClient(tracking_uri)
-        exp_id = get_or_create_experiment(exp.config().tracking.experiment, tracking_uri)
-        parent = client.create_run(exp_id, run_name=f"study-{exp.name}", tags={
-            "study": exp.name, "kind": "study", "optuna.storage": storage_url(storage), "optuna.study_name": name,
-            "study.fingerprint": exp.fingerprint()})
-        client.log_dict(parent.info.run_id, spec.model_dump(mode="json"), "study/definition.yaml")
-        client.set_terminated(parent.info.run_id, "FINISHED")  # a container: the trials are its children
-        study.set_user_attr("mlflow_parent_run", parent.info.run_id)
+    attrs = study.user_attrs
+    if attrs.get("fingerprint") == exp.legacy_fingerprint():  # recorded before one hashing convention
         study.set_user_attr("fingerprint", exp.fingerprint())
-    if study.user_attrs.get("fingerprint") == exp.legacy_fingerprint():  # recorded before one hashing convention
-        study.set_user_attr("fingerprint", exp.fingerprint())
-    if study.user_attrs.get("fingerprint") != exp.fingerprint():
+    elif attrs.get("fingerprint", exp.fingerprint()) != exp.fingerprint():
         raise InputError(f"study {exp.name!r} already exists in {storage_url(storage)} with a different definition; "
                          "give the changed study a new name")
+    parent = _parent_run(exp, storage, tracking_uri, attrs.get("mlflow_parent_run"))
+    if attrs.get("mlflow_parent_run") != parent:
+        study.set_user_attr("mlflow_parent_run", parent)
+    if "fingerprint" not in attrs:
+        study.set_user_attr("fingerprint", exp.fingerprint())
     # what align_study needs, so that a doctor can align a study by its name alone
     for key, value in (("experiment", exp.config().tracking.experiment),
                        ("objective", spec.objective.model_dump(mode="json"))):
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
     return study
+
+
+def claims_url(storage) -> str:
+    """The claims database of a study: its Optuna storage's own database when that is one (PostgreSQL, SQLite; the
+    claims tables sit beside Optuna's), else the default one (``mlruns/sweeps.db``), as for sweeps."""
+    url = storage_url(storage)
+    return url if "://" in url and not url.startswith("journal:") else claims.default_url()
+
+
+def _parent_run(exp: Experiment, storage, tracking_uri: str, known: str | None) -> str:
+    """The study's parent run, made the way a sweep's is: the claims database keeps one, whatever starts together
+    (every process that finds none makes a candidate; the first recorded wins, the others are deleted), and it is
+    completed under the study's write lock. ``known``: the parent a study made before this rule recorded."""
+    engine = claims.open_engine(claims_url(storage))
+    key = f"study:{exp.name}"
+    experiment = exp.config().tracking.experiment
+    row = claims.register_sweep(engine, key, exp.fingerprint(), experiment, [],
+                                previous_fingerprint=exp.legacy_fingerprint(), kind="study")
+    exp_id = get_or_create_experiment(experiment, tracking_uri)
+    client = MlflowClient(tracking_uri)
+    parent = row["parent_run"] or known
+    if parent is None:
+        run = client.create_run(exp_id, run_name=f"study-{exp.name}", tags={"study.candidate": exp.name})
+        parent = claims.set_parent_run(engine, key, run.info.run_id)
+        if parent != run.info.run_id:
+            client.delete_run(run.info.run_id)
+    else:
+        parent = claims.set_parent_run(engine, key, parent)
+    with claims.exclusive(engine, f"study-mlflow-writes:{exp.name}"):
+        run = client.get_run(parent)
+        if not (run.data.tags.get("kind") == "study" and run.info.status == "FINISHED"):
+            client.log_dict(parent, exp.spec.model_dump(mode="json"), "study/definition.yaml")
+            # the tags that make it the study's parent come last: a run that has them is complete
+            for tag, value in {"optuna.storage": storage_url(storage), "optuna.study_name": f"study:{exp.name}",
+                               "study.fingerprint": exp.fingerprint(), "study": exp.name, "kind": "study"}.items():
+                client.set_tag(parent, tag, value)
+            client.set_terminated(parent, "FINISHED")  # a container: the trials are its children
+    return parent
 
 
 # -- one trial -------------------------------------------------------------------------------------------------------
@@ -632,24 +667,22 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     ``scheduler``; the summary has ``aligned`` (what align_study changed, at the start and at the end) and
     ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
     exp = load_experiment(path, "study", cli_sets)
-    # before the study exists anywhere: a bad definition leaves no trial and no run (the hardware is the workers' own
-    # when they run on a Dask cluster)
+    storage = study_storage(storage_arg)
+    # the study's own datasets first (reused by identity), then, before the study exists anywhere: a bad definition
+    # leaves no trial and no run (the hardware is the workers' own when they run on a Dask cluster)
+    ensure_datasets(exp, datasets_read(exp, [exp.config()]), claims_url(storage), workers, scheduler,
+                    log=lambda line: print(line, flush=True))
     check_study(exp, machine=scheduler is None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     n_trials = n_trials or exp.spec.n_trials
-    storage = study_storage(storage_arg)
     study = _open(exp, storage, tracking_uri)
     aligned = align_study(study, exp, tracking_uri)
     if scheduler is not None:
         storage_arg = storage_arg or f"journal:{journal_path(None)}"  # the same file for every worker
-        run_on_dask(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_arg,
-                                                       tracking_uri, n_trials, slot, share),
-                    f"study {exp.name}", scheduler)
-    elif workers <= 1:
-        _work(exp, storage_arg, tracking_uri, progress, n_trials)
-    else:
-        run_processes(_worker_main, [(str(path), list(cli_sets), storage_arg, tracking_uri, n_trials, w, workers)
-                                     for w in range(workers)], f"study {exp.name}")
+    dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_arg,
+                                                tracking_uri, n_trials, slot, share),
+             f"study {exp.name}", workers, scheduler,
+             inline=lambda: _work(exp, storage_arg, tracking_uri, progress, n_trials))
     aligned += align_study(study, exp, tracking_uri)
     problems = study_problems(study, exp, tracking_uri)
     trials = study.get_trials(deepcopy=False)

@@ -38,30 +38,12 @@ from mlplatform.train import check_trainer, curate_checked, train
 
 from . import claims
 from .claims import CLAIMED, DONE, FAILED, PENDING
-from .specs import Experiment, load_experiment
-from .workers import run_on_dask, run_processes, share_cores
+from .specs import (Cell, Experiment, cells_of, load_experiment, phases_of, selector_phase, unit_config,
+                    unit_phase)
+from .datasets import datasets_read, ensure_datasets
+from .workers import dispatch, share_cores
 
 POLL_S = 1.0  # how often a worker with nothing to claim looks again
-
-
-@dataclass(frozen=True)
-class Cell:
-    index: int
-    subset: str
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.subset}/s{self.seed}"
-
-
-def cells_of(exp: Experiment) -> list[Cell]:
-    pairs = [(s.name, seed) for s in exp.spec.subsets for seed in exp.spec.seed_list]
-    return [Cell(i, subset, seed) for i, (subset, seed) in enumerate(pairs)]
-
-
-def phases_of(exp: Experiment) -> list[str]:
-    return ["pretrain"] + (["finetune"] if exp.spec.finetune is not None else [])
 
 
 def _experiment_name(exp: Experiment) -> str:
@@ -70,27 +52,24 @@ def _experiment_name(exp: Experiment) -> str:
 
 # -- before anything exists: every subset's configs checked against the data and this machine ----------------------
 
-def subset_config(exp: Experiment, subset, phase: str, *more: dict):
-    """The config of ``subset``'s ``phase`` (before a cell's seed), with errors naming the subset."""
-    where, context = (f"subset {subset.name}",), f"subset {subset.name}"
-    if phase == "finetune":
-        return exp.config(subset.set, exp.spec.finetune.set, *more, where=(*where, "finetune"),
-                          context=f"{context}, fine-tune")
-    return exp.config(subset.set, *more, where=where, context=context)
+def groups_of(exp: Experiment) -> list[Cell]:
+    """One cell per (subset, axis levels): the cells of the first seed."""
+    first = exp.spec.seed_list[0]
+    return [c for c in cells_of(exp) if c.seed == first]
 
 
 def check_sweep(exp: Experiment, machine: bool = True) -> None:
-    """What every subset's configs imply, checked before the sweep is registered (no claim, no MLflow run): the
+    """What every cell's configs imply, checked before the sweep is registered (no claim, no MLflow run): the
     trainer settings on this machine (``machine``; not when other machines train, e.g. Dask workers), and each
-    subset's data curated once (filters that select something, enough structures to split, crop size within the
-    images, benchmarks and fine-tune data at the pretrain's pixel size). InputError naming the subset, the key and
-    where its value came from."""
+    cell's data curated once (filters that select something, enough structures to split, crop size within the
+    images, benchmarks and fine-tune data at the pretrain's pixel size). InputError naming the subset, the axis
+    levels, the key and where its value came from. The study's own datasets must exist (:mod:`.datasets`)."""
     tried: set[str] = set()
     curated: dict[str, object] = {}
-    for subset in exp.spec.subsets:
+    for cell in groups_of(exp):
         pixel = {}
         for phase in phases_of(exp):
-            config = subset_config(exp, subset, phase)
+            config = unit_config(exp, cell.subset, cell.levels, phase)
             settings = config_hash(config.trainer.model_dump(mode="json"))
             if machine and settings not in tried:
                 check_trainer(config)
@@ -101,7 +80,7 @@ def check_sweep(exp: Experiment, machine: bool = True) -> None:
             if data not in curated:
                 curated[data] = curate_checked(config)
             pixel[phase] = curated[data].pixel_size_A
-            if phase == "finetune" and abs(pixel[phase] - pixel["pretrain"]) > 1e-6:
+            if phase != "pretrain" and abs(pixel[phase] - pixel["pretrain"]) > 1e-6:
                 raise ConfigError(f"{config.origin('data.train')}: {pixel[phase]} Å pixels: the fine-tune data must "
                                   f"have the pretrain data's pixel size ({pixel['pretrain']} Å); resample them or "
                                   "choose other data")
@@ -211,7 +190,11 @@ def cell_runs(ctx: SweepContext) -> list:
 
 
 def _unit_key(run) -> tuple[str | None, str | None]:
-    return run.data.tags.get("sweep.cell"), run.data.tags.get("phase")
+    """(cell key, unit phase) of a cell run: a fine-tune variant's unit phase is ``ft:<variant>``."""
+    tags = run.data.tags
+    variant = tags.get("sweep.variant")
+    phase = tags.get("phase")
+    return tags.get("sweep.cell"), unit_phase(variant) if phase == "finetune" and variant else phase
 
 
 def align_runs(ctx: SweepContext, fix: bool = True) -> list[str]:
@@ -303,14 +286,23 @@ def _run_unit(ctx: SweepContext, exp: Experiment, claim: claims.Claim, cell: Cel
               me: str, progress: bool) -> bool:
     """Train the claimed unit; True if this worker's run is its recorded result."""
     phase = claim.key.phase
-    subset = next(s for s in exp.spec.subsets if s.name == cell.subset)
+    variant = selector_phase(phase) if phase.startswith("ft:") else None
     per_cell = {"seed": cell.seed, "tracking.subset": cell.subset}
-    config = subset_config(exp, subset, phase, per_cell)
+    if cell.levels or variant:  # the run's name carries every coordinate (sweeps without them keep their names)
+        per_cell["tracking.run_name"] = "-".join([cell.group.replace("/", "-"), f"s{cell.seed}",
+                                                  variant or ("finetune" if phase != "pretrain" else "pretrain")])
+    config = unit_config(exp, cell.subset, cell.levels, phase, per_cell)
     tags = {"sweep": exp.name, "kind": "cell", "sweep.subset": cell.subset, "sweep.cell": cell.key,
             "sweep.claim_epoch": str(claim.epoch), "sweep.worker": me}
+    if cell.levels:
+        tags["sweep.group"] = cell.group
+        tags.update({f"sweep.axis.{key}": level for key, level in cell.levels})
+    if variant:
+        tags["sweep.variant"] = variant
     with claim:
         try:
-            train(config, phase, init_from=pretrain_run, tracking_uri=ctx.tracking_uri, progress=progress,
+            train(config, "pretrain" if phase == "pretrain" else "finetune", init_from=pretrain_run,
+                  tracking_uri=ctx.tracking_uri, progress=progress,
                   extra_tags=tags, nest_under=ctx.parent, callbacks=[ClaimGuard(claim)], commit=claim.commit)
             return True
         except Superseded as exc:
@@ -335,7 +327,7 @@ def _settled(row: dict, by_key: dict) -> bool:
     """Nothing more will happen to this unit: recorded, given up, or a fine-tune whose pretrain was given up."""
     if row["state"] in (DONE, FAILED):
         return True
-    return row["phase"] == "finetune" and by_key[(row["cell"], "pretrain")]["state"] == FAILED
+    return row["phase"] != "pretrain" and by_key[(row["cell"], "pretrain")]["state"] == FAILED
 
 
 def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress: bool = False,
@@ -359,13 +351,13 @@ def worker(exp: Experiment, storage_url: str | None, tracking_uri: str, progress
             time.sleep(POLL_S * random.uniform(0.5, 1.5))  # others hold the rest; a silent one's lease runs out
             continue
         # finish the cell just pretrained here, then other fine-tunes, then new cells in order
-        ready.sort(key=lambda r: (not (r["cell"] == last_cell and r["phase"] == "finetune"),
-                                  r["phase"] != "finetune", r["cell"]))
+        ready.sort(key=lambda r: (not (r["cell"] == last_cell and r["phase"] != "pretrain"),
+                                  r["phase"] == "pretrain", r["cell"]))
         claim = claims.try_claim(ctx.engine, ready[0], me)
         if claim is None:  # another worker was first: look again
             continue
         cell = cells[claim.key.cell]
-        pretrain_run = by_key[(cell.index, "pretrain")]["run_id"] if claim.key.phase == "finetune" else None
+        pretrain_run = by_key[(cell.index, "pretrain")]["run_id"] if claim.key.phase != "pretrain" else None
         recorded += _run_unit(ctx, exp, claim, cell, pretrain_run, me, progress)
         last_cell = cell.index
 
@@ -380,31 +372,35 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     """Run the sweep to the end with ``workers`` local processes, or with one worker per slot of the Dask cluster
     ``scheduler`` (see :func:`workers.run_on_dask`); the claims make the result the same."""
     exp = load_experiment(path, "sweep", cli_sets)
-    # before the sweep exists anywhere: a bad subset leaves no claim and no run (the hardware is the workers' own
+    # the sweep's own datasets first (a dataset made here is reused by identity, whatever happens next), then,
+    # before the sweep exists anywhere: a bad cell leaves no claim and no run (the hardware is the workers' own
     # when they run on a Dask cluster: each checks it as it trains)
+    needed = datasets_read(exp, [unit_config(exp, c.subset, c.levels, p) for c in groups_of(exp)
+                                 for p in phases_of(exp)])
+    ensure_datasets(exp, needed, storage_url, workers, scheduler, log=lambda line: print(line, flush=True))
     check_sweep(exp, machine=scheduler is None)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     ctx = open_sweep(exp, storage_url, tracking_uri)
-    if scheduler is not None:
-        # what the workers get must mean the same on every machine: absolute paths, the resolved store URLs
-        storage_url = storage_url or claims.default_url()
-        run_on_dask(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_url,
-                                                       tracking_uri, share), f"sweep {exp.name}", scheduler)
-    elif workers <= 1:
-        worker(exp, storage_url, tracking_uri, progress, ctx)
-    else:  # each process loads the definition and joins the same queue, as a worker on another machine would
-        run_processes(_worker_main, [(str(path), list(cli_sets), storage_url, tracking_uri, workers)] * workers,
-                      f"sweep {exp.name}")
+    # what the workers get must mean the same on every machine: absolute paths, the resolved store URLs
+    shared_storage = storage_url if scheduler is None else storage_url or claims.default_url()
+    dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), shared_storage,
+                                                tracking_uri, share),
+             f"sweep {exp.name}", workers, scheduler,
+             inline=lambda: worker(exp, storage_url, tracking_uri, progress, ctx))
     summary = summarize(ctx)
     if not summary["missing"] and not summary["duplicates"]:
         finish_parent(ctx, exp)
     return summary
 
 
-def sweep_view(client: MlflowClient, experiment_id: str, name: str) -> str:
+def sweep_view(client: MlflowClient, experiment_id: str, name: str, exp: Experiment | None = None) -> str:
     """The key of sweep ``name``'s comparison view in the MLflow UI (saved in its experiment; see
-    mlplatform.mlflow_ui): its cell runs, grouped by subset and phase, charted per epoch."""
-    view = mlflow_ui.comparison_view(f"tags.sweep = '{name}' and tags.kind = 'cell'", ["subset", "phase"])
+    mlplatform.mlflow_ui): its cell runs, grouped by subset, every declared axis and the phase (and the fine-tune
+    variant), charted per epoch."""
+    axes = [f"sweep.axis.{key}" for key in exp.spec.axes] if exp is not None else []
+    variant = ["sweep.variant"] if exp is not None and exp.spec.variants else []
+    view = mlflow_ui.comparison_view(f"tags.sweep = '{name}' and tags.kind = 'cell'",
+                                     ["subset", *axes, "phase", *variant])
     return mlflow_ui.save_view(client, experiment_id, view)
 
 
@@ -440,10 +436,19 @@ def _finish_parent(ctx: SweepContext, exp: Experiment) -> None:
     parent = client.get_run(ctx.parent)
     exp_id = parent.info.experiment_id
     groups: dict[tuple[str, str], list] = {}
-    order = {s.name: i for i, s in enumerate(exp.spec.subsets)}
-    for r in sorted(runs, key=lambda r: (order.get(r.data.tags.get("sweep.subset"), len(order)),
-                                         r.data.tags.get("phase") != "pretrain", int(r.data.tags.get("seed", 0)))):
-        groups.setdefault((r.data.tags.get("sweep.subset", "?"), r.data.tags.get("phase", "?")), []).append(r)
+    order = {c.group: i for i, c in enumerate(cells_of(exp))}
+    phase_order = {selector_phase(p): i for i, p in enumerate(phases_of(exp))}
+
+    def coordinates(r) -> tuple[str, str]:
+        tags = r.data.tags
+        phase = tags.get("sweep.variant") or tags.get("phase", "?")
+        return tags.get("sweep.group") or tags.get("sweep.subset", "?"), "none" if phase == "pretrain" else phase
+
+    for r in sorted(runs, key=lambda r: (order.get(coordinates(r)[0], len(order)),
+                                         phase_order.get(coordinates(r)[1], len(phase_order)),
+                                         int(r.data.tags.get("seed", 0)))):
+        group, phase = coordinates(r)
+        groups.setdefault((group, "pretrain" if phase == "none" else phase), []).append(r)
     benchmarks = sorted({k.split("/")[1] for r in runs for k in r.data.metrics
                          if k.startswith("ood/") and k.endswith("/dice")}, key=lambda b: (b == "mean", b))
     metrics: dict[str, float] = {}
@@ -459,22 +464,27 @@ def _finish_parent(ctx: SweepContext, exp: Experiment) -> None:
         links = ", ".join(mlflow_ui.run_link(exp_id, m.info.run_id, f"s{m.data.tags.get('seed')}") for m in members)
         rows.append(f"| {subset} | {phase} | {len(members)} | "
                     + " | ".join(f"{means[b]:.3f}" if b in means else "" for b in benchmarks) + f" | {links} |")
-    key = sweep_view(client, exp_id, ctx.name)
+    key = sweep_view(client, exp_id, ctx.name, exp)
     filters = "; ".join(f"**{s.name}**: {', '.join(f'`{k}` = `{v}`' for k, v in s.set.items()) or 'the base data'}"
                         for s in exp.spec.subsets)
     note = "\n".join([
-        f"**Sweep `{ctx.name}`**: {len(exp.spec.subsets)} subsets x {len(exp.spec.seed_list)} seeds "
-        f"({', '.join(map(str, exp.spec.seed_list))}), phases {' + '.join(phases_of(exp))}; {len(runs)} recorded runs.",
+        f"**Sweep `{ctx.name}`**: {len(exp.spec.subsets)} subsets"
+        + "".join(f" x {len(levels)} levels of `{k}`" for k, levels in exp.spec.axes.items())
+        + f" x {len(exp.spec.seed_list)} seeds ({', '.join(map(str, exp.spec.seed_list))}), phases "
+        f"{' + '.join(phases_of(exp))}; {len(runs)} recorded runs.",
         "",
         f"Subsets: {filters}.",
+        *([""] + [f"Axis `{k}`: " + ", ".join(f"**{lv.name}** = `{lv.value}`" for lv in levels) + "."
+                  for k, levels in exp.spec.axis_levels.items()] if exp.spec.axes else []),
         "",
-        f"[Compare the runs: grouped by subset and phase, OOD Dice per epoch]({mlflow_ui.view_link(exp_id, key)}). "
+        f"[Compare the runs: grouped by subset{', axes' if exp.spec.axes else ''} and phase, OOD Dice per epoch]"
+        f"({mlflow_ui.view_link(exp_id, key)}). "
         "The report (when written: "
         f"`python -m experiments report --sweep {ctx.name}`) is under Artifacts, `report/index.html`.",
         "",
         "Mean over seeds of each benchmark's final-epoch Dice:",
         "",
-        "| subset | phase | runs | " + " | ".join(benchmarks) + " | runs |",
+        f"| {'cell' if exp.spec.axes else 'subset'} | phase | runs | " + " | ".join(benchmarks) + " | runs |",
         "|" + "---|" * (len(benchmarks) + 4),
         *rows,
     ])
@@ -502,6 +512,7 @@ def summarize(ctx: SweepContext, fix: bool = True) -> dict:
         if run.info.status == "FINISHED":
             finished.setdefault(_unit_key(run), []).append(run.info.run_id)
     missing = [f"{r['cell_key']}:{r['phase']}" for r in rows if r["state"] != DONE]
+    phases = list(dict.fromkeys(["pretrain", "finetune", *sorted(r["phase"] for r in rows)]))
     duplicates = {f"{k[0]}:{k[1]}": ids for k, ids in sorted(finished.items(), key=str)
                   if len(ids) > 1 or (k in by_key and ids != [by_key[k]["run_id"]])}
     lineage = []
@@ -516,7 +527,7 @@ def summarize(ctx: SweepContext, fix: bool = True) -> dict:
                                f"{pre['run_id'] if pre else None}")
     failed = {f"{r['cell_key']}:{r['phase']}": r["error"] for r in rows if r["state"] == FAILED}
     return {"sweep": ctx.name, "parent_run": ctx.parent, "cells": len({r["cell"] for r in rows}),
-            "phases": sorted({r["phase"] for r in rows}, key=("pretrain", "finetune").index),
+            "phases": sorted({r["phase"] for r in rows}, key=phases.index),
             "missing": missing, "failed": failed, "duplicates": duplicates, "lineage": lineage, "aligned": changes,
             "runs_by_status": dict(Counter(r.info.status for r in runs)),
             "units_by_state": dict(Counter(r["state"] for r in rows))}

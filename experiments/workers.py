@@ -79,3 +79,16 @@ def run_on_dask(target, make_args, label: str, scheduler) -> None:
                       file=sys.stderr)
     finally:
         client.close()
+
+
+def dispatch(target, make_args, label: str, workers: int, scheduler=None, inline=None) -> None:
+    """The one way a sweep or a study hands out its work: ``target(*make_args(slot, share))`` in one worker per slot
+    of the Dask cluster ``scheduler`` (:func:`run_on_dask`), else in ``workers`` local processes
+    (:func:`run_processes`; ``share`` = ``workers``, for :func:`share_cores`), else — one worker, no cluster —
+    ``inline()`` in this process when given. Every worker joins the same queue, so the result is the same."""
+    if scheduler is not None:
+        run_on_dask(target, make_args, label, scheduler)
+    elif workers <= 1 and inline is not None:
+        inline()
+    else:
+        run_processes(target, [make_args(slot, workers) for slot in range(max(1, workers))], label)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from mlplatform.config import config_from_dict
 from mlplatform.data import EvalStream, TrainStream, curate
 from mlplatform.metrics import SegmentationScores, confusion
-from mlplatform.models import build_model, count_parameters, encoder_parameters
+from mlplatform.models import build_model, count_parameters, encoder_parameters, frozen_parameters
 
 ONE_PER_SHARD = "output.structures_per_shard=1"  # 6 shards each: enough to split between loader workers
 
@@ -160,6 +160,10 @@ def test_presets_have_the_documented_sizes():
     for preset, model in (("compact", compact), ("resnet18-unet", r18)):
         enc = {id(p) for p in encoder_parameters(model, preset)}
         assert 0 < len(enc) < len(list(model.parameters()))
+        # freezing the decoder leaves exactly the encoder to train
+        dec = {id(p) for p in frozen_parameters(model, preset, "decoder")}
+        assert dec.isdisjoint(enc) and dec | enc == {id(p) for p in model.parameters()}
+        assert frozen_parameters(model, preset, "none") == []
         assert model(torch.zeros(1, 1, 50, 70)).shape == (1, 1, 50, 70)
 
 

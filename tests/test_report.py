@@ -141,6 +141,29 @@ def test_fine_tune_of_a_pretrain_outside_the_sweep(uri):
     assert runs.set_index("run_id").loc[ft, "final/b"] == 0.6
 
 
+def test_fine_tune_decay_is_the_drop_from_the_peak_since_the_pretrained_model_to_the_final_epoch():
+    from mlplatform.report_data import _fine_tune_decay, decay_table
+
+    runs = pd.DataFrame([
+        dict(run_id="p", subset="a", phase="pretrain", parent_run=None, seed=0,
+             **{"final/b": 0.80, "best/b": 0.82, "best_epoch/b": 3}),
+        # forgets at once: its peak is the pretrained model it started from (epoch 0)
+        dict(run_id="f1", subset="a", phase="finetune", parent_run="p", seed=0,
+             **{"final/b": 0.60, "best/b": 0.75, "best_epoch/b": 0}),
+        # rises for two epochs, then decays
+        dict(run_id="f2", subset="a", phase="finetune:n8", parent_run="p", seed=0,
+             **{"final/b": 0.85, "best/b": 0.90, "best_epoch/b": 1}),
+    ])
+    assert _fine_tune_decay(runs, ["b"]) == ["ft_peak/b", "ft_peak_epoch/b", "ft_drop/b"]
+    got = runs.set_index("run_id")[["ft_peak/b", "ft_peak_epoch/b", "ft_drop/b"]]
+    assert got.loc["f1"].tolist() == pytest.approx([0.80, 0, 0.20])
+    assert got.loc["f2"].tolist() == pytest.approx([0.90, 2, 0.05])
+    assert got.loc["p"].isna().all()  # a pretrain is not a fine-tune
+    table = decay_table(runs)
+    assert table[["phase", "n", "drop"]].values.tolist() == [["finetune", 1, pytest.approx(0.2)],
+                                                               ["finetune:n8", 1, pytest.approx(0.05)]]
+
+
 def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
     uri, parent, ids = sweep
     out = tmp_path / "reports" / "sweep"
@@ -153,6 +176,7 @@ def test_write_sweep_report_files_numbers_and_artifacts(sweep, tmp_path):
         f"{kind}_{b}.{ext}" for b in (*BENCHMARKS, "mean")
         for kind, ext in (("distribution", "png"), ("dynamics", "png"), ("summary", "csv"), ("pairwise", "csv"))}
     expected |= {"overview.png", "dynamics_overview.png"}  # Fig. 1 and Fig. 2 of the reference study, for any sweep
+    expected |= {"decay.csv"}  # what fine-tuning did to every benchmark, as numbers
     assert names == expected | {"notes.txt"}
     assert not list(out.parent.glob(".sweep.tmp-*"))  # the build folder is gone
     page = index.read_text()

@@ -84,10 +84,10 @@ def test_comparisons_are_validated_when_the_sweep_is_loaded(workspace):
     assert [c.name for c in exp.spec.comparisons] == ["defocus-coverage", "finetune-gain"]
     assert exp.spec.model_dump(mode="json")["comparisons"][1]["test"] == "wilcoxon"
     bad = [
-        ({"a": "nowhere"}, "subset 'nowhere' is not one of this sweep's subsets"),
-        ({"a": "all/warmup"}, "phase 'warmup'; allowed here: pretrain, finetune"),
+        ({"a": "nowhere"}, "a: subset 'nowhere' is not one of its levels \\(all, near-focus\\)"),
+        ({"a": "all/warmup"}, "a: finetune 'warmup' is not one of its levels \\(none, finetune\\)"),
         ({"b": "near-focus"}, "a and b are the same group"),
-        ({"benchmark": "cdse"}, "benchmark 'cdse' is not scored by near-focus"),
+        ({"benchmark": "cdse"}, "benchmark 'cdse' is not scored by the group {subset: near-focus, finetune: none}"),
         ({"test": "ttest"}, "comparisons.0.test"),
         ({"name": "two words"}, "must be non-empty without spaces"),
     ]
@@ -96,7 +96,7 @@ def test_comparisons_are_validated_when_the_sweep_is_loaded(workspace):
             load_experiment(_spec_with(root, "bad", comparisons=[{**COMPARISONS[0], **change}]), "sweep")
     five = sweep_spec("five", seeds=list(range(5)), comparisons=[COMPARISONS[1]])
     five["finetune"]["set"]["data.train"] = [{"path": str(root / "target")}]
-    with pytest.raises(ConfigError, match="wilcoxon test on 5 seeds per group cannot give p below 0.0625"):
+    with pytest.raises(ConfigError, match="wilcoxon test on 5 and 5 runs per group cannot give p below 0.0625"):
         load_experiment(write_spec(root, "five.yaml", five), "sweep")
     # six pairs give p >= 1/32: alone that can reach 0.05, but as one of two Holm-adjusted comparisons it might not
     six = sweep_spec("six", seeds=list(range(6)), comparisons=COMPARISONS)
@@ -114,6 +114,102 @@ def test_a_sweep_without_comparisons_keeps_its_fingerprint(workspace):
     exp = load_experiment(_spec_with(workspace, "plain"), "sweep")
     dumped = exp.spec.model_dump(mode="json")
     assert "comparisons" not in dumped and "alpha" not in dumped and "target" not in dumped["finetune"]
+
+
+def test_trend_tests_give_the_p_values_of_scipy_and_of_full_enumeration():
+    import itertools
+
+    rng = np.random.default_rng(3)
+    # two levels: Jonckheere-Terpstra is the Mann-Whitney U of the later group, so its exact p is scipy's
+    low, high = rng.normal(0, 1, 5), rng.normal(1, 1, 6)
+    for alternative, scipy_alt in (("increasing", "greater"), ("decreasing", "less"), ("two-sided", "two-sided")):
+        res = analysis.trend_test([low, high], "jonckheere", alternative)
+        assert res["exact"] and res["p_value"] == pytest.approx(
+            stats.mannwhitneyu(high, low, alternative=scipy_alt, method="exact").pvalue, rel=1e-12)
+    # the exact null distribution counts every interleaving of the groups: N! / prod(n!) of them
+    assert sum(analysis.jonckheere_null([2, 3, 2])) == 210
+    # three levels, with and without ties: every assignment of the values to the groups, enumerated here
+    for groups, test in (([rng.normal(size=2), rng.normal(0.5, 1, 3), rng.normal(1, 1, 2)], "jonckheere"),
+                         (([1.0, 2.0], [2.0, 3.0, 3.0], [3.0, 4.0]), "spearman"),
+                         (([1.0, 2.0], [2.0, 3.0, 3.0], [3.0, 4.0]), "jonckheere")):
+        values, sizes = np.concatenate(groups), [len(g) for g in groups]
+        res = analysis.trend_test(groups, test, "increasing")
+        levels = np.repeat(np.arange(3), sizes)
+        stat = ((lambda v: analysis._jonckheere_statistic(np.split(v, np.cumsum(sizes)[:-1]))) if test == "jonckheere"
+                else (lambda v: stats.spearmanr(levels, v).statistic))
+        null = [stat(values[list(p)]) for p in itertools.permutations(range(values.size))]
+        assert res["exact"] and res["p_value"] == pytest.approx(np.mean(np.array(null) >= res["statistic"] - 1e-9))
+    assert analysis.min_attainable_p_trend([6, 6, 6, 6], "increasing") == pytest.approx(1 / 2_308_743_493_056)
+    assert analysis.min_attainable_p_trend([2, 2], "two-sided") == pytest.approx(2 / 6)
+    # in the findings table: n_a values over n_b levels, the Theil-Sen slope per level as the effect
+    df = analysis.declared_tests([dict(name="t", test="jonckheere", groups=[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]],
+                                       alternative="increasing")])
+    row = df.iloc[0]
+    assert (row.n_a, row.n_b, row.effect) == (6, 3, pytest.approx(0.2)) and row.p_value == pytest.approx(1 / 90)
+
+
+def _language(root, **extra):
+    """A sweep with a dataset of its own, an axis and three fine-tune variants (tiny, written next to base.yaml)."""
+    spec = {"kind": "sweep", "name": "lang", "base": "base.yaml", "data_root": str(root / "own"),
+            "datasets": {"extra": {"recipe": "tiny", "n": 4, "seed": 9, "set": {"imaging.dose_e_per_A2": 150}}},
+            "subsets": [{"name": "all", "set": {}},
+                        {"name": "mixed", "set": {"data.train": [{"path": str(root / "train")}, {"dataset": "extra"}]}}],
+            "axes": {"optim.lr": [0.001, 0.003], "data.augmentation": [{"name": "plain", "value": {}}]},
+            "seeds": [0, 1, 2, 3, 4, 5],
+            "finetune": [{"name": f"n{n}", "set": {"data.train": [{"path": str(root / "target"), "max_samples": n}],
+                                                   "finetune.freeze": freeze}, "target": "bench"}
+                         for n, freeze in ((2, "none"), (4, "encoder"), (8, "decoder"))],
+            **extra}
+    return write_spec(root, "lang.yaml", spec)
+
+
+def test_a_sweep_declares_datasets_axes_fine_tune_variants_and_trends(workspace):
+    from experiments.specs import Design, cells_of, phases_of, unit_config
+
+    trend = {"name": "amount", "hypothesis": "more target data, higher target Dice", "axis": "finetune",
+             "where": {"subset": "all", "optim.lr": 0.001}, "benchmark": "bench", "test": "jonckheere",
+             "alternative": "increasing"}
+    decay = {"name": "decay", "hypothesis": "more target data, a larger drop", "axis": "finetune",
+             "levels": ["n2", "n8"], "benchmark": "bench", "test": "spearman", "statistic": "drop"}
+    pair = {"name": "lr", "hypothesis": "lr matters", "a": {"optim.lr": 0.001, "finetune": "n4"},
+            "b": {"optim.lr": "0.003", "finetune": "n4"}, "benchmark": "bench", "test": "wilcoxon"}
+    exp = load_experiment(_language(workspace, comparisons=[trend, decay, pair]), "sweep")
+    cells = cells_of(exp)
+    # subsets x axis levels x seeds, each with a pretrain and one unit per variant
+    assert len(cells) == 2 * 2 * 1 * 6 and len({c.key for c in cells}) == len(cells)
+    assert cells[0].key == "all/data.augmentation=plain/optim.lr=0.001/s0"  # axes in file order (safe_dump sorts)
+    assert phases_of(exp) == ["pretrain", "ft:n2", "ft:n4", "ft:n8"]
+    mixed = next(c for c in cells if c.subset == "mixed" and dict(c.levels)["optim.lr"] == "0.003")
+    config = unit_config(exp, mixed.subset, mixed.levels, "ft:n8")
+    assert config.optim.lr == 0.003 and config.finetune.frozen == "decoder"
+    assert config.data.train[0].max_samples == 8
+    pre = unit_config(exp, mixed.subset, mixed.levels, "pretrain")
+    assert pre.data.train[1].path == str(workspace / "own" / "extra") and exp.dataset_names(pre) == ["extra"]
+    design = Design(exp.spec)
+    # the pretrained models are the level "none" (no target data) of the finetune axis
+    assert [g["finetune"] for g in design.groups(exp.spec.comparisons[0])] == ["none", "n2", "n4", "n8"]
+    # unspecified axes pool their levels: 2 subsets x 2 learning rates x 6 seeds per variant in the decay trend
+    assert design.pooled(design.groups(exp.spec.comparisons[1])[0]) == 24
+    bad = [
+        ({"comparisons": [{**trend, "axis": "optim.momentum"}]}, "axis 'optim.momentum' is not a dimension"),
+        ({"comparisons": [{**trend, "where": {"optim.lr": 0.002}}]}, "optim.lr 0.002 is not one of its levels"),
+        ({"comparisons": [{**trend, "a": "all"}]}, "judges a trend: give 'axis'"),
+        ({"comparisons": [{**pair, "a": {"subset": "all", "finetune": "n4"}}]}, "must fix the same dimensions"),
+        ({"comparisons": [{**pair, "statistic": "drop", "a": {"subset": "all"}, "b": {"subset": "mixed"}}]},
+         "statistic drop .* needs fine-tuned groups"),
+        ({"comparisons": [{**trend, "where": {"subset": "all", "optim.lr": 0.001}, "levels": ["n2", "n4"]}],
+          "seeds": [0, 1]}, "trend over 2 levels of 2 runs cannot give p below 0.167"),
+        ({"axes": {"data.train.0.filter": ["x"]}, "comparisons": []}, "set the same key"),
+        ({"axes": {"optim": [{"name": "a", "value": {}}], "optim.lr": [1]}, "comparisons": []}, "lies inside"),
+        ({"axes": {"optim.lr": [{"lr": 1}]}, "comparisons": []}, "needs a name"),
+        ({"finetune": [{"name": "pretrain", "set": {}}], "comparisons": []}, "not 'none', 'pretrain'"),
+        ({"datasets": {}, "comparisons": []}, "dataset 'extra' is not declared in this sweep's datasets"),
+        ({"comparisons": [{**pair, "benchmark": "non-target"}], "finetune": [{"name": "n4", "set": {}}]},
+         "'non-target' .* needs finetune.target"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(_language(workspace, **change), "sweep")
 
 
 # ------------------------------------------------------------------------------------------ the report

@@ -236,6 +236,7 @@ def _jonckheere_statistic(groups: list[np.ndarray]) -> float:
 def _tail_p(observed: float, null_values: np.ndarray, weights, alternative: str) -> float:
     """p of ``observed`` under a discrete null (values with weights), one- or two-sided (two-sided: twice the
     smaller tail, at most 1)."""
+    null_values = np.nan_to_num(np.asarray(null_values, dtype=float), nan=0.0)  # a constant arrangement: no trend
     w = np.asarray(weights, dtype=float)
     w = w / w.sum()
     eps = 1e-9 * max(1.0, abs(observed))
@@ -302,6 +303,8 @@ def trend_test(groups, test: str = "jonckheere", alternative: str = "two-sided",
         with np.errstate(invalid="ignore", divide="ignore"):
             return (y @ x) / denom
 
+    if np.unique(values).size == 1:  # every value the same: no order at all, and nothing to rank
+        return dict(statistic=np.nan, p_value=1.0, exact=True)
     observed = float(statistics(values[None, :])[0])
     if test == "jonckheere" and np.unique(values).size == values.size:
         counts = jonckheere_null(sizes)
@@ -347,6 +350,8 @@ def theil_sen(groups) -> tuple[float, float, float]:
     y = np.concatenate(groups)
     if np.unique(x).size < 2:
         return np.nan, np.nan, np.nan
+    if np.ptp(y) == 0:  # every value the same: a flat line, known exactly
+        return 0.0, 0.0, 0.0
     res = stats.theilslopes(y, x, alpha=0.95)
     return float(res.slope), float(res.low_slope), float(res.high_slope)
 

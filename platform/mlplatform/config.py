@@ -157,8 +157,35 @@ class OptimConfig(_Section):
     """Per-epoch decay factor of the exponential schedule (the reference study's)."""
 
 
+FREEZE = ("none", "encoder", "decoder")
+
+
 class FinetuneConfig(_Section):
     freeze_encoder: bool = False
+    """Old spelling of ``freeze: encoder``."""
+    freeze: Literal[FREEZE] | None = None
+    """What a fine-tune leaves untrained: ``none``, ``encoder`` (the contracting path and the bridge) or ``decoder``
+    (everything else: the expanding path and the output layer). Left out of the resolved config while unset, so
+    configs written before this key keep their hashes."""
+
+    @model_validator(mode="after")
+    def _one_spelling(self):
+        if self.freeze_encoder and self.freeze not in (None, "encoder"):
+            raise ValueError(f"finetune.freeze_encoder: true and finetune.freeze: {self.freeze} contradict each "
+                             "other; use finetune.freeze alone")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)
+        if self.freeze is None:
+            data.pop("freeze", None)
+        return data
+
+    @property
+    def frozen(self) -> str:
+        """What is frozen: none, encoder or decoder."""
+        return self.freeze or ("encoder" if self.freeze_encoder else "none")
 
 
 class TrainerConfig(_Section):

@@ -65,5 +65,19 @@ def encoder_parameters(model: PaddedSegmenter, preset: str) -> list[nn.Parameter
     return params
 
 
+def frozen_parameters(model: PaddedSegmenter, preset: str, which: str) -> list[nn.Parameter]:
+    """The parameters a fine-tune leaves untrained: ``encoder`` (:func:`encoder_parameters`), ``decoder`` (all the
+    others: the expanding path and the output layer) or ``none``."""
+    if which == "none":
+        return []
+    encoder = encoder_parameters(model, preset)
+    if which == "encoder":
+        return encoder
+    if which == "decoder":
+        ids = {id(p) for p in encoder}
+        return [p for p in model.parameters() if id(p) not in ids]
+    raise ValueError(f"freeze {which!r}; allowed: none, encoder, decoder")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ from hrtem_core.errors import InputError
 from .config import TrainConfig
 from .metrics import confusion, scores_from_totals, totals
 from .model_format import THRESHOLD
-from .models import build_model, encoder_parameters
+from .models import build_model, frozen_parameters
 
 
 # how to self.log a score that is already the whole set's (from the ranks' summed totals): every rank holds the same
@@ -61,15 +61,14 @@ def scores_over_ranks(counts: torch.Tensor, device: torch.device) -> dict[str, f
 
 
 class SegmentationModule(L.LightningModule):
-    def __init__(self, config: TrainConfig, network: torch.nn.Module | None = None, freeze_encoder: bool = False):
+    def __init__(self, config: TrainConfig, network: torch.nn.Module | None = None, freeze: str = "none"):
         super().__init__()
         self.config = config
         self.preset = config.model.preset
         self.model = network if network is not None else build_model(self.preset)
-        self.freeze_encoder = freeze_encoder
-        if freeze_encoder:
-            for p in encoder_parameters(self.model, self.preset):
-                p.requires_grad_(False)
+        self.freeze = freeze  # none, encoder or decoder (a fine-tune's finetune.frozen)
+        for p in frozen_parameters(self.model, self.preset, freeze):
+            p.requires_grad_(False)
         self.loss = DiceCELoss(sigmoid=True, batch=True, lambda_dice=config.loss.dice_weight,
                                lambda_ce=config.loss.ce_weight)
         self.epoch_metrics: dict[str, float] = {}

@@ -28,10 +28,10 @@ from hrtem_core.files import check_output_folder
 from . import analysis, report_html
 from .mlflow_ui import DEFAULT_UI
 from .baseline import score_benchmarks
-from .report_data import (baseline_table, benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep,
-                          findings, param_importances, underpowered)
+from .report_data import (NON_TARGET, baseline_table, benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep,
+                          decay_table, findings, param_importances, underpowered)
 from .report_figures import (benchmark_label, distribution_figure, dynamics_figure, dynamics_overview_figure,
-                             history_figure, importance_figure, overview_figure)
+                             history_figure, importance_figure, overview_figure, transfer_figure)
 
 KINDS = ("sweep", "study")
 LOCAL_UI_URL = DEFAULT_UI  # what `python -m experiments ui` serves
@@ -68,19 +68,35 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
     history.to_csv(out / report_html.HISTORY_CSV, index=False)
     tables, images = {}, {}
     declared = runs.attrs.get("declared") or {}
-    found = findings(runs, declared.get("comparisons") or [], correction, declared.get("alpha", analysis.ALPHA))
+    found = findings(runs, declared.get("comparisons") or [], correction, declared.get("alpha", analysis.ALPHA),
+                     declared.get("definition"))
     if len(found):
         found.to_csv(out / report_html.FINDINGS_CSV, index=False)
     baseline, notes = score_benchmarks(runs.attrs.get("benchmark_refs") or [])
     floor = baseline_table(runs, baseline)
     if len(floor):
         floor.to_csv(out / report_html.BASELINE_CSV, index=False)
-    order = [b for b in benchmarks(runs) if b != "mean"]
-    _save(overview_figure(runs, order, baseline, f"Sweep {name}: final OOD Dice per training subset",
+    decay = decay_table(runs)
+    if len(decay):
+        decay.to_csv(out / report_html.DECAY_CSV, index=False)
+    order = [b for b in benchmarks(runs) if b not in ("mean", NON_TARGET)]
+    # the figures of cells: one box, curve or panel per subset, or per cell group (subset x axis levels) when the
+    # sweep declares axes
+    cells, cell_history = runs, history
+    if "group" in runs.columns:
+        cells, cell_history = runs.assign(subset=runs["group"]), history.assign(subset=history["group"])
+    what = "cell (subset and axis levels)" if "group" in runs.columns else "training subset"
+    _save(overview_figure(cells, order, baseline, f"Sweep {name}: final OOD Dice per {what}",
                           declared.get("target")), out / report_html.OVERVIEW_PNG, images)
-    _save(dynamics_overview_figure(history, order, baseline, f"Sweep {name}: validation and OOD Dice during "
+    _save(dynamics_overview_figure(cell_history, order, baseline, f"Sweep {name}: validation and OOD Dice during "
                                    "training"), out / report_html.DYNAMICS_PNG, images)
-    for b in benchmarks(runs):
+    variants = [p.removeprefix("finetune:") for p in declared.get("phases") or [] if p.startswith("finetune:")]
+    if variants:
+        _save(transfer_figure(history, order, variants, declared.get("target"),
+                              f"Sweep {name}: OOD Dice during transfer learning, per fine-tune variant"),
+              out / report_html.TRANSFER_PNG, images)
+    runs = cells if "group" in runs.columns else runs
+    for b in [b for b in benchmarks(runs) if b != NON_TARGET]:  # a mean of others: in the findings and decay only
         files = report_html.benchmark_files(b)
         summary, tests = benchmark_tables(runs, b, method, correction)
         summary.to_csv(out / files["summary"], index=False)
@@ -92,7 +108,8 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
                                           "band: inter-quartile range)"), out / files["dynamics"], images)
         tables[b] = (summary, tests, underpowered(tests))
     return report_html.sweep_page(name, runs, tables, method, correction, generated, images, ui_url,
-                                  findings=found, baseline=floor, notes=notes, target=declared.get("target"))
+                                  findings=found, baseline=floor, notes=notes, target=declared.get("target"),
+                                  decay=decay)
 
 
 def _write_study(out: Path, trials: pd.DataFrame, study, name: str, generated: datetime, ui_url: str) -> str:

@@ -37,6 +37,8 @@ MIN_IMPORTANCE_TRIALS = 2
 _OOD_DICE = re.compile(r"^ood/(.+)/dice$")
 RUN_COLUMNS = ["run_id", "subset", "seed", "phase", "status", "parent_run", "epochs"]
 HISTORY_COLUMNS = ["run_id", "subset", "seed", "phase", "benchmark", "epoch", "dice", "t"]
+NON_TARGET = "non-target"  # the mean over the benchmarks other than the fine-tune's target, per epoch
+AXIS_PREFIX = "axis:"  # runs.csv column of a declared axis: its level in each run
 VALIDATION = "val"  # history rows of val/dice (the validation split of the run's own training data)
 
 
@@ -141,23 +143,36 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
     cells = [r for r in cells if r.info.status == "FINISHED"]
     duplicates = _duplicated_cells(cells)
     if duplicates:  # one seed counted twice would shift every statistic: no report until the record is repaired
-        raise InputError(f"sweep {name!r} has more than one FINISHED run for a (subset, seed, phase): " + "; ".join(
-            f"{subset}/s{seed}:{phase}: {', '.join(ids)}" for (subset, seed, phase), ids in duplicates.items())
+        raise InputError(f"sweep {name!r} has more than one FINISHED run for a (cell, seed, phase): " + "; ".join(
+            f"{group}/s{seed}:{phase}: {', '.join(ids)}" for (group, seed, phase), ids in duplicates.items())
             + f". `python -m experiments doctor --sweep {name}` lists them; end the runs that must not count "
             "(e.g. MlflowClient().set_terminated(run_id, 'KILLED')) and report again")
+    declared = _declared(client, parent)
+    target = declared.get("target")
     by_id = {r.info.run_id: r for r in cells}
     rows, hist, epochs, refs = [], [], {}, {}
     for r in cells:
         tags = r.data.tags
+        phase = _phase(tags)
         row = dict(run_id=r.info.run_id, subset=tags.get("sweep.subset", tags.get("subset")),
-                   seed=_int_or_none(tags.get("seed")), phase=tags.get("phase"), status=r.info.status,
-                   parent_run=_pretrain_of(r) if tags.get("phase") == "finetune" else None)
+                   seed=_int_or_none(tags.get("seed")), phase=phase, status=r.info.status,
+                   parent_run=_pretrain_of(r) if tags.get("phase") == "finetune" else None,
+                   group=tags.get("sweep.group") or tags.get("sweep.subset", tags.get("subset")),
+                   variant=tags.get("sweep.variant"))
+        row.update({f"{AXIS_PREFIX}{k.removeprefix('sweep.axis.')}": v for k, v in tags.items()
+                    if k.startswith("sweep.axis.")})
         steps = []
         shift = _int_or_none(tags.get(EPOCH_OFFSET)) or 0  # logged step = epoch_offset + epoch
+        curves = {}
         for b in sorted(m.group(1) for k in r.data.metrics if (m := _OOD_DICE.match(k))):
             points = {s - shift: v for s, v in _history(client, r.info.run_id, f"ood/{b}/dice").items()}
-            if not points:
-                continue
+            if points:
+                curves[b] = points
+        others = [b for b in curves if b not in ("mean", target)]
+        if target is not None and others:  # the mean over the non-target benchmarks, epoch by epoch
+            common = set.intersection(*(set(curves[b]) for b in others))
+            curves[NON_TARGET] = {s: float(np.mean([curves[b][s] for b in others])) for s in sorted(common)}
+        for b, points in curves.items():
             steps += points
             last, best = max(points), max(points, key=lambda s: (points[s], -s))  # earliest epoch among ties
             row.update({f"final/{b}": points[last], f"best/{b}": points[best], f"best_epoch/{b}": best})
@@ -171,7 +186,6 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
             refs.setdefault(row["phase"], r.data.params["benchmarks"])
         row["epochs"] = epochs[r.info.run_id] = _epochs(client, r, steps)
         rows.append(row)
-
     def offset(run_id: str) -> float:
         """Where a fine-tune's epoch 0 lies on the t axis: after all of its parent's epochs."""
         parent_id = _pretrain_of(by_id[run_id])
@@ -189,20 +203,54 @@ def collect_sweep(tracking_uri: str | None, name: str) -> tuple[pd.DataFrame, pd
         runs[c] = runs.get(c)
     found = sorted({c.split("/", 1)[1] for c in runs.columns if c.startswith("final/")})
     metric_cols = [f"{m}/{b}" for b in found for m in ("final", "best", "best_epoch")]
-    runs = _order(runs[RUN_COLUMNS + metric_cols])
+    decay_cols = _fine_tune_decay(runs, found)
+    extra = [c for c in ("group", "variant") if runs[c].notna().any() and not runs[c].equals(runs["subset"])]
+    axis_cols = sorted(c for c in runs.columns if c.startswith(AXIS_PREFIX))
+    runs = _order(runs[RUN_COLUMNS + extra + axis_cols + metric_cols + decay_cols], declared.get("phases"))
     history = pd.DataFrame(hist, columns=HISTORY_COLUMNS[:-1])
     offsets = {rid: 0.0 if by_id[rid].data.tags.get("phase") != "finetune" else offset(rid) for rid in by_id}
     history["t"] = history["epoch"] + history["run_id"].map(offsets).astype(float)
     lost = sorted(history.loc[history["t"].isna(), "run_id"].unique())
     if lost:
         warnings.warn(f"fine-tune runs without a readable parent pretrain, left off the time axis: {', '.join(lost)}")
-    history = _order(history)  # stable: each run's rows stay by benchmark, then epoch
+    group = runs.set_index("run_id")["group"] if "group" in runs.columns else None
+    if group is not None:
+        history.insert(2, "group", history["run_id"].map(group))
+    history = _order(history, declared.get("phases"))  # stable: each run's rows stay by benchmark, then epoch
     runs.attrs = dict(parent_run_id=parent.info.run_id, tracking_uri=uri, cell_statuses=dict(statuses),
-                      declared=_declared(client, parent), benchmark_refs=_benchmark_refs(refs))
+                      declared=declared, benchmark_refs=_benchmark_refs(refs))
     # for links to the MLflow UI: each run's experiment (the last column of runs.csv) and the parent's
     runs["experiment_id"] = runs["run_id"].map({r.info.run_id: r.info.experiment_id for r in cells})
     runs.attrs["experiment_id"] = parent.info.experiment_id
     return runs, history
+
+
+def _phase(tags: dict) -> str | None:
+    """A run's phase in the report: pretrain, finetune, or ``finetune:<variant>`` for a named fine-tune variant."""
+    phase, variant = tags.get("phase"), tags.get("sweep.variant")
+    return f"finetune:{variant}" if phase == "finetune" and variant else phase
+
+
+def _fine_tune_decay(runs: pd.DataFrame, benchmarks: list[str]) -> list[str]:
+    """Adds, for every fine-tune run and benchmark, what fine-tuning did to it: ``ft_peak/<b>``, the best Dice from
+    the start of fine-tuning (its pretrained model's final Dice, epoch 0) through its epochs (1 = after the first);
+    ``ft_peak_epoch/<b>``, where that peak was; ``ft_drop/<b>``, the peak minus the final Dice (the decay: 0 when
+    the last epoch is the best). The column names added, in order."""
+    final = runs.set_index("run_id")
+    added = []
+    ft = runs["phase"].fillna("").str.startswith("finetune")
+    for b in benchmarks:
+        if f"best/{b}" not in runs.columns:
+            continue
+        start = runs["parent_run"].map(final[f"final/{b}"]) if f"final/{b}" in final else np.nan
+        best, best_epoch, last = runs[f"best/{b}"], runs[f"best_epoch/{b}"], runs[f"final/{b}"]
+        from_start = start >= best  # the pretrained model was at least as good as any fine-tuned epoch
+        peak = np.where(from_start, start, best)
+        runs[f"ft_peak/{b}"] = np.where(ft, peak, np.nan)
+        runs[f"ft_peak_epoch/{b}"] = np.where(ft & best.notna(), np.where(from_start, 0, best_epoch + 1), np.nan)
+        runs[f"ft_drop/{b}"] = np.where(ft, peak - last, np.nan)
+        added += [f"ft_peak/{b}", f"ft_peak_epoch/{b}", f"ft_drop/{b}"]
+    return added
 
 
 def _declared(client: MlflowClient, parent) -> dict:
@@ -230,9 +278,13 @@ def _declared(client: MlflowClient, parent) -> dict:
         definition = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(definition, dict):
         return {}
+    finetune = definition.get("finetune")
+    variants = finetune if isinstance(finetune, list) else None
+    target = (variants[0] if variants else finetune or {}).get("target")
+    phases = ["pretrain", *([f"finetune:{v.get('name')}" for v in variants] if variants else ["finetune"])]
     return {"comparisons": list(definition.get("comparisons") or []),
-            "alpha": float(definition.get("alpha", analysis.ALPHA)),
-            "target": (definition.get("finetune") or {}).get("target")}
+            "alpha": float(definition.get("alpha", analysis.ALPHA)), "target": target, "phases": phases,
+            "definition": definition}
 
 
 def _benchmark_refs(refs: dict[str, str]) -> list[dict]:
@@ -245,22 +297,24 @@ def _benchmark_refs(refs: dict[str, str]) -> list[dict]:
 
 
 def _duplicated_cells(runs: list) -> dict[tuple, list[str]]:
-    """(subset, seed, phase) -> run ids, for every cell with more than one of the given runs."""
+    """(cell group, seed, phase) -> run ids, for every unit with more than one of the given runs."""
     by_cell: dict[tuple, list[str]] = {}
     for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
         t = r.data.tags
-        by_cell.setdefault((t.get("sweep.subset", t.get("subset")), t.get("seed"), t.get("phase")), []).append(
-            r.info.run_id)
+        group = t.get("sweep.group") or t.get("sweep.subset", t.get("subset"))
+        by_cell.setdefault((group, t.get("seed"), _phase(t)), []).append(r.info.run_id)
     return {k: ids for k, ids in by_cell.items() if len(ids) > 1}
 
 
 
-def _order(df: pd.DataFrame) -> pd.DataFrame:
-    """subset, then pretrain before finetune, then seed."""
+def _order(df: pd.DataFrame, phases: list[str] | None = None) -> pd.DataFrame:
+    """subset (then cell group), then the phases in their declared order (pretrain first), then seed."""
     if df.empty:
         return df.reset_index(drop=True)
-    rank = df["phase"].map({p: i for i, p in enumerate(PHASES)}).fillna(len(PHASES))
-    return (df.assign(_rank=rank).sort_values(["subset", "_rank", "seed"], kind="stable", na_position="last")
+    phases = list(phases or PHASES)
+    rank = df["phase"].map({p: i for i, p in enumerate(phases)}).fillna(len(phases))
+    keys = ["subset", *(["group"] if "group" in df.columns else []), "_rank", "seed"]
+    return (df.assign(_rank=rank).sort_values(keys, kind="stable", na_position="last")
             .drop(columns="_rank").reset_index(drop=True))
 
 
@@ -404,56 +458,183 @@ __all__ = ["collect_sweep", "collect_study", "benchmarks", "benchmark_tables", "
            "best_trial", "param_importances"]
 
 
-def _group_label(group: str) -> str:
-    subset, _, phase = group.partition("/")
-    return f"{subset} (fine-tuned)" if phase == "finetune" else subset
+def level_name(item) -> str:
+    """What a level of an axis is called when it is written as a plain value (numbers, strings, booleans as in
+    YAML): the sweep file's ``experiments.specs`` and the report name levels alike."""
+    if isinstance(item, dict) and set(item) == {"name", "value"}:
+        return str(item["name"])
+    return ("true" if item else "false") if isinstance(item, bool) else str(item)
 
 
-def _group_values(runs: pd.DataFrame, group: str, benchmark: str) -> pd.Series:
-    """Final-epoch Dice of a group (``SUBSET`` or ``SUBSET/PHASE``) on ``benchmark``, indexed by seed."""
-    subset, _, phase = group.partition("/")
-    col = f"final/{benchmark}"
-    sel = runs[(runs["subset"] == subset) & (runs["phase"] == (phase or "pretrain"))]
-    if col not in sel.columns:
+class _Dims:
+    """The dimensions of a recorded sweep (subset, each axis, finetune) as its definition declared them, for
+    resolving the groups of its comparisons against the runs' columns."""
+
+    def __init__(self, definition: dict):
+        self.definition = definition
+        finetune = definition.get("finetune")
+        phases = ["none"] + ([str(v.get("name")) for v in finetune] if isinstance(finetune, list)
+                             else ["finetune"] if finetune else [])
+        self.levels = {"subset": [str(s.get("name")) for s in definition.get("subsets") or []],
+                       **{k: [level_name(i) for i in items] for k, items in (definition.get("axes") or {}).items()},
+                       "finetune": phases}
+        self.values = {k: {level_name(i): (i["value"] if isinstance(i, dict) and "value" in i else i) for i in items}
+                       for k, items in (definition.get("axes") or {}).items()}
+
+    def name(self, key: str, level) -> str:
+        if key == "finetune" and level == "pretrain":
+            return "none"
+        text = level_name(level)
+        if key in self.values and text not in self.values[key]:
+            text = next((n for n, v in self.values[key].items() if v == level), text)
+        return text
+
+    def selector(self, group) -> dict[str, str]:
+        if isinstance(group, str):
+            subset, _, phase = group.partition("/")
+            group = {"subset": subset, "finetune": phase or "none"}
+        out = {k: self.name(k, v) for k, v in group.items()}
+        out.setdefault("finetune", "none")
+        return out
+
+    def groups(self, c: dict) -> list[dict[str, str]]:
+        if not c.get("axis"):
+            return [self.selector(c["a"]), self.selector(c["b"])]
+        fixed = self.selector(c.get("where") or {})
+        axis = c["axis"]
+        levels = [self.name(axis, lv) for lv in c["levels"]] if c.get("levels") else list(self.levels.get(axis, []))
+        return [{**fixed, axis: lv} for lv in levels]
+
+
+def _label(sel: dict[str, str]) -> str:
+    """A group in words: ``all (fine-tuned n8)``, ``all, optim.lr=0.001``."""
+    parts = [sel["subset"]] if "subset" in sel else []
+    parts += [f"{k}={v}" for k, v in sel.items() if k not in ("subset", "finetune")]
+    text = ", ".join(parts) or "all cells"
+    phase = sel.get("finetune", "none")
+    return text if phase == "none" else f"{text} (fine-tuned{'' if phase == 'finetune' else ' ' + phase})"
+
+
+def _select(runs: pd.DataFrame, sel: dict[str, str]) -> pd.DataFrame:
+    keep = pd.Series(True, index=runs.index)
+    for key, level in sel.items():
+        if key == "finetune":
+            phase = "pretrain" if level == "none" else "finetune" if level == "finetune" else f"finetune:{level}"
+            keep &= runs["phase"] == phase
+        elif key == "subset":
+            keep &= runs["subset"] == level
+        else:
+            col = f"{AXIS_PREFIX}{key}"
+            keep &= (runs[col] == level) if col in runs.columns else False
+    return runs[keep]
+
+
+def _column(sel: dict[str, str], benchmark: str, statistic: str) -> str:
+    if statistic == "final":
+        return f"final/{benchmark}"
+    if statistic == "peak":
+        return f"best/{benchmark}" if sel.get("finetune", "none") == "none" else f"ft_peak/{benchmark}"
+    return f"ft_drop/{benchmark}"
+
+
+def _values(runs: pd.DataFrame, sel: dict[str, str], benchmark: str, statistic: str = "final") -> pd.Series:
+    """A group's values (``statistic`` of ``benchmark``), indexed by what pairs runs of otherwise equal cells: the
+    seed and the level of every dimension the group leaves open."""
+    rows = _select(runs, sel)
+    col = _column(sel, benchmark, statistic)
+    if col not in rows.columns or rows.empty:
         return pd.Series(dtype=float)
-    return sel.set_index("seed")[col].astype(float).sort_index()
+    open_dims = [c for c in runs.columns if c.startswith(AXIS_PREFIX) and c.removeprefix(AXIS_PREFIX) not in sel]
+    if "subset" not in sel:
+        open_dims.insert(0, "subset")
+    index = pd.MultiIndex.from_frame(rows[["seed", *open_dims]]) if open_dims else rows["seed"]
+    return pd.Series(rows[col].astype(float).to_numpy(), index=index).sort_index()
 
 
-def findings(runs: pd.DataFrame, comparisons: list[dict], correction: str = "holm", alpha: float = analysis.ALPHA
-             ) -> pd.DataFrame:
+_STATISTIC_WORDS = {"final": "final-epoch Dice", "peak": "peak Dice", "drop": "drop from the peak to the final Dice"}
+
+
+def findings(runs: pd.DataFrame, comparisons: list[dict], correction: str = "holm", alpha: float = analysis.ALPHA,
+             definition: dict | None = None) -> pd.DataFrame:
     """The declared comparisons judged on the runs: ``analysis.declared_tests`` plus the groups, the benchmark, the
-    hypothesis and a plain sentence saying what the numbers say. Paired (wilcoxon) groups are matched by seed."""
+    hypothesis and a plain sentence saying what the numbers say. Paired (wilcoxon) groups are matched by seed within
+    otherwise equal cells; a trend's groups are the levels of its axis, lowest first. ``definition``: the sweep's
+    logged definition (its subsets, axes and fine-tune variants: how a selector's levels are named)."""
     if not comparisons:
         return pd.DataFrame()
-    inputs = []
+    dims = _Dims(definition or {"subsets": [{"name": s} for s in runs["subset"].dropna().unique()],
+                                "finetune": {} if (runs["phase"] == "finetune").any() else None})
+    inputs, described = [], []
     for c in comparisons:
-        a, b = _group_values(runs, c["a"], c["benchmark"]), _group_values(runs, c["b"], c["benchmark"])
-        if c.get("test") == "wilcoxon":
-            seeds = sorted(set(a.index) & set(b.index))
-            a, b = a.reindex(seeds), b.reindex(seeds)
-        inputs.append(dict(name=c["name"], test=c.get("test", "mannwhitney"), a=a.to_numpy(), b=b.to_numpy()))
+        test, statistic, benchmark = c.get("test", "mannwhitney"), c.get("statistic", "final"), c["benchmark"]
+        groups = dims.groups(c)
+        values = [_values(runs, g, benchmark, statistic) for g in groups]
+        if c.get("axis"):
+            inputs.append(dict(name=c["name"], test=test, groups=[v.to_numpy() for v in values],
+                               alternative=c.get("alternative", "two-sided")))
+            described.append((f"{c['axis']}: " + " → ".join(g[c["axis"]] for g in groups),
+                              _label({k: v for k, v in groups[0].items() if k != c["axis"]})))
+            continue
+        a, b = values
+        if test == "wilcoxon":
+            keys = sorted(set(a.index) & set(b.index))
+            a, b = a.reindex(keys), b.reindex(keys)
+        inputs.append(dict(name=c["name"], test=test, a=a.to_numpy(), b=b.to_numpy()))
+        described.append((_label(groups[0]), _label(groups[1])))
     df = analysis.declared_tests(inputs, correction=correction, alpha=alpha)
-    df.insert(1, "a", [c["a"] for c in comparisons])
-    df.insert(2, "b", [c["b"] for c in comparisons])
+    df.insert(1, "a", [d[0] for d in described])
+    df.insert(2, "b", [d[1] for d in described])
     df.insert(3, "benchmark", [c["benchmark"] for c in comparisons])
+    df.insert(4, "measure", [c.get("statistic", "final") for c in comparisons])
     df["hypothesis"] = [c.get("hypothesis", "") for c in comparisons]
+    adjusted = f"{correction.capitalize() if correction == 'holm' else correction}-adjusted over {len(df)}"
     sentences = []
-    for c, r in zip(comparisons, df.itertuples()):
-        la, lb = _group_label(c["a"]), _group_label(c["b"])
-        where = "the mean over benchmarks" if c["benchmark"] == "mean" else c["benchmark"]
+    for c, r, (la, lb) in zip(comparisons, df.itertuples(), described):
+        bench = c["benchmark"]
+        where = ("the mean over benchmarks" if bench == "mean" else "the mean over the non-target benchmarks"
+                 if bench == NON_TARGET else bench)
+        what = _STATISTIC_WORDS[c.get("statistic", "final")]
+        verdict = f"significant at {alpha:g}" if r.significant else f"not significant at {alpha:g}"
         if np.isnan(r.effect) or np.isnan(r.p_value):
             sentences.append(f"{la} vs {lb} on {where}: not enough finished runs to test ({r.n_a} and {r.n_b}).")
             continue
+        if c.get("axis"):
+            trend = "rises" if r.effect > 0 else "falls" if r.effect < 0 else "does not change"
+            name = "Jonckheere-Terpstra" if r.test == "jonckheere" else "Spearman permutation"
+            sentences.append(f"The {what} on {where} {trend} along {la} ({lb}): Theil-Sen slope {r.effect:+.3f} "
+                             f"per level, 95 % CI [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]; mean {r.mean_a:.3f} at the "
+                             f"lowest level, {r.mean_b:.3f} at the highest; p = {r.p_adjusted:.3g} ({name}, "
+                             f"{c.get('alternative', 'two-sided')}, {adjusted}): {verdict}.")
+            continue
         direction = "higher" if r.effect > 0 else "lower" if r.effect < 0 else "no different"
-        verdict = (f"significant at {alpha:g}" if r.significant else f"not significant at {alpha:g}")
         amount = f"{abs(r.effect):.3f} {direction}" if r.effect else "no different"
-        sentences.append(f"{la} scores {amount} than {lb} on {where} (mean Dice {r.mean_a:.3f} vs {r.mean_b:.3f}; "
-                         f"difference {r.effect:+.3f}, 95 % CI [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]), p = "
+        sentences.append(f"{la} scores {amount} than {lb} on {where} ({what}: mean {r.mean_a:.3f} vs "
+                         f"{r.mean_b:.3f}; difference {r.effect:+.3f}, 95 % CI [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]), p = "
                          f"{r.p_adjusted:.3g} ({'paired Wilcoxon' if r.test == 'wilcoxon' else 'Mann-Whitney U'}, "
-                         f"{correction.capitalize() if correction == 'holm' else correction}-adjusted over "
-                         f"{len(df)}): {verdict}.")
+                         f"{adjusted}): {verdict}.")
     df["finding"] = sentences
     return df
+
+
+def decay_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """What fine-tuning did to every benchmark, per cell group and fine-tune phase (variant): the mean over seeds of
+    the peak Dice during fine-tuning (from the pretrained model's final Dice on), the epoch of the peak, the final
+    Dice and the drop from the peak to the final epoch (the decay), with the number of runs."""
+    ft = runs[runs["phase"].fillna("").str.startswith("finetune")]
+    benchmarks = [c.removeprefix("ft_drop/") for c in runs.columns if c.startswith("ft_drop/")]
+    key = "group" if "group" in runs.columns else "subset"
+    rows = []
+    for (group, phase), g in ft.groupby([key, "phase"], sort=False):
+        for b in benchmarks:
+            drop = g[f"ft_drop/{b}"].dropna()
+            if drop.empty:
+                continue
+            rows.append(dict(group=group, phase=phase, benchmark=b, n=len(drop),
+                             peak=float(g[f"ft_peak/{b}"].mean()), peak_epoch=float(g[f"ft_peak_epoch/{b}"].mean()),
+                             final=float(g[f"final/{b}"].mean()), drop=float(drop.mean()),
+                             drop_max=float(drop.max())))
+    return pd.DataFrame(rows, columns=["group", "phase", "benchmark", "n", "peak", "peak_epoch", "final", "drop",
+                                       "drop_max"])
 
 
 def baseline_table(runs: pd.DataFrame, baseline: dict[str, dict]) -> pd.DataFrame:

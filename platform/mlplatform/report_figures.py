@@ -202,6 +202,60 @@ def dynamics_overview_figure(history: pd.DataFrame, benchmarks: list[str], basel
     return fig
 
 
+def variant_colours(variants: list[str]) -> dict:
+    """One hue per fine-tune variant, darkest for the first declared and lighter for each later one (more target
+    data, when variants are declared by increasing amount), as in the reference study's Fig. 2."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["Oranges"]
+    n = max(len(variants), 1)
+    return {v: cmap(0.95 - 0.6 * i / max(n - 1, 1)) for i, v in enumerate(variants)}
+
+
+def transfer_figure(history: pd.DataFrame, benchmarks: list[str], variants: list[str], target: str | None,
+                    title: str) -> Figure:
+    """Transfer learning per amount of target data (the reference study's Fig. 2): one panel per benchmark; the
+    pretrained models' OOD Dice (grey) and then each fine-tune variant's (one hue per variant, lighter for later
+    variants), median over every cell and seed per epoch on one time axis, each variant's line starting from the
+    pretrained models' last epoch; band: inter-quartile range."""
+    h = history[history["t"].notna()]
+    names = [b for b in benchmarks if b != "mean"]
+    colours = variant_colours(variants)
+    ncols = min(len(names), 3) or 1
+    nrows = max(1, -(-len(names) // ncols))
+    fig = Figure(figsize=(4.8 * ncols, 3.4 * nrows + 0.7), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, b in zip(axes, names):
+        pre = h[(h["phase"] == "pretrain") & (h["benchmark"] == b)].groupby("t")["dice"]
+        if pre.ngroups:
+            q = pre.quantile([0.25, 0.5, 0.75]).unstack()
+            ax.fill_between(q.index, q[0.25], q[0.75], color="0.5", alpha=0.2, linewidth=0)
+            ax.plot(q.index, q[0.5], color="0.35", marker="o", markersize=2.5, label="pretrain")
+            start = (q.index[-1], q[0.5].iloc[-1])
+        for v in variants:
+            g = h[(h["phase"] == f"finetune:{v}") & (h["benchmark"] == b)].groupby("t")["dice"]
+            if not g.ngroups:
+                continue
+            q = g.quantile([0.25, 0.5, 0.75]).unstack()
+            ax.fill_between(q.index, q[0.25], q[0.75], color=colours[v], alpha=0.15, linewidth=0)
+            x, y = list(q.index), list(q[0.5])
+            if pre.ngroups:
+                x, y = [start[0], *x], [start[1], *y]
+            ax.plot(x, y, color=colours[v], marker="o", markersize=2.5, label=f"fine-tune {v}")
+        ax.set_title(f"{b} (target)" if b == target else b, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    for ax in axes[max(0, len(names) - ncols):len(names)]:
+        ax.set_xlabel("epoch (fine-tune epochs continue the pretrain's count)", fontsize=9)
+    fig.supylabel("OOD Dice (median over cells and seeds)", fontsize="medium")
+    fig.suptitle(title)
+    return fig
+
+
 def history_figure(trials: pd.DataFrame, direction: str | None, title: str) -> Figure:
     """Objective of each finished trial, with the best-so-far line when the direction is known."""
     done = trials[completed(trials) & trials["trial"].notna()]

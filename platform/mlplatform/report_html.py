@@ -24,7 +24,8 @@ INDEX = "index.html"
 RUNS_CSV, HISTORY_CSV = "runs.csv", "history.csv"
 TRIALS_CSV, HISTORY_PNG = "trials.csv", "optimization_history.png"
 IMPORTANCES_PNG, IMPORTANCES_CSV = "param_importances.png", "param_importances.csv"
-FINDINGS_CSV, BASELINE_CSV = "findings.csv", "baseline.csv"
+FINDINGS_CSV, BASELINE_CSV, DECAY_CSV = "findings.csv", "baseline.csv", "decay.csv"
+TRANSFER_PNG = "transfer.png"
 OVERVIEW_PNG, DYNAMICS_PNG = "overview.png", "dynamics_overview.png"
 FINDINGS_COLUMNS = ["name", "finding", "effect", "ci_lo", "ci_hi", "p_value", "p_adjusted", "min_p", "significant"]
 
@@ -143,10 +144,12 @@ def _findings_section(found: pd.DataFrame, correction: str) -> list[str]:
         f"<td>{'yes' if r.significant else 'no'}</td></tr>" for r in found.itertuples())
     return ["<h2>Findings</h2>",
             f"<p>The comparisons this sweep declared in its file before it ran (logged on the parent run as "
-            f"<code>sweep/definition.yaml</code> at registration), each on the final-epoch Dice of every seed, "
-            f"judged by its declared two-sided test; p-values adjusted together ({e(correction)}) over all "
-            f"{len(found)} declared comparisons. Effect: mean of a minus mean of b (paired: mean of the per-seed "
-            "differences), 95 % percentile bootstrap CI. Nothing was added or dropped after the results. "
+            f"<code>sweep/definition.yaml</code> at registration), each on its declared statistic of every run "
+            f"(final-epoch Dice unless it says otherwise), judged by its declared test; p-values adjusted together "
+            f"({e(correction)}) over all {len(found)} declared comparisons. Effect of two groups: mean of a minus "
+            "mean of b (paired: mean of the differences of runs of otherwise equal cells), 95 % percentile "
+            "bootstrap CI; of a trend: the Theil-Sen slope per level step with its 95 % CI. Nothing was added or "
+            "dropped after the results. "
             f"<a href='{FINDINGS_CSV}'>{FINDINGS_CSV}</a></p>",
             "<table><tr><th>comparison</th><th>finding</th><th>effect</th><th>95 % CI</th><th>p</th>"
             f"<th>p ({e(correction)})</th><th>significant</th></tr>{rows}</table>"]
@@ -166,11 +169,28 @@ def _baseline_section(floor: pd.DataFrame, notes: list[str]) -> list[str]:
     return out
 
 
+def _decay_section(decay: pd.DataFrame, images: Mapping[str, bytes], target: str | None) -> list[str]:
+    e = html.escape
+    out = ["<h2>Transfer learning and decay</h2>"]
+    if TRANSFER_PNG in images:
+        out += [figure(TRANSFER_PNG, images, "OOD Dice during transfer learning per fine-tune variant"),
+                "<p>Per benchmark, the median over every cell and seed of the pretrained models' OOD Dice (grey) "
+                "and of each fine-tune variant's (one hue per variant, lighter for each later one), per epoch on "
+                "one axis; bands: inter-quartile range." + (f" <b>{e(target)}</b> is the target." if target else "")
+                + "</p>"]
+    out += ["<p>For every fine-tune run and benchmark (<code>ft_peak/</code>, <code>ft_peak_epoch/</code>, "
+            f"<code>ft_drop/</code> in {RUNS_CSV}): the peak Dice from the start of fine-tuning (epoch 0: the "
+            "pretrained model) through its epochs, the epoch of the peak, and the drop from the peak to the final "
+            f"epoch: the decay. Means over seeds per cell and phase: <a href='{DECAY_CSV}'>{DECAY_CSV}</a></p>",
+            table(decay.round(4))]
+    return out
+
+
 def sweep_page(name: str, runs: pd.DataFrame,
                tables: dict[str, tuple[pd.DataFrame, pd.DataFrame, list[tuple[int, int]]]], method: str,
                correction: str, generated: datetime, images: Mapping[str, bytes], ui_url: str,
                findings: pd.DataFrame | None = None, baseline: pd.DataFrame | None = None,
-               notes: list[str] = (), target: str | None = None) -> str:
+               notes: list[str] = (), target: str | None = None, decay: pd.DataFrame | None = None) -> str:
     """The sweep report. ``runs``: the runs table with its attrs (parent_run_id, experiment_id, tracking_uri,
     cell_statuses); ``tables``: benchmark -> (summary, tests, underpowered seed counts), in page order; ``images``:
     PNG file name -> bytes, for every figure of ``benchmark_files`` (and the overview figures when present);
@@ -185,6 +205,8 @@ def sweep_page(name: str, runs: pd.DataFrame,
             f"Data: <a href='{RUNS_CSV}'>{RUNS_CSV}</a> (one row per run), <a href='{HISTORY_CSV}'>{HISTORY_CSV}</a> "
             "(OOD Dice per epoch).</p>"]
     body += _findings_section(findings if findings is not None else pd.DataFrame(), correction)
+    if decay is not None and len(decay):  # the reference study's Fig. 2 and its decay, as numbers
+        body += _decay_section(decay, images, target)
     body += _baseline_section(baseline if baseline is not None else pd.DataFrame(), list(notes))
     if OVERVIEW_PNG in images:
         body += ["<h2>Overview</h2>", figure(OVERVIEW_PNG, images, "final OOD Dice per subset, before and after "

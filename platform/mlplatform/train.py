@@ -203,7 +203,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
         tags[PRETRAIN_RUN] = parent
     run_name = config.tracking.run_name or f"{subset}-s{config.seed}-{phase}"
     params = {**flatten(config.resolved()), **(extra_params or {})}
-    freeze = phase == "finetune" and config.finetune.freeze_encoder
+    freeze = config.finetune.frozen if phase == "finetune" else "none"
     datamodule = SegmentationDataModule(config, curated)
     tracking = EpochTracking(step_offset=step_offset)  # it gets the run and its checkpoint folder once the run exists
     ood = OODEvaluation(datamodule, list(curated.benchmarks), config.ood_interval)
@@ -224,7 +224,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
                 raise RuntimeError(f"rank {trainer.global_rank} of a DDP job started by a cluster launcher was given a "
                                    "work queue's hooks: start sweep and study workers one per node (they start the "
                                    "local ranks themselves), not under srun/torchrun with one task per device")
-            module = SegmentationModule(config, network, freeze_encoder=freeze)
+            module = SegmentationModule(config, network, freeze=freeze)
             module.step_offset = step_offset
             # a resumed cluster job: every rank reads rank 0's resume point (a folder the nodes must share)
             last = checkpoint_folder(uri, resume) / LAST_CHECKPOINT if resume else None
@@ -263,7 +263,7 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
 
 
 def _train_in_run(run: TrackedRun, config: TrainConfig, phase: str, subset: str, subset_filter: str,
-                  curated: CuratedData, parent: str | None, step_offset: int, uri: str, network, freeze: bool,
+                  curated: CuratedData, parent: str | None, step_offset: int, uri: str, network, freeze: str,
                   trainer: L.Trainer, datamodule, tracking: EpochTracking, checkpoint: ModelCheckpoint, run_name: str,
                   ckpt_path: Path | None) -> None:
     """Record the run's inputs, fit (from ``ckpt_path`` when resuming), log the model and the best checkpoint (a
@@ -278,13 +278,13 @@ def _train_in_run(run: TrackedRun, config: TrainConfig, phase: str, subset: str,
     if config.data.skip_bad_shards:  # what was left out, even when nothing was: the run says it was allowed to
         run.set_tags({"data.skipped_shards": str(len(curated.skipped))})
         run.log_dict({"skipped_shards": curated.skipped}, "data/skipped_shards.json")
-    module = SegmentationModule(config, network, freeze_encoder=freeze)
+    module = SegmentationModule(config, network, freeze=freeze)
     run.set_tags({"model.parameters": str(count_parameters(module.model)),
                   "model.trainable_parameters": str(sum(p.numel() for p in module.model.parameters()
                                                         if p.requires_grad))})
     module.step_offset = step_offset
     _fit(trainer, module, datamodule, ckpt_path=ckpt_path,
-         ranks={"config": config, "curated": curated, "freeze_encoder": freeze, "step_offset": step_offset,
+         ranks={"config": config, "curated": curated, "freeze": freeze, "step_offset": step_offset,
                 "ckpt_path": ckpt_path})
     metadata = {
         "preset": config.model.preset,
@@ -746,7 +746,7 @@ def _run_rank(spec_file: str, local_rank: str) -> None:
     config, curated = spec["config"], spec["curated"]
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = SegmentationDataModule(config, curated)
-    module = SegmentationModule(config, freeze_encoder=spec["freeze_encoder"])
+    module = SegmentationModule(config, freeze=spec["freeze"])
     module.step_offset = spec.get("step_offset", 0)
     with tempfile.TemporaryDirectory(prefix="ckpt-") as ckpt_dir:
         # it takes part in rank 0's checkpoint of every epoch (a collective), writing nothing itself
