@@ -77,7 +77,7 @@ def ensure_datasets(exp, names: list[str] | None, storage_url: str | None, worke
 
 
 def _ensure(exp, name: str, engine, me: str, workers: int, scheduler, progress: bool, log) -> str:
-    from datagen.pipeline import generate
+    from datagen.pipeline import PROGRESS_DIR, generate
 
     recipe = recipe_of(exp, name)
     ds = exp.spec.datasets[name]
@@ -89,8 +89,8 @@ def _ensure(exp, name: str, engine, me: str, workers: int, scheduler, progress: 
     while True:
         row = next(r for r in claims.unit_rows(engine, queue) if r["phase"] == PHASE)
         if row["state"] == DONE:
-            state, manifest = check_output(path, ident)  # DatasetError: the folder holds another dataset
-            if state == "done" and manifest["content_hash"] == row["run_id"]:
+            state, manifest = check_output(path, ident, progress_file=path / PROGRESS_DIR / "run.json")
+            if state == "done" and manifest["content_hash"] == row["run_id"]:  # (another dataset: DatasetError)
                 return row["run_id"]
             # gone, half deleted, or remade by hand since: made again (resumed where shards are left)
             claims.reopen(engine, row)
@@ -111,7 +111,7 @@ def _ensure(exp, name: str, engine, me: str, workers: int, scheduler, progress: 
             try:
                 with claims.exclusive(engine, f"dataset-folder:{path.absolute()}"):
                     t = time.perf_counter()
-                    state, _ = check_output(path, ident)
+                    state, _ = check_output(path, ident, progress_file=path / PROGRESS_DIR / "run.json")
                     manifest = generate(recipe, n=ds.n, seed=ds.seed, out=path, workers=workers, dataset=name,
                                         progress=progress, scheduler=scheduler)
                     if state != "done":

@@ -158,31 +158,6 @@ def test_exclusive_sections_never_overlap_across_processes_and_a_killed_holder_f
     assert float(live[0][2]) >= killed_at  # nobody got in while the holder lived
 
 
-@pytest.mark.slow
-def test_three_sweep_commands_started_together_on_fresh_stores(workspace, stores, tmp_path):
-    """Three machines' worth of `sweep` on a fresh tracking store and queue: store creation, queueing and the parent
-    run are made once, and every unit is recorded once."""
-    claims_url, store = stores
-    spec = sweep_spec("together", seeds=(0,))
-    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    path = write_spec(workspace, f"together-{tmp_path.name}.yaml", spec)
-    cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(path), "--workers", "1", "--quiet",
-           "--tracking-uri", store, "--storage", claims_url]
-    env = ENV
-    if store.startswith("sqlite:"):  # no cache folder, so no schema template: the store is made by migrations
-        (tmp_path / "no-cache").write_text("")
-        env = {**ENV, "HRTEM_CACHE_DIR": str(tmp_path / "no-cache")}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(3)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    # all of a failing process's output: the line that explains a rare race is seldom in the last screenful
-    assert all(p.returncode == 0 for p in procs), "\n".join(
-        f"--- process {i}: exit {p.returncode}\nstdout: {o[0][-3000:]}\nstderr: {o[1][-12000:]}"
-        for i, (p, o) in enumerate(zip(procs, outs)) if p.returncode)
-    _assert_exactly_once(store, "together", n_units=4)
-    assert len(tracked_runs(store, filter_string="tags.kind = 'sweep' and tags.sweep = 'together'")) == 1
-
-
 # -- kills -----------------------------------------------------------------------------------------------------------
 
 def _assert_exactly_once(store, sweep, n_units):
