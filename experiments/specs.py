@@ -66,9 +66,18 @@ MAX_VARIANT_NAME = 13  # a unit's phase is "ft:<variant>" in the claims table (1
 
 class Variant(Phase):
     """One named fine-tune of every cell's pretrained model (``finetune:`` as a list): its own data (the amount of
-    target data), what is frozen (``finetune.freeze``), learning rate, epochs..."""
+    target data), what is frozen (``finetune.freeze``), learning rate, epochs... ``where``: only the cells at these
+    levels (a selector over ``subset`` and the axes, e.g. ``{subset: all}``) get this variant."""
 
     name: str
+    where: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_where(self, handler):
+        data = handler(self)
+        if self.where is None:
+            data.pop("where", None)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -363,6 +372,20 @@ class Design:
                                            **{k: [lv.name for lv in levels] for k, levels in spec.axis_levels.items()},
                                            SELECTOR_PHASE: phases}
         self.n_seeds = len(spec.seed_list)
+        # the cells (levels of every non-phase dimension) that each fine-tune phase applies to
+        self.applies: dict[str, dict[str, str]] = {}
+        for v in spec.variants or []:
+            if v.where is not None:
+                where = self.selector(v.where, f"finetune variant {v.name}: where")
+                where.pop(SELECTOR_PHASE)
+                if "none" != self.selector(v.where, "").get(SELECTOR_PHASE):
+                    raise ValueError(f"finetune variant {v.name}: where selects cells (subset, axes), not a phase")
+                self.applies[v.name] = where
+
+    def has_phase(self, coords: dict[str, str], phase: str) -> bool:
+        """Whether the cell at ``coords`` (a level of every non-phase dimension) has the fine-tune phase ``phase``."""
+        where = self.applies.get(phase, {})
+        return all(coords.get(k) == v for k, v in where.items())
 
     def selector(self, value: str | dict, where: str) -> dict[str, str]:
         """A group as a mapping dimension -> level name (``finetune`` always present: ``none`` unless given)."""
@@ -394,12 +417,15 @@ class Design:
         raise ValueError(f"{where}: {key} {level!r} is not one of its levels ({', '.join(names)}){extra}")
 
     def pooled(self, fixed) -> int:
-        """Runs in a group that fixes the dimensions ``fixed``: seeds x the levels of every other (non-phase) one."""
-        n = self.n_seeds
-        for key, names in self.dims.items():
-            if key != SELECTOR_PHASE and key not in fixed:
-                n *= len(names)
-        return n
+        """Runs in a group that fixes the dimensions ``fixed``: seeds x the cells at its levels that have its phase."""
+        keys = [k for k in self.dims if k != SELECTOR_PHASE]
+        phase = fixed.get(SELECTOR_PHASE, "none")
+        n = 0
+        for combo in itertools.product(*(self.dims[k] for k in keys)):
+            coords = dict(zip(keys, combo))
+            if all(coords[k] == v for k, v in fixed.items() if k != SELECTOR_PHASE) and self.has_phase(coords, phase):
+                n += 1
+        return n * self.n_seeds
 
     def check_comparison(self, c: Comparison, alpha: float, k: int) -> None:
         where = f"comparisons {c.name}"
@@ -416,6 +442,10 @@ class Design:
                 raise ValueError(f"{where}: where fixes {c.axis}, the axis the trend runs along")
             phases = levels if c.axis == SELECTOR_PHASE else [fixed[SELECTOR_PHASE]]
             sizes = [self.pooled({**fixed, c.axis: lv}) for lv in levels]
+            for lv, size in zip(levels, sizes):
+                if not size:
+                    raise ValueError(f"{where}: no cell has {c.axis} {lv} where {fixed} (a variant's 'where' leaves "
+                                     "it out)")
             floor = min_attainable_p_trend(sizes, c.alternative)
             what = f"a {c.alternative} {c.test} trend over {len(levels)} levels of {sizes[0]} runs"
         else:
@@ -427,6 +457,9 @@ class Design:
                                  f"same dimensions (a: {', '.join(a)}; b: {', '.join(b)})")
             phases = [a[SELECTOR_PHASE], b[SELECTOR_PHASE]]
             n_a, n_b = self.pooled(a), self.pooled(b)
+            for side, sel, n in (("a", a, n_a), ("b", b, n_b)):
+                if not n:
+                    raise ValueError(f"{where}: {side}: no cell matches {sel} (a variant's 'where' leaves it out)")
             floor = min_attainable_p_test(c.test, n_a, n_b)
             what = f"a two-sided {c.test} test on {n_a} and {n_b} runs per group"
         if c.statistic == "drop" and "none" in phases:
@@ -641,6 +674,13 @@ def phases_of(exp: Experiment) -> list[str]:
     return ["pretrain"] + (["finetune"] if spec.finetune is not None else [])
 
 
+def phases_for(exp: Experiment, cell: Cell, design: Design | None = None) -> list[str]:
+    """The unit phases of one cell: pretrain, then every fine-tune whose ``where`` takes the cell."""
+    design = design or Design(exp.spec)
+    coords = {"subset": cell.subset, **dict(cell.levels)}
+    return [p for p in phases_of(exp) if p == "pretrain" or design.has_phase(coords, selector_phase(p))]
+
+
 def variant_of(exp: Experiment, phase: str) -> Variant | Phase | None:
     """The fine-tune definition of a unit phase (None for pretrain)."""
     if phase == "pretrain":
@@ -685,7 +725,7 @@ def _check_sweep_configs(exp: Experiment, path: Path) -> None:
     for cell in cells_of(exp):
         if cell.seed != spec.seed_list[0]:
             continue
-        for phase in phases_of(exp):
+        for phase in phases_for(exp, cell, design):
             config = unit_config(exp, cell.subset, cell.levels, phase)
             benchmarks[(cell.subset, cell.levels, selector_phase(phase))] = [b.name for b in config.benchmarks]
     target = spec.target

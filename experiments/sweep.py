@@ -38,8 +38,8 @@ from mlplatform.train import check_trainer, curate_checked, train
 
 from . import claims
 from .claims import CLAIMED, DONE, FAILED, PENDING
-from .specs import (Cell, Experiment, cells_of, load_experiment, phases_of, selector_phase, unit_config,
-                    unit_phase)
+from .specs import (Cell, Design, Experiment, cells_of, load_experiment, phases_for, phases_of, selector_phase,
+                    unit_config, unit_phase)
 from .datasets import datasets_read, ensure_datasets
 from .workers import dispatch, share_cores
 
@@ -66,9 +66,10 @@ def check_sweep(exp: Experiment, machine: bool = True) -> None:
     levels, the key and where its value came from. The study's own datasets must exist (:mod:`.datasets`)."""
     tried: set[str] = set()
     curated: dict[str, object] = {}
+    design = Design(exp.spec)
     for cell in groups_of(exp):
         pixel = {}
-        for phase in phases_of(exp):
+        for phase in phases_for(exp, cell, design):
             config = unit_config(exp, cell.subset, cell.levels, phase)
             settings = config_hash(config.trainer.model_dump(mode="json"))
             if machine and settings not in tried:
@@ -105,7 +106,8 @@ class SweepContext:
 def open_sweep(exp: Experiment, storage_url: str | None, tracking_uri: str) -> SweepContext:
     """Queue the sweep's units and make sure its parent run exists; any step a killed process left undone is done."""
     engine = claims.open_engine(storage_url)
-    units = [(c.index, c.key, p) for c in cells_of(exp) for p in phases_of(exp)]
+    design = Design(exp.spec)
+    units = [(c.index, c.key, p) for c in cells_of(exp) for p in phases_for(exp, c, design)]
     row = claims.register_sweep(engine, exp.name, exp.fingerprint(), _experiment_name(exp), units,
                                 previous_fingerprint=exp.legacy_fingerprint())
     exp_id = get_or_create_experiment(row["experiment"], tracking_uri)
@@ -375,8 +377,9 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     # the sweep's own datasets first (a dataset made here is reused by identity, whatever happens next), then,
     # before the sweep exists anywhere: a bad cell leaves no claim and no run (the hardware is the workers' own
     # when they run on a Dask cluster: each checks it as it trains)
+    design = Design(exp.spec)
     needed = datasets_read(exp, [unit_config(exp, c.subset, c.levels, p) for c in groups_of(exp)
-                                 for p in phases_of(exp)])
+                                 for p in phases_for(exp, c, design)])
     ensure_datasets(exp, needed, storage_url, workers, scheduler, log=lambda line: print(line, flush=True))
     check_sweep(exp, machine=scheduler is None)
     tracking_uri = resolve_tracking_uri(tracking_uri)

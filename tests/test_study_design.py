@@ -190,7 +190,20 @@ def test_a_sweep_declares_datasets_axes_fine_tune_variants_and_trends(workspace)
     assert [g["finetune"] for g in design.groups(exp.spec.comparisons[0])] == ["none", "n2", "n4", "n8"]
     # unspecified axes pool their levels: 2 subsets x 2 learning rates x 6 seeds per variant in the decay trend
     assert design.pooled(design.groups(exp.spec.comparisons[1])[0]) == 24
+    # a variant for some cells only: the others have no such unit, and a comparison cannot select them
+    from experiments.specs import phases_for
+    only = load_experiment(_language(workspace, comparisons=[trend], finetune=[
+        {"name": "n2", "set": {}, "target": "bench"}, {"name": "n4", "set": {}, "target": "bench"},
+        {"name": "n8", "set": {}, "where": {"subset": "all"}, "target": "bench"}]), "sweep")
+    assert [phases_for(only, c)[-1] for c in cells_of(only)[::6]] == ["ft:n8", "ft:n8", "ft:n4", "ft:n4"]
+    assert Design(only.spec).pooled({"finetune": "n8"}) == 2 * 6
     bad = [
+        ({"comparisons": [{**pair, "a": {"subset": "mixed", "finetune": "n8"}, "b": {"subset": "all", "finetune":
+                                                                                      "n8"}}],
+          "finetune": [{"name": "n4", "set": {}}, {"name": "n8", "set": {}, "where": {"subset": "all"}}]},
+         "a: no cell matches"),
+        ({"comparisons": [], "finetune": [{"name": "n8", "set": {}, "where": {"subset": "none-such"}}]},
+         "where: subset 'none-such' is not one of its levels"),
         ({"comparisons": [{**trend, "axis": "optim.momentum"}]}, "axis 'optim.momentum' is not a dimension"),
         ({"comparisons": [{**trend, "where": {"optim.lr": 0.002}}]}, "optim.lr 0.002 is not one of its levels"),
         ({"comparisons": [{**trend, "a": "all"}]}, "judges a trend: give 'axis'"),

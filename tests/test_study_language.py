@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from experiments import claims
 from experiments.datasets import PHASE, _queue
-from experiments.specs import cells_of, load_experiment, phases_of, unit_phase
+from experiments.specs import cells_of, load_experiment, phases_for, unit_phase
 from sweep_helpers import sweep_spec, tracked_runs, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def _assert_recorded_as_declared(store, exp) -> list:
                         f"tags.kind = 'cell' and tags.sweep = '{exp.name}'")
     finished = [r for r in runs if r.info.status == "FINISHED"]
     counts = Counter(_unit(r) for r in finished)
-    declared = {(c.key, p) for c in cells_of(exp) for p in phases_of(exp)}
+    declared = {(c.key, p) for c in cells_of(exp) for p in phases_for(exp, c)}
     assert set(counts) == declared and set(counts.values()) == {1}, (declared ^ set(counts), counts.most_common(3))
     assert not [r for r in runs if r.info.status == "RUNNING"]
     pretrain = {r.data.tags["sweep.cell"]: r.info.run_id for r in finished if r.data.tags["phase"] == "pretrain"}
