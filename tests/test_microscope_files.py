@@ -130,6 +130,18 @@ def test_pixel_size_flag_against_the_file():
         resolve_pixel_size("f", 0.10013, 0.2)
 
 
+def test_import_needs_a_pixel_size_only_for_a_file_without_one(tmp_path):
+    from datagen.importer import import_dataset
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "a_mask.png")
+    with pytest.raises(InputError, match=r"a\.png: the file has no pixel size calibration; give --pixel-size"):
+        import_dataset(tmp_path / "a.png", tmp_path / "a_mask.png", None, tmp_path / "out")
+    with pytest.raises(InputError, match="--override-pixel-size needs --pixel-size"):
+        import_dataset(tmp_path / "a.png", tmp_path / "a_mask.png", None, tmp_path / "out", override_pixel_size=True)
+    assert not (tmp_path / "out").exists()
+
+
 # -- the commands ----------------------------------------------------------------------------------------------------
 
 def test_import_takes_the_files_pixel_size_and_refuses_a_contradicting_flag(files, cli, tmp_path):
