@@ -144,25 +144,30 @@ def resolve_pixel_size(name: str, file_A: float | None, flag_A: float | None, ov
 
 
 def _describe(d: dict) -> str:
-    """What a rosettasciio dataset holds, in words, when it is not a micrograph or a stack of them; '' when it is."""
+    """What a rosettasciio dataset holds, in words, when it is not a micrograph or a stack of them; '' when it is.
+
+    The image is the last two axes. Readers that say which axes navigate (DigitalMicrograph, TIA, Velox, MRC) mark
+    the frames of a stack, the scan of a 4-D dataset and the pixels of a spectrum image so; Berkeley EMD marks no axis:
+    there a 3-D array is a stack of frames and a 4-D one a 4-D dataset."""
     axes = [a for a in d["axes"] if int(a.get("size", 2)) > 1 or not a.get("navigate", False)]
     signal = [a for a in axes if not a.get("navigate", False)]
     nav = [a for a in axes if a.get("navigate", False)]
     kind = (d.get("metadata", {}).get("Signal", {}) or {}).get("signal_type") or ""
     kind = f"{kind}: " if kind else ""
-    units = [_unit_text(a.get("units")) for a in signal]
     shape = " x ".join(str(int(a["size"])) for a in axes)
     if len(signal) == 1:
-        a = signal[0]
+        a, unit = signal[0], _unit_text(signal[0].get("units"))
         return (f"a spectrum ({kind}one signal axis, {a.get('name') or '?'}, {int(a['size'])} channels"
-                + (f" in {units[0]}" if units[0] else "") + (f", {len(nav)} navigation axes" if nav else "") + ")")
-    if len(signal) != 2:
-        return f"a signal of {len(signal)} dimensions ({kind}{shape})"
+                + (f" in {unit}" if unit else "") + (f", {len(nav)} navigation axes" if nav else "") + ")")
+    if not signal:
+        return f"no image axes ({kind}{shape})"
+    units = [_unit_text(a.get("units")) for a in axes[-2:]]
+    if len(axes) > 3 or len(nav) > 1:
+        scan = "diffraction patterns" if any(_is_reciprocal(u) for u in units) else "images"
+        return f"a {len(axes)}-D dataset ({kind}{shape}: a scan or series of {scan})"
     if any(_is_reciprocal(u) for u in units):
-        what = f"a {len(axes)}-D dataset of diffraction patterns" if nav else "a diffraction pattern"
-        return f"{what} ({shape}, axes in {' and '.join(sorted(set(units)))})"
-    if len(nav) > 1:
-        return f"a {len(axes)}-D dataset ({shape}; {len(nav)} navigation axes, e.g. a scan of images)"
+        what = "a stack of diffraction patterns" if len(axes) > 2 else "a diffraction pattern"
+        return f"{what} ({kind}{shape}, axes in {' and '.join(sorted(set(units)))})"
     return ""
 
 
@@ -186,7 +191,7 @@ def _read_microscope_file(path: Path, name: str, suffix: str) -> Pages:
                          "segment to a file of its own")
     d = images[0]
     axes = d["axes"]
-    if len(axes) != d["data"].ndim or any(a.get("navigate", False) for a in axes[-2:]):
+    if len(axes) != d["data"].ndim or any(a.get("navigate", False) for a in axes[-2:]) or d["data"].ndim > 3:
         raise InputError(f"{name}: unsupported layout of its axes ({[a.get('name') for a in axes]}); give a 2-D "
                          "image or a stack of them")
     h, w = int(d["data"].shape[-2]), int(d["data"].shape[-1])

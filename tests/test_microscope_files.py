@@ -99,6 +99,29 @@ def test_what_is_not_a_square_pixel_micrograph_is_refused_by_name(files, name, w
         assert word in str(exc.value)
 
 
+def test_berkeley_emd_images_stacks_diffraction_patterns_and_4d_data(tmp_path):
+    """Written by rosettasciio's own Berkeley EMD writer, which, read back, marks no axis as navigation."""
+    from rsciio.emd import file_writer
+
+    def write(name, shape, units):
+        axes = [{"name": f"dim{i}", "size": n, "scale": 0.5, "offset": 0.0, "units": u, "navigate": False}
+                for i, (n, u) in enumerate(zip(shape, units))]
+        file_writer(str(tmp_path / name), {"data": np.zeros(shape, np.float32), "axes": axes, "original_metadata": {},
+                                           "metadata": {"General": {"title": name}, "Signal": {"signal_type": ""}}})
+        return tmp_path / name
+
+    image = read_pages(write("image.emd", (16, 20), ["nm", "nm"]))
+    assert not image.stack and image.pages[0].shape == (16, 20) and image.pixel_size_A == pytest.approx(5.0)
+    stack = read_pages(write("series.emd", (3, 16, 16), ["s", "nm", "nm"]))
+    assert stack.stack and len(stack.pages) == 3 and stack.pixel_size_A == pytest.approx(5.0)
+    with pytest.raises(InputError, match=r"dp\.emd: not a micrograph: it holds a diffraction pattern \(16 x 16, axes "
+                                         r"in 1 / nm\)"):
+        read_pages(write("dp.emd", (16, 16), ["1/nm", "1/nm"]), "dp.emd")
+    with pytest.raises(InputError, match=r"4d\.emd: not a micrograph: it holds a 4-D dataset \(2 x 3 x 16 x 16: a scan "
+                                         "or series of diffraction patterns"):
+        read_pages(write("4d.emd", (2, 3, 16, 16), ["nm", "nm", "1/nm", "1/nm"]), "4d.emd")
+
+
 def test_a_header_over_the_size_limit_is_refused_before_decoding(files, monkeypatch):
     import dask.array
 
