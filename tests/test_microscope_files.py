@@ -246,4 +246,6 @@ def test_predict_names_the_frames_of_a_stack_and_refuses_a_spectrum(files, cli, 
     assert np.load(tmp_path / "out" / "temp_frame002_prob.npy").shape == (128, 128)
     refused(run_cli(cli, tmp_path, "experiments", "predict", "--model", model, "--input", files / "08_carbon.dm3",
                     "--out", tmp_path / "no"), "08_carbon.dm3: not a micrograph", "spectrum")
+    with pytest.raises(InputError, match="nowhere"):  # --track to a store that cannot be: refused before any work
+        predict_path(str(model), files / "temp.mrc", tmp_path / "no", None, tracking_uri="nowhere://x", track=True)
     assert not (tmp_path / "no").exists()

@@ -235,6 +235,10 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
     if not (np.isfinite(min_area_nm2) and min_area_nm2 >= 0):
         raise InputError(f"--min-area-nm2 {min_area_nm2}: must be a number of nm² >= 0")
     out = check_output_folder(out_dir, "predict --out")
+    if track:  # a store that cannot record the run is found before any work, not after the outputs are written
+        from mlplatform.store import ensure_store, resolve_tracking_uri
+
+        ensure_store(resolve_tracking_uri(tracking_uri))
     files = list_inputs(input_path)
     images = check_inputs(files, pixel_size_A, override_pixel_size)  # every input, before the model is fetched
     model, meta = load_model(model_ref, tracking_uri)
