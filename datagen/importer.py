@@ -198,7 +198,7 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float | None, out: P
         raise InputError(f"{len(problems)} of {len(pairs)} pair(s) cannot be imported: "
                          + "; ".join(problems[:5]) + more)
 
-    versions, now = software_versions(extra=("tifffile", "pillow")), utc_now()
+    versions, now = software_versions(extra=("tifffile", "pillow", "rosettasciio")), utc_now()
     new_dirs = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
