@@ -29,7 +29,7 @@ def _cmd_predict(args) -> int:
 
     records = predict_path(args.model, args.input, args.out, pixel_size_A=args.pixel_size,
                            tracking_uri=args.tracking_uri, override_pixel_size=args.override_pixel_size,
-                           min_area_nm2=args.min_area_nm2, track=args.track)
+                           min_area_nm2=args.min_area_nm2, track=args.track, progress=not args.quiet)
     for r in records:
         where = r["input"] if r["page"] is None else f"{r['input']} frame {r['page']}"
         print(f"{where}: {len(r['particles'])} particle(s), particle fraction {r['particle_fraction']:.3f}, pixel "
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave particles smaller than this (nm²) out of the table and overlay (default 0)")
     pr.add_argument("--track", action="store_true", help="record the prediction as an MLflow run (model, inputs' "
                     "sha256, outputs), tagged with the model's training run")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     pr.add_argument("--out", required=True, help="output folder: a new one appears with all outputs, or an existing "
                     "one gets them added, only once every input was read and predicted (on an error: nothing)")
     pr.set_defaults(func=_cmd_predict)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,14 +235,22 @@ def test_predict_on_a_ser_file_writes_calibrated_outputs_a_table_and_a_tracked_r
         p.name for p in (local / "outputs").iterdir()}
 
 
-def test_predict_names_the_frames_of_a_stack_and_refuses_a_spectrum(files, cli, tmp_path):
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_predict_names_the_frames_of_a_stack_and_refuses_a_spectrum(files, cli, tmp_path, monkeypatch):
     from mlplatform.predict import predict_path
 
     model = tmp_path / "model"
     model.mkdir()
     torch.save(_everything_model().state_dict(), model / "weights.pt")
     (model / "metadata.json").write_text(json.dumps(META))
-    records = predict_path(str(model), files / "temp.mrc", tmp_path / "out", None)
+    monkeypatch.setattr(sys, "stderr", Terminal())  # the progress bars show on a terminal only
+    records = predict_path(str(model), files / "temp.mrc", tmp_path / "out", None, progress=True)
+    assert "predict: 100%" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
+    monkeypatch.undo()
     assert [r["name"] for r in records] == ["temp_frame000", "temp_frame001", "temp_frame002"]
     assert all(r["pixel_size_A"] == pytest.approx(2.0) and r["pixel_size_from"] == "file" for r in records)
     assert np.load(tmp_path / "out" / "temp_frame002_prob.npy").shape == (128, 128)

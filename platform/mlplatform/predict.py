@@ -132,28 +132,45 @@ def _report(problems: list[str], n_files: int) -> None:
                          + "; ".join(problems[:5]) + more)
 
 
-def check_inputs(files: list[Path], pixel_size_A: float | None = None,
-                 override: bool = False) -> list[tuple[Path, str, tuple[int, int], float | None]]:
+def _bar(progress: bool, total: int, what: str, unit: str, leave: bool = True):
+    """A tqdm bar on stderr, shown only with ``progress`` and only on a terminal (``disable=None``): a log file or a
+    test's captured stderr keeps its one ``error:`` line."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit=unit, disable=None if progress else True, leave=leave,
+                dynamic_ncols=True)
+
+
+def check_inputs(files: list[Path], pixel_size_A: float | None = None, override: bool = False,
+                 progress: bool = False) -> list[tuple[Path, str, tuple[int, int], float | None]]:
     """Read every file whole (nothing is kept): (file, where, shape, pixel size in Å or None) of every image, else
     InputError listing every problem (unreadable, not gray, not finite, too large, not a micrograph, unequal pixel
     sizes, a calibration that contradicts ``--pixel-size``, two inputs writing the same outputs)."""
     problems, names, images = [], {}, []
-    for file, stem in zip(files, _output_names(files)):
-        try:
-            pages, file_A = read_images(file)
-            pixel = resolve_pixel_size(str(file), file_A, pixel_size_A, override)
-            for page, image in pages:
-                where = str(file) if page is None else f"{file} frame {page}"
-                name = _image_name(stem, page)
-                if name in names:
-                    raise InputError(f"{where}: its outputs {name}_* would overwrite those of {names[name]}; rename "
-                                     "one of them")
-                names[name] = where
-                images.append((file, where, image.shape, pixel))
-        except InputError as exc:
-            problems.append(str(exc))
+    with _bar(progress, len(files), "check", "file", leave=False) as bar:
+        for file, stem in zip(files, _output_names(files)):
+            _check_file(file, stem, pixel_size_A, override, problems, names, images)
+            bar.update()
     _report(problems, len(files))
     return images
+
+
+def _check_file(file: Path, stem: str, pixel_size_A: float | None, override: bool, problems: list[str],
+                names: dict[str, str], images: list) -> None:
+    """check_inputs for one file: its images appended to ``images``, or its problem to ``problems``."""
+    try:
+        pages, file_A = read_images(file)
+        pixel = resolve_pixel_size(str(file), file_A, pixel_size_A, override)
+        for page, image in pages:
+            where = str(file) if page is None else f"{file} frame {page}"
+            name = _image_name(stem, page)
+            if name in names:
+                raise InputError(f"{where}: its outputs {name}_* would overwrite those of {names[name]}; rename one "
+                                 "of them")
+            names[name] = where
+            images.append((file, where, image.shape, pixel))
+    except InputError as exc:
+        problems.append(str(exc))
 
 
 def check_grids(images: list[tuple[Path, str, tuple[int, int], float | None]], model_pixel_size_A: float) -> None:
@@ -217,10 +234,11 @@ def write_table(stage: Path, rows: list[dict]) -> list[str]:
 
 def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pixel_size_A: float | None,
                  tracking_uri: str | None = None, threshold: float | None = None, override_pixel_size: bool = False,
-                 min_area_nm2: float = 0.0, track: bool = False) -> list[dict]:
+                 min_area_nm2: float = 0.0, track: bool = False, progress: bool = False) -> list[dict]:
     """Segment every micrograph in ``input_path`` and measure its particles; write the outputs of the module
     docstring into ``out_dir`` (all of them, or, on any error, nothing: see the module docstring). With ``track``,
-    the prediction then becomes an MLflow run of its own (:func:`track_prediction`).
+    the prediction then becomes an MLflow run of its own (:func:`track_prediction`). With ``progress``, bars on a
+    terminal's stderr say where the work is (files checked, images predicted; nothing when stderr is not a terminal).
 
     Returns one record per image (per frame of a stack): its paths are where the outputs end up, ``particles`` its
     rows of the particle table (``mlplatform.particles.summary`` of all of them is the printed summary), ``table``
@@ -240,7 +258,7 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
 
         ensure_store(resolve_tracking_uri(tracking_uri))
     files = list_inputs(input_path)
-    images = check_inputs(files, pixel_size_A, override_pixel_size)  # every input, before the model is fetched
+    images = check_inputs(files, pixel_size_A, override_pixel_size, progress)  # all, before the model is fetched
     model, meta = load_model(model_ref, tracking_uri)
     model_px = float(meta["pixel_size_A"])
     check_grids(images, model_px)
@@ -252,7 +270,8 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
         print(f"note: {note}", file=sys.stderr)
     records, rows = [], []
     pixel_of = {file: px for file, *_, px in images}
-    with staged_folder(out) as stage:
+    bar = _bar(progress, len(images), "predict", "image")
+    with staged_folder(out) as stage, bar:
         for file, stem in zip(files, _output_names(files)):
             pages, file_A = read_images(file)  # read again: memory holds one file, not all of them
             given = pixel_of[file]
@@ -281,6 +300,7 @@ def predict_path(model_ref: str, input_path: str | Path, out_dir: str | Path, pi
                     "model_pixel_size_A": model_px, "threshold": thr, "particle_fraction": float(mask.mean()),
                     "particles": measure.table_rows(found), "note": note if given is None else None,
                 })
+                bar.update()
         table_files = write_table(stage, rows)
         with atomic_writer(stage / "particle_sizes.png") as fh:
             fh.write(measure.size_histogram_png(rows, f"{len(rows)} particles in {len(records)} image(s)"))
