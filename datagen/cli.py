@@ -47,7 +47,8 @@ def _cmd_import(args) -> int:
     from .importer import import_dataset
 
     manifest, done = import_dataset(Path(args.images), Path(args.masks), args.pixel_size, Path(args.out),
-                                    name=args.name, dose_e_per_A2=args.dose, split=args.split)
+                                    name=args.name, dose_e_per_A2=args.dose, split=args.split,
+                                    override_pixel_size=args.override_pixel_size)
     files = len(manifest["source"]["files"])
     print(f"{'already imported' if done else 'imported'}: dataset {manifest['name']}, {manifest['n_samples']} "
           f"samples from {files} image file(s) in {len(manifest['shards'])} shards at {args.out}")
@@ -103,10 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("import", help="experimental micrographs and their masks as a dataset")
-    m.add_argument("--images", required=True, help="TIFF/PNG/.npy file or folder (stacks: one sample per page)")
+    m.add_argument("--images", required=True, help="file or folder: TIFF, PNG, .npy, .dm3/.dm4, .ser, .emd, .mrc "
+                   "(stacks: one sample per page)")
     m.add_argument("--masks", required=True, help="file or folder; a mask's stem is its image's, optionally + "
                    "_mask, -mask, _label, ...")
-    m.add_argument("--pixel-size", type=positive_float, required=True, metavar="A", help="pixel size in Å")
+    m.add_argument("--pixel-size", type=positive_float, metavar="A",
+                   help="pixel size in Å of the images whose files have no calibration")
+    m.add_argument("--override-pixel-size", action="store_true",
+                   help="use --pixel-size even where a file's calibration says otherwise")
     m.add_argument("--out", required=True, help="output folder (new or empty)")
     m.add_argument("--name", help="dataset name (default: the name of --images)")
     m.add_argument("--dose", type=positive_float, metavar="E_PER_A2", help="electron dose in e/Å², if known")

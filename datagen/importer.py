@@ -1,8 +1,11 @@
 """``python -m datagen import``: experimental micrographs and their masks -> a dataset in the shard format.
 
 Inputs: ``--images`` and ``--masks`` are each a file or a folder (searched recursively; hidden files and folders,
-names starting with ".", are skipped; any other file must be .tif/.tiff, .png or .npy, case-insensitive). A TIFF
-may hold several pages and a .npy may be 3-D: both are stacks [N, H, W], one sample per page.
+names starting with ".", and TIA's .emi companions are skipped; any other file must be one that
+``hrtem_core.micrographs`` reads: .tif/.tiff, .png, .npy, .dm3/.dm4, .ser, .emd, .mrc, case-insensitive). A TIFF may
+hold several pages, a .npy, .mrc or .ser may be 3-D: all are stacks [N, H, W], one sample per page. The pixel size
+of each image is its file's calibration, converted to Å; ``--pixel-size`` is needed only for files without one (and
+must agree with a file's own unless ``--override-pixel-size``).
 
 Pairing (never guessed): a file's *stem* is its path relative to its root without the extension (``sub/a.tif`` ->
 ``sub/a``). A mask pairs with the image whose stem equals the mask's stem, or the mask's stem less one of the
@@ -33,7 +36,7 @@ from hrtem_core.dataset import (FORMAT_VERSION, MANIFEST, SHARD_PATTERN, build_m
                                 encode_sample, file_sha256, sample_hash, software_versions, utc_now, write_manifest,
                                 write_shard)
 from hrtem_core.errors import InputError
-from hrtem_core.micrographs import SUFFIXES, as_image, as_mask, read_pages
+from hrtem_core.micrographs import COMPANION_SUFFIXES, SUFFIXES, as_image, as_mask, read_pages, resolve_pixel_size
 
 MASK_SUFFIXES = tuple(f"{sep}{tag}" for tag in ("mask", "masks", "label", "labels") for sep in "_-")
 SHARD_BYTES = 256 << 20  # a new shard starts once a shard holds this much encoded sample data
@@ -56,7 +59,8 @@ def list_inputs(path: Path, what: str) -> tuple[Path, list[str]]:
     elif path.is_dir():
         root = path
         rels = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                      and p.suffix.lower() not in COMPANION_SUFFIXES)
     else:
         raise InputError(f"--{what} {path}: no such file or folder")
     unsupported = [r for r in rels if PurePosixPath(r).suffix.lower() not in SUFFIXES]
@@ -114,11 +118,16 @@ def _layout(stack: bool, n: int) -> str:
     return f"a stack of {n} page(s)" if stack else "a single image"
 
 
-def read_pair(images_root: Path, image: str, masks_root: Path, mask: str) -> list[tuple[int | None, np.ndarray,
-                                                                                          np.ndarray, dict]]:
-    """[(page or None, image float32, mask uint8 0/1, source fields)] of one checked pair."""
-    pages, dtype, stack = read_pages(images_root / image, image)
-    mpages, _, mstack = read_pages(masks_root / mask, mask)
+def read_pair(images_root: Path, image: str, masks_root: Path, mask: str, pixel_size_A: float | None = None,
+              override: bool = False) -> list[tuple[int | None, np.ndarray, np.ndarray, dict]]:
+    """[(page or None, image float32, mask uint8 0/1, source fields)] of one checked pair. The pixel size is the
+    image file's calibration, else ``pixel_size_A`` (``--pixel-size``; see micrographs.resolve_pixel_size)."""
+    read = read_pages(images_root / image, image)
+    pixel = resolve_pixel_size(image, read.pixel_size_A, pixel_size_A, override)
+    if pixel is None:
+        raise InputError(f"{image}: the file has no pixel size calibration; give --pixel-size (Å)")
+    mread = read_pages(masks_root / mask, mask)
+    pages, mpages, stack, mstack = read.pages, mread.pages, read.stack, mread.stack
     if (stack, len(pages)) != (mstack, len(mpages)):
         raise InputError(f"{image} is {_layout(stack, len(pages))} but its mask {mask} is "
                          f"{_layout(mstack, len(mpages))}")
@@ -130,19 +139,27 @@ def read_pair(images_root: Path, image: str, masks_root: Path, mask: str) -> lis
         if img.shape != msk.shape:
             raise InputError(f"{iname}: image shape {img.shape} differs from its mask {mname} {msk.shape}")
         out.append((page, img, msk, {"file": image, "page": page, "n_pages": len(pages) if stack else None,
-                                     "dtype": dtype, "shape": list(a.shape), "mask_file": mask}))
+                                     "dtype": read.dtype, "shape": list(a.shape), "mask_file": mask,
+                                     "pixel_size_A": pixel,
+                                     "pixel_size_from": "file" if pixel == read.pixel_size_A else "--pixel-size"}))
     return out
 
 
 # ------------------------------------------------------------------------------------------------------- import
 
 
-def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, name: str | None = None,
-                   dose_e_per_A2: float | None = None, split: str = "test") -> tuple[dict, bool]:
-    """Import micrographs and masks as a dataset at ``out``; returns (manifest, whether it was already there)."""
+def import_dataset(images: Path, masks: Path, pixel_size_A: float | None, out: Path, name: str | None = None,
+                   dose_e_per_A2: float | None = None, split: str = "test",
+                   override_pixel_size: bool = False) -> tuple[dict, bool]:
+    """Import micrographs and masks as a dataset at ``out``; returns (manifest, whether it was already there).
+
+    ``pixel_size_A`` (Å) is needed for the files without a calibration; where a file has one, it must agree with it
+    unless ``override_pixel_size``."""
     for flag, value in (("--pixel-size", pixel_size_A), ("--dose", dose_e_per_A2)):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise InputError(f"{flag} must be a number > 0, got {value}")
+    if override_pixel_size and pixel_size_A is None:
+        raise InputError("--override-pixel-size needs --pixel-size: the value to use instead of the files' own")
     images, masks, out = Path(images), Path(masks), Path(out)
     images_root, image_files = list_inputs(images, "images")
     masks_root, mask_files = list_inputs(masks, "masks")
@@ -157,8 +174,10 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
     name = name or (images.resolve().stem if images.is_file() else images.resolve().name)
     files = [{"image": i, "image_sha256": file_sha256(images_root / i), "mask": m,
               "mask_sha256": file_sha256(masks_root / m)} for i, m in pairs]
-    params = {"pixel_size_A": float(pixel_size_A),
+    params = {"pixel_size_A": None if pixel_size_A is None else float(pixel_size_A),
               "dose_e_per_A2": None if dose_e_per_A2 is None else float(dose_e_per_A2), "split": split}
+    if override_pixel_size:  # only then: the identity of earlier imports without it stays the same
+        params["override_pixel_size"] = True
     ident = {"format_version": FORMAT_VERSION, "kind": "import", "dataset": name, **params,
              "inputs_sha256": config_hash(files)}
     state, done = check_output(out, ident)
@@ -167,10 +186,11 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
 
     # every pair is read and checked before anything is written; the arrays are read again to write them, so
     # memory holds one pair and one shard, not the whole input
-    problems = []
+    problems, pixel_sizes = [], set()
     for image, mask in pairs:
         try:
-            read_pair(images_root, image, masks_root, mask)
+            pixel_sizes.update(s["pixel_size_A"] for *_, s in
+                               read_pair(images_root, image, masks_root, mask, pixel_size_A, override_pixel_size))
         except InputError as exc:
             problems.append(str(exc))
     if problems:
@@ -178,7 +198,7 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
         raise InputError(f"{len(problems)} of {len(pairs)} pair(s) cannot be imported: "
                          + "; ".join(problems[:5]) + more)
 
-    versions, now = software_versions(extra=("tifffile", "pillow")), utc_now()
+    versions, now = software_versions(extra=("tifffile", "pillow", "rosettasciio")), utc_now()
     new_dirs = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -199,15 +219,15 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
                                                                                        rec["mask_sha256"]):
                 raise InputError(f"{image} or its mask {mask} changed during the import; run it again")
             rec["keys"] = []
-            for page, img, msk, source in read_pair(images_root, image, masks_root, mask):
+            for page, img, msk, source in read_pair(images_root, image, masks_root, mask, pixel_size_A,
+                                                    override_pixel_size):
                 key = f"img-{n:06d}" if page is None else f"img-{n:06d}_p{page:04d}"
                 meta = {
                     "id": f"{name}/{key}",
                     "dataset": name,
                     "split": split,
                     "source": {**source, "file_sha256": rec["image_sha256"], "mask_sha256": rec["mask_sha256"],
-                               "pixel_size_A": params["pixel_size_A"], "dose_e_per_A2": params["dose_e_per_A2"],
-                               "import_time_utc": now},
+                               "dose_e_per_A2": params["dose_e_per_A2"], "import_time_utc": now},
                     "mask": {"method": "imported", "n_pixels": int(msk.sum()), "area_fraction": float(msk.mean())},
                     "provenance": {"command": "import", "parameters": params, "versions": versions},
                 }
@@ -223,7 +243,9 @@ def import_dataset(images: Path, masks: Path, pixel_size_A: float, out: Path, na
         manifest = build_manifest(
             name, shards, generation=ident, software=versions, created_utc=now, n_structures=len(pairs),
             source={"kind": "experimental", "images": str(images.resolve()), "masks": str(masks.resolve()),
-                    **params, "import_time_utc": now, "files": files})
+                    **params, "import_time_utc": now, "files": files,
+                    # the samples' own (from the files' calibration or --pixel-size): one value, or all of them
+                    "pixel_size_A": pixel_sizes.pop() if len(pixel_sizes) == 1 else sorted(pixel_sizes)})
         written.append(out / MANIFEST)
         write_manifest(out, manifest)
     except BaseException:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hrtem_core.cli import ArgumentParser, check_port_free, port, positive_float, positive_int, run_command
+from hrtem_core.cli import (ArgumentParser, check_port_free, nonneg_float, port, positive_float, positive_int,
+                            run_command)
 from hrtem_core.errors import InputError
 
 
@@ -23,12 +24,24 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    from mlplatform.particles import summary
     from mlplatform.predict import predict_path
 
     records = predict_path(args.model, args.input, args.out, pixel_size_A=args.pixel_size,
-                           tracking_uri=args.tracking_uri)
+                           tracking_uri=args.tracking_uri, override_pixel_size=args.override_pixel_size,
+                           min_area_nm2=args.min_area_nm2, track=args.track, progress=not args.quiet)
     for r in records:
-        print(f"{r['input']}: particle fraction {r['particle_fraction']:.3f} -> {r['outputs']['mask_png']}")
+        where = r["input"] if r["page"] is None else f"{r['input']} frame {r['page']}"
+        print(f"{where}: {len(r['particles'])} particle(s), particle fraction {r['particle_fraction']:.3f}, pixel "
+              f"{r['pixel_size_A']:.6g} Å ({r['pixel_size_from']}) -> {r['outputs']['overlay_png']}")
+    s = summary([row for r in records for row in r["particles"]])
+    sizes = "" if not s["count"] else (f"; equivalent diameter median {s['median_diameter_nm']:.3g} nm, mean "
+                                       f"{s['mean_diameter_nm']:.3g} nm")
+    print(f"{s['count']} particle(s) in {len(records)} image(s){sizes}; {s['touching_edge']} touch the image edge"
+          f"{'' if not args.min_area_nm2 else f' (smaller than {args.min_area_nm2:g} nm² left out)'}")
+    print(f"table: {', '.join(records[0]['table'].values())}")
+    if "run_id" in records[0]:
+        print(f"tracked as run {records[0]['run_id']}")
     print(f"{len(records)} image(s) written to {args.out}")
     return 0
 
@@ -281,9 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_demo)
     pr = sub.add_parser("predict", help="masks and probability maps for micrographs", parents=[tracking])
     pr.add_argument("--model", required=True, metavar="RUN_ID|MODEL_URI|PATH")
-    pr.add_argument("--input", required=True, help="a .npy/.tif/.png micrograph or a folder of them")
+    pr.add_argument("--input", required=True, help="a micrograph (.dm3/.dm4, .ser, .emd, .mrc, .tif, .png, .npy) or "
+                    "a folder of them")
     pr.add_argument("--pixel-size", type=positive_float, metavar="A",
-                    help="pixel size of the input in Å (default: the model's training pixel size)")
+                    help="pixel size in Å of inputs whose files have no calibration (default: the model's training "
+                    "pixel size)")
+    pr.add_argument("--override-pixel-size", action="store_true",
+                    help="use --pixel-size even where a file's calibration says otherwise")
+    pr.add_argument("--min-area-nm2", type=nonneg_float, default=0.0, metavar="NM2",
+                    help="leave particles smaller than this (nm²) out of the table and overlay (default 0)")
+    pr.add_argument("--track", action="store_true", help="record the prediction as an MLflow run (model, inputs' "
+                    "sha256, outputs), tagged with the model's training run")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     pr.add_argument("--out", required=True, help="output folder: a new one appears with all outputs, or an existing "
                     "one gets them added, only once every input was read and predicted (on an error: nothing)")
     pr.set_defaults(func=_cmd_predict)

@@ -61,6 +61,16 @@ def check_port_free(host: str, number: int, option: str = "--port") -> None:
                              f"{option}") from None
 
 
+def nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -1,7 +1,17 @@
 """Reading micrographs and masks from image files: the one reader of ``datagen import`` and ``mlplatform predict``.
 
 Supported: TIFF (pages are a stack; thumbnails and pyramid levels skipped), PNG, and .npy ([H, W] or a stack
-[N, H, W]). Values are kept as recorded (16-bit and float TIFFs included): normalising is the model's business.
+[N, H, W]), and what microscopes write, read by rosettasciio (HyperSpy's I/O library): Gatan DigitalMicrograph
+(.dm3, .dm4), FEI/TIA (.ser; its .emi companion is skipped in folders), Thermo Fisher Velox and Berkeley EMD (.emd)
+and MRC (.mrc; a 3-D MRC is a stack of frames). Values are kept as recorded (16-bit and float TIFFs included):
+normalising is the model's business.
+
+Calibration. The pixel size comes from the file where it has one (the microscope formats; a TIFF written by ImageJ,
+DigitalMicrograph, FEI/Thermo, Zeiss, TVIPS, Olympus or JEOL software), converted to Å; PNG, .npy and plain TIFFs
+have none (:attr:`Pages.pixel_size_A` is None). :func:`resolve_pixel_size` settles it against a ``--pixel-size``
+flag. Unequal x and y pixel sizes are refused (a model sees square pixels), and so is a file that holds something
+other than micrographs: a spectrum (one signal axis, e.g. EELS), a diffraction pattern (reciprocal or angular
+units), a 4-D dataset (a scan of images or patterns), or several different images (export the one to segment).
 
 Colour: a detector records one channel, so a colour file is accepted only when it is gray in disguise (RGB or
 RGBA whose colour channels are equal and whose alpha is constant); a false-colour rendering is refused, because
@@ -20,13 +30,27 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 
-SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+# rosettasciio's reader of each microscope format, by suffix
+MICROSCOPE_READERS = {".dm3": "digitalmicrograph", ".dm4": "digitalmicrograph", ".ser": "tia", ".emd": "emd",
+                      ".mrc": "mrc"}
+SUFFIXES = (".tif", ".tiff", ".png", ".npy", *MICROSCOPE_READERS)
+# files that travel with a micrograph and are read through it (TIA's .emi holds the settings of its .ser files):
+# listing a folder skips them rather than refusing them
+COMPANION_SUFFIXES = (".emi",)
+# relative difference under which two pixel sizes are the same: files store them as float32 and people type 4 digits
+PIXEL_SIZE_RTOL = 1e-3
+# Å per unit of a length axis, keys lower-case; rosettasciio writes "A" for DigitalMicrograph's Å, ImageJ escapes Å
+_A_PER_UNIT = {"m": 1e10, "cm": 1e8, "mm": 1e7, "um": 1e4, "µm": 1e4, "μm": 1e4, "micron": 1e4, "microns": 1e4,
+               "nm": 10.0, "a": 1.0, "å": 1.0, "\\u00c5": 1.0, "angstrom": 1.0, "angstroms": 1.0, "pm": 0.01}
+# what an axis without a calibration says about its unit
+_NO_UNIT = {"", "none", "<undefined>", "undefined", "px", "pixel", "pixels", "inch"}
 
 # the most pixels one image (one page of a stack) may have: 2**27, e.g. 11585 x 11585, above the largest detector
 # frames (K3 super-resolution: 11520 x 8184); as float32 that is 512 MiB, and prediction resamples it in float64.
@@ -50,6 +74,155 @@ def check_size(name: str, shape: tuple[int, ...], n_pages: int = 1, total: int |
         raise InputError(f"{name}: stack of {n_pages} pages ({total:,} pixels in all): more than the "
                          f"{MAX_FILE_PIXELS:,} pixels a file may hold (hrtem_core.micrographs.MAX_FILE_PIXELS); "
                          "refused before decoding it: split the stack into several files")
+
+
+@dataclass(frozen=True)
+class Pages:
+    """What one file holds: its pages ([H, W] or [H, W, C] as stored), their original dtype, whether the file is a
+    stack (pages numbered even if there is one), and the pixel size in Å from its calibration (None: it has none)."""
+
+    pages: list
+    dtype: str
+    stack: bool
+    pixel_size_A: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def _unit_text(unit) -> str:
+    return "" if unit is None else str(unit).strip()
+
+
+def _is_reciprocal(unit: str) -> bool:
+    u = unit.replace(" ", "").lower()
+    return u.startswith("1/") or u.endswith(("^-1", "⁻¹", "-1")) or u in ("rad", "mrad", "µrad", "urad", "deg")
+
+
+def _axis_A(axis: dict, name: str) -> float | None:
+    """Å per pixel along one signal axis of rosettasciio's description; None when the axis has no calibration."""
+    unit, scale = _unit_text(axis.get("units")), axis.get("scale", 1.0)
+    if unit.lower() in _NO_UNIT or scale is None or not (np.isfinite(float(scale)) and float(scale) > 0):
+        return None
+    factor = _A_PER_UNIT.get(unit.lower())
+    if factor is None:
+        raise InputError(f"{name}: its {axis.get('name') or 'image'} axis is calibrated in {unit!r}, not a length "
+                         f"(known: {', '.join(sorted(k for k in _A_PER_UNIT if k.isascii()))}); give an image "
+                         "calibrated in lengths, or one without a calibration and --pixel-size")
+    return float(scale) * factor
+
+
+def calibration_A(y_axis: dict, x_axis: dict, name: str) -> float | None:
+    """The pixel size in Å of an image whose row and column axes rosettasciio describes (``scale``, ``units``);
+    None when neither is calibrated; InputError when they differ or only one is calibrated."""
+    y, x = _axis_A(y_axis, name), _axis_A(x_axis, name)
+    if y is None and x is None:
+        return None
+    if y is None or x is None or abs(y - x) > PIXEL_SIZE_RTOL * max(y, x):
+        shown = ", ".join(f"{what} {'uncalibrated' if v is None else f'{v:.6g} Å'}"
+                          for what, v in (("y", y), ("x", x)))
+        raise InputError(f"{name}: unequal pixel sizes ({shown}); only square pixels are segmented: resample it "
+                         "to square pixels first")
+    return (y + x) / 2
+
+
+def resolve_pixel_size(name: str, file_A: float | None, flag_A: float | None, override: bool = False) -> float | None:
+    """The pixel size in Å to use for one file: its calibration, else ``--pixel-size``; None when neither is known.
+
+    A flag that disagrees with the file's calibration (by more than :data:`PIXEL_SIZE_RTOL`) stops the command,
+    naming both, unless ``override`` (``--override-pixel-size``) says the flag wins: a wrong pixel size silently
+    rescales every particle size."""
+    if file_A is None or flag_A is None:
+        return file_A if flag_A is None else float(flag_A)
+    if override or abs(file_A - flag_A) <= PIXEL_SIZE_RTOL * max(file_A, flag_A):
+        return float(flag_A) if override else file_A
+    raise InputError(f"{name}: --pixel-size {flag_A:g} Å differs from the file's calibration, {file_A:.6g} Å; drop "
+                     f"--pixel-size to use the file's, or add --override-pixel-size to use {flag_A:g} Å anyway")
+
+
+# ------------------------------------------------------------------------------------------- microscope files
+
+
+def _describe(d: dict) -> str:
+    """What a rosettasciio dataset holds, in words, when it is not a micrograph or a stack of them; '' when it is.
+
+    The image is the last two axes. Readers that say which axes navigate (DigitalMicrograph, TIA, Velox, MRC) mark
+    the frames of a stack, the scan of a 4-D dataset and the pixels of a spectrum image so; Berkeley EMD marks no axis:
+    there a 3-D array is a stack of frames and a 4-D one a 4-D dataset."""
+    axes = [a for a in d["axes"] if int(a.get("size", 2)) > 1 or not a.get("navigate", False)]
+    signal = [a for a in axes if not a.get("navigate", False)]
+    nav = [a for a in axes if a.get("navigate", False)]
+    kind = (d.get("metadata", {}).get("Signal", {}) or {}).get("signal_type") or ""
+    kind = f"{kind}: " if kind else ""
+    shape = " x ".join(str(int(a["size"])) for a in axes)
+    if len(signal) == 1:
+        a, unit = signal[0], _unit_text(signal[0].get("units"))
+        return (f"a spectrum ({kind}one signal axis, {a.get('name') or '?'}, {int(a['size'])} channels"
+                + (f" in {unit}" if unit else "") + (f", {len(nav)} navigation axes" if nav else "") + ")")
+    if not signal:
+        return f"no image axes ({kind}{shape})"
+    units = [_unit_text(a.get("units")) for a in axes[-2:]]
+    if len(axes) > 3 or len(nav) > 1:
+        scan = "diffraction patterns" if any(_is_reciprocal(u) for u in units) else "images"
+        return f"a {len(axes)}-D dataset ({kind}{shape}: a scan or series of {scan})"
+    if any(_is_reciprocal(u) for u in units):
+        what = "a stack of diffraction patterns" if len(axes) > 2 else "a diffraction pattern"
+        return f"{what} ({kind}{shape}, axes in {' and '.join(sorted(set(units)))})"
+    return ""
+
+
+def _read_microscope_file(path: Path, name: str, suffix: str) -> Pages:
+    """Pages and calibration of a file rosettasciio reads; the shape is checked before any pixel is decoded."""
+    import importlib
+
+    reader = importlib.import_module(f"rsciio.{MICROSCOPE_READERS[suffix]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its readers warn about metadata they skip; refusals here say what matters
+        datasets = reader.file_reader(str(path), lazy=True)  # lazy: headers and axes only, nothing decoded yet
+    if not datasets:
+        raise InputError(f"{name}: holds no data")
+    what = [_describe(d) for d in datasets]
+    images = [d for d, w in zip(datasets, what) if not w]
+    if not images:
+        raise InputError(f"{name}: not a micrograph: it holds {'; '.join(dict.fromkeys(what))}; give an image")
+    if len(images) > 1:
+        titles = [str((d.get("metadata", {}).get("General", {}) or {}).get("title") or i) for i, d in enumerate(images)]
+        raise InputError(f"{name}: holds {len(images)} different images ({', '.join(titles)}); export the one to "
+                         "segment to a file of its own")
+    d = images[0]
+    axes = d["axes"]
+    if len(axes) != d["data"].ndim or any(a.get("navigate", False) for a in axes[-2:]) or d["data"].ndim > 3:
+        raise InputError(f"{name}: unsupported layout of its axes ({[a.get('name') for a in axes]}); give a 2-D "
+                         "image or a stack of them")
+    h, w = int(d["data"].shape[-2]), int(d["data"].shape[-1])
+    n = math.prod(int(s) for s in d["data"].shape[:-2])
+    check_size(name, (h, w), n)
+    pixel_A = calibration_A(axes[-2], axes[-1], name)
+    stack, data = d["data"].ndim > 2, d["data"]
+    data = np.asarray(data.compute(scheduler="synchronous") if hasattr(data, "compute") else data)
+    if data.dtype.names:  # rosettasciio's RGB(A) as a structured array: back to channels
+        data = np.stack([data[c] for c in data.dtype.names], axis=-1)
+    return Pages(list(data.reshape(n, h, w, *data.shape[d["data"].ndim:])), data.dtype.name, stack, pixel_A)
+
+
+def _tiff_calibration_A(path: Path, name: str) -> float | None:
+    """Pixel size in Å of a TIFF written by microscope or image software (rosettasciio's TIFF reader knows them);
+    None for a plain TIFF. ImageJ's own unit (``unit=nm`` in its description) rosettasciio keeps only for microns:
+    it is taken from the description here."""
+    import tifffile
+    from rsciio.tiff import file_reader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = file_reader(str(path), lazy=True)[0]["axes"]
+    y, x = dict(axes[-2]), dict(axes[-1])
+    if _unit_text(x.get("units")) == "" and _unit_text(y.get("units")) == "":
+        with tifffile.TiffFile(path) as tif:
+            unit = (tif.imagej_metadata or {}).get("unit") if tif.is_imagej else None
+        if unit is None:
+            return None
+        y["units"] = x["units"] = unit
+    return calibration_A(y, x, name)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,8 +309,8 @@ def to_gray(a: np.ndarray, name: str) -> np.ndarray:
     return colour[..., 0]
 
 
-def read_pages(path: Path, name: str | None = None) -> tuple[list[np.ndarray], str, bool]:
-    """(pages [H, W] or [H, W, C] as stored, original dtype, whether the file is a stack); ``name`` in errors."""
+def read_pages(path: Path, name: str | None = None) -> Pages:
+    """The pages of one file as stored, with their calibration (:class:`Pages`); ``name`` in errors."""
     path = Path(path)
     name = name or str(path)
     suffix = path.suffix.lower()
@@ -145,12 +318,14 @@ def read_pages(path: Path, name: str | None = None) -> tuple[list[np.ndarray], s
         raise InputError(f"{name}: unsupported file type {suffix or '(none)'}; supported: {', '.join(SUFFIXES)}")
     # readers raise anything from struct.error to NotImplementedError on a damaged or exotic file: all mean the same
     try:
+        if suffix in MICROSCOPE_READERS:
+            return _read_microscope_file(path, name, suffix)
         if suffix == ".npy":
             a = _read_npy(path, name)
-            return ([a] if a.ndim == 2 else list(a)), a.dtype.name, a.ndim == 3
+            return Pages([a] if a.ndim == 2 else list(a), a.dtype.name, a.ndim == 3)
         if suffix == ".png":
             a = _read_png(path, name)
-            return [a], a.dtype.name, False
+            return Pages([a], a.dtype.name, False)
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
@@ -173,7 +348,7 @@ def read_pages(path: Path, name: str | None = None) -> tuple[list[np.ndarray], s
             for page, rgb, h, w, channels in layouts:
                 a = np.moveaxis(page.asarray().reshape(page.shaped)[:, 0], 0, -1).reshape(h, w, channels)
                 out.append(a if rgb else a[..., 0])
-            return out, out[0].dtype.name, len(out) > 1
+        return Pages(out, out[0].dtype.name, len(out) > 1, _tiff_calibration_A(path, name))
     except InputError:
         raise
     except Exception as exc:
@@ -214,8 +389,9 @@ def as_mask(a: np.ndarray, name: str) -> np.ndarray:
     return (mask != 0).astype(np.uint8)
 
 
-def read_images(path: Path, name: str | None = None) -> list[tuple[int | None, np.ndarray]]:
-    """[(page or None, float32 [H, W])] of one file: the page number is None for a single image."""
+def read_images(path: Path, name: str | None = None) -> tuple[list[tuple[int | None, np.ndarray]], float | None]:
+    """([(page or None, float32 [H, W])], pixel size in Å or None) of one file: the page is None for a single image."""
     name = name or str(path)
-    pages, _, stack = read_pages(path, name)
-    return [(i if stack else None, as_image(a, f"{name} page {i}" if stack else name)) for i, a in enumerate(pages)]
+    read = read_pages(path, name)
+    return ([(i if read.stack else None, as_image(a, f"{name} page {i}" if read.stack else name))
+             for i, a in enumerate(read.pages)], read.pixel_size_A)

@@ -38,7 +38,7 @@ def micrographs(folder):
 def test_folder_of_npy_png_and_multipage_tif(logged, tmp_path):
     uri, run_id = logged
     records = predict_path(run_id, micrographs(tmp_path / "in"), tmp_path / "out", 0.2, tracking_uri=uri)
-    shapes = {"a": (64, 48), "b": (40, 56), "c_p000": (32, 36), "c_p001": (32, 36)}
+    shapes = {"a": (64, 48), "b": (40, 56), "c_frame000": (32, 36), "c_frame001": (32, 36)}
     assert [r["outputs"]["mask_png"].split("/")[-1] for r in records] == [f"{s}_mask.png" for s in shapes]
     for rec, (stem, shape) in zip(records, shapes.items()):
         out = tmp_path / "out"

@@ -187,7 +187,7 @@ def test_out_is_a_file(model_dir, tmp_path):
 
 def test_a_pixel_size_that_would_resample_beyond_the_limit(model_dir, tmp_path):
     inputs = good_input(tmp_path / "in")
-    predict_refused(tmp_path, model_dir, inputs, "good0.npy: 40 x 44 pixels of 1000.0 Å become", "check --pixel-size",
+    predict_refused(tmp_path, model_dir, inputs, "good0.npy: 40 x 44 pixels of 1000 Å become", "check --pixel-size",
                     pixel_size="1000")
 
 
@@ -289,8 +289,9 @@ def test_outputs_appear_whole_in_a_new_or_an_existing_folder(model_dir, tmp_path
     new = tmp_path / "a" / "b" / "new"  # parents created only when the outputs are moved into place
     records = predict_path(str(model_dir), inputs, new, 0.2)
     assert [Path(r["outputs"]["mask_png"]).parent for r in records] == [new, new]
-    assert sorted(p.name for p in new.iterdir()) == sorted(f"good{i}_{k}" for i in range(2)
-                                                           for k in ("mask.npy", "mask.png", "prob.npy"))
+    per_image = ("mask.tif", "prob.tif", "overlay.png", "mask.npy", "mask.png", "prob.npy")
+    assert sorted(p.name for p in new.iterdir()) == sorted([*(f"good{i}_{k}" for i in range(2) for k in per_image),
+                                                            "particles.csv", "particles.parquet", "particle_sizes.png"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -177,6 +177,18 @@ def _model_of_run(run_id: str, tracking_uri: str) -> str:
     return tag or f"runs:/{run_id}/model"
 
 
+def model_uri(ref: str | Path, tracking_uri: str | None = None) -> str:
+    """Where a model reference points: the model URI a run logged (run id), the URI as given, or a folder's path."""
+    ref = str(ref)
+    if Path(ref).expanduser().exists():
+        return str(Path(ref).expanduser().resolve())
+    if RUN_ID.fullmatch(ref):
+        from mlplatform.store import resolve_tracking_uri
+
+        return _model_of_run(ref, resolve_tracking_uri(tracking_uri))
+    return ref
+
+
 def load_model(ref: str | Path, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(model, metadata) from a run id, an MLflow model URI or a local logged-model folder; model on CPU, in eval.
 
@@ -219,4 +231,4 @@ def load_model(ref: str | Path, tracking_uri: str | None = None) -> tuple[torch.
         return build_from_files(files / WEIGHTS, files / METADATA, where=where)
 
 
-__all__ = ["ModelRefError", "ACCEPTED_FORMS", "build_from_files", "load_model", "read_metadata", "read_state", "load_state"]
+__all__ = ["ModelRefError", "ACCEPTED_FORMS", "build_from_files", "load_model", "model_uri", "read_metadata", "read_state", "load_state"]
