@@ -147,9 +147,16 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
 
 def claims_url(storage) -> str:
     """The claims database of a study: its Optuna storage's own database when that is one (PostgreSQL, SQLite; the
-    claims tables sit beside Optuna's), else the default one (``mlruns/sweeps.db``), as for sweeps."""
+    claims tables sit beside Optuna's); for a journal file, an SQLite file beside it (``<journal>.claims.db``: a
+    study is known by its storage and name, so two journals may hold studies of the same name); for the default
+    journal, the default claims database (``mlruns/sweeps.db``), as for sweeps."""
     url = storage_url(storage)
-    return url if "://" in url and not url.startswith("journal:") else claims.default_url()
+    if "://" in url and not url.startswith("journal:"):
+        return url
+    path = Path(url.removeprefix("journal:")).resolve()
+    if path == journal_path(None):
+        return claims.default_url()
+    return f"sqlite:///{path.with_name(path.name + '.claims.db')}"
 
 
 def _parent_run(exp: Experiment, storage, tracking_uri: str, known: str | None) -> str:
