@@ -4,6 +4,7 @@ line with exit status 2 naming the cause and the fix:
 * a tracking server started with ``--allowed-hosts`` that leaves out the host name the client uses (HTTP 403);
 * a tracking server whose artifact bucket does not exist (HTTP 500 on every upload), before any work, and a server
   error during a run, reported as that and not as a lost server;
+* a Dask worker started without the database password, whose reason reaches the sweep's console with its address.
 
 One extra MLflow server (SQLite, allowed hosts 127.0.0.1:PORT only, artifacts in a bucket of the session's moto S3
 that the tests create and remove) serves the first two.
@@ -11,6 +12,7 @@ that the tests create and remove) serves the first two.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from benchmarks.services import free_loopback_port, stop_process_group
 from cli_forkserver import _env
 from conftest import _wait_http
 from hrtem_core.errors import ServiceError
+from sweep_helpers import sweep_spec, write_spec
 
 GONE = "hrtem-gone"  # the guarded server's artifact bucket: absent unless a test makes it
 
@@ -110,3 +113,28 @@ def test_a_server_error_during_a_run_is_reported_as_that_not_as_a_lost_server(gu
     assert "lost" not in message and f"--resume {run.run_id}" in message, message
     after = MlflowClient(uri).get_run(run.run_id)
     assert after.info.status == "FAILED" and "HTTP 500" in after.data.tags["failure_reason"]
+
+
+def test_a_dask_worker_without_the_database_password_is_named_with_its_reason(dask_cluster, postgres_server,
+                                                                              workspace, tmp_path, monkeypatch, cli):
+    """The command has PGPASSWORD, the Dask workers (started without it) do not: the sweep's one error line names a
+    worker, libpq's reason and the fix, where it used to say only "worker process ended with exit code 1"."""
+    import psycopg
+    from psycopg import sql
+
+    role = f"nopw{os.getpid()}"
+    postgres_server.require_password(role)
+    with psycopg.connect(host=postgres_server.host, port=postgres_server.port, user=postgres_server.user,
+                         dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'secret-pw'").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(role), sql.Identifier(role)))
+    monkeypatch.setenv("PGPASSWORD", "secret-pw")
+    spec = sweep_spec(f"nopw-{tmp_path.name}", seeds=(0,))
+    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
+    path = write_spec(workspace, f"nopw-{tmp_path.name}.yaml", spec)
+    res = cli.run(["experiments", "sweep", "--config", str(path), "--storage",
+                   f"postgresql://{role}@{postgres_server.host}:{postgres_server.port}/{role}", "--tracking-uri",
+                   f"sqlite:///{tmp_path / 'mlflow.db'}", "--scheduler", dask_cluster.address, "--quiet"], workspace)
+    line = _one_error(res)
+    assert "no Dask worker could start its work; worker tcp://127.0.0.1:" in line, line
+    assert "fe_sendauth: no password supplied" in line and "PGPASSWORD" in line, line
