@@ -40,7 +40,7 @@ while True:
         break
     except OSError as exc:
         if time.monotonic() > deadline:
-            sys.exit(f"error: {url} does not answer after two minutes ({exc}): see the *.log files in the folder {os.getcwd()}")
+            sys.exit(f"error: {url} does not answer after two minutes ({exc}): see the *.log files in {os.getcwd()}")
         time.sleep(0.5)
 PY
 }
@@ -60,8 +60,10 @@ STORAGE="postgresql://$DB_USER@$PGHOST:$PGPORT/$EXPERIMENTS_DB"
 
 # 2. S3-compatible storage and the bucket for MLflow's artifacts (the usual AWS variables name the endpoint and keys;
 #    moto accepts any keys, MinIO or S3 want real ones).
-export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-walkthrough}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-walkthrough}"
-export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://$HOST:$S3_PORT}"
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-walkthrough}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-walkthrough}"
+export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://$HOST:$S3_PORT}"
 moto_server -H "$HOST" -p "$S3_PORT" > s3.log 2>&1 & started+=($!)
 wait_for "$AWS_ENDPOINT_URL"
 python -m hrtem_core.buckets create "s3://$BUCKET"
@@ -72,7 +74,8 @@ python -m hrtem_core.buckets create "s3://$BUCKET"
 MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL" mlflow server \
     --backend-store-uri "postgresql+psycopg://$DB_USER@$PGHOST:$PGPORT/$MLFLOW_DB" \
     --artifacts-destination "s3://$BUCKET/mlflow" --host "$HOST" --port "$MLFLOW_PORT" \
-    --allowed-hosts "$HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" > mlflow.log 2>&1 & started+=($!)
+    --allowed-hosts "$HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
+    > mlflow.log 2>&1 & started+=($!)
 wait_for "http://$HOST:$MLFLOW_PORT/health"
 export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"   # or --tracking-uri on every command
 

@@ -45,7 +45,8 @@ def create_bucket(url: str) -> str:
         raise InputError(f"bucket s3://{name}: cannot reach {endpoint}: start the S3 server, or set AWS_ENDPOINT_URL "
                          "to its address") from None
     except bx.ClientError as exc:
-        raise InputError(f"bucket s3://{name} on {endpoint}: {exc}: check the credentials and the bucket name") from None
+        raise InputError(f"bucket s3://{name} on {endpoint}: {exc}: check the credentials and the bucket "
+                         "name") from None
     return f"bucket s3://{name} created on {endpoint}"
 
 

@@ -1,7 +1,7 @@
 """README "From laptop to cluster", followed as written: ``docs/cluster-walkthrough.sh`` (shown verbatim in the
-README) run on loopback — PostgreSQL with a password, moto's S3 server and the bucket, an MLflow server on both, a Dask
-scheduler and two workers — with tiny data, then every unit of its sweep and every trial of its study counted once on
-the server."""
+README) run on loopback — PostgreSQL with a password, moto's S3 server and the bucket, an MLflow server on both, a
+Dask scheduler and two workers — with tiny data, then every unit of its sweep and every trial of its study counted
+once on the server."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def test_the_walkthrough_runs_on_loopback_and_records_each_unit_once(postgres_se
 
     name = f"walk{os.getpid()}"
     postgres_server.require_password(name)  # as on a real server: PGPASSWORD is needed, not trusted away
-    ports = {key: str(free_loopback_port()) for key in ("S3_PORT", "MLFLOW_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT")}
+    ports = {key: str(free_loopback_port())
+             for key in ("S3_PORT", "MLFLOW_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT")}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PG"))},
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WORK": str(tmp_path / "work"),
            "PG_ADMIN": f"psql -h {postgres_server.host} -p {postgres_server.port} -U {postgres_server.user} -d postgres",

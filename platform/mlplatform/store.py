@@ -439,6 +439,6 @@ def process_tracking_uri(uri: str):
 
 
 __all__ = ["URI_SCHEME", "has_scheme", "resolve_tracking_uri", "check_tracking_uri", "check_server",
-           "artifact_location", "ensure_store", "is_unreachable", "server_error", "artifact_store_problem", "short_http_retries", "record_pending_end",
-           "replay_pending_ends",
+           "artifact_location", "artifact_store_problem", "ensure_store", "is_unreachable", "server_error",
+           "short_http_retries", "record_pending_end", "replay_pending_ends",
            "quiet_mlflow", "process_tracking_uri"]
