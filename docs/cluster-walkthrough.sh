@@ -25,23 +25,29 @@ mkdir -p "$WORK" && cd "$WORK"
 started=()
 stop_services() { [ ${#started[@]} -eq 0 ] || kill "${started[@]}" 2>/dev/null || true; }
 trap 'status=$?; if [ $status -ne 0 ] || [ "$KEEP_SERVICES" != 1 ]; then stop_services; fi' EXIT
-wait_for() {  # an address that answers (HTTP, or a Dask scheduler with $2 workers), within two minutes
-  python - "$@" <<'PY'
+wait_for() {  # wait_for ADDRESS LOG [N]: the service started last answers there (a Dask scheduler: with N workers)
+  python - "$@" "${started[-1]}" <<'PY'
 import os, sys, time, urllib.request
-url, deadline = sys.argv[1], time.monotonic() + 120
-if url.startswith("tcp://"):
-    from distributed import Client
-    with Client(url, timeout=120) as client:
-        client.wait_for_workers(int(sys.argv[2]), timeout=120)
-    sys.exit()
+address, log, pid, deadline = sys.argv[1], os.path.abspath(sys.argv[2]), int(sys.argv[-1]), time.monotonic() + 120
 while True:
     try:
-        urllib.request.urlopen(url, timeout=5)
+        if address.startswith("tcp://"):
+            from distributed import Client
+            with Client(address, timeout=5) as client:
+                if int(sys.argv[3]):
+                    client.wait_for_workers(int(sys.argv[3]), timeout=5)
+        else:
+            urllib.request.urlopen(address, timeout=5)
         break
-    except OSError as exc:
-        if time.monotonic() > deadline:
-            sys.exit(f"error: {url} does not answer after two minutes ({exc}): see the *.log files in {os.getcwd()}")
-        time.sleep(0.5)
+    except OSError as exc:  # refused, or a timeout
+        problem = exc
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(f"error: the service for {address} has exited: see {log}")
+    if time.monotonic() > deadline:
+        sys.exit(f"error: {address} does not answer after two minutes ({problem}): see {log}")
+    time.sleep(0.5)
 PY
 }
 
@@ -65,7 +71,7 @@ export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-walkthrough}"
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://$HOST:$S3_PORT}"
 moto_server -H "$HOST" -p "$S3_PORT" > s3.log 2>&1 & started+=($!)
-wait_for "$AWS_ENDPOINT_URL"
+wait_for "$AWS_ENDPOINT_URL" s3.log
 python -m hrtem_core.buckets create "s3://$BUCKET"
 
 # 3. The MLflow server: runs in PostgreSQL, artifacts proxied to the bucket, so only the server holds S3 keys (it needs
@@ -76,7 +82,7 @@ MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL" mlflow server \
     --artifacts-destination "s3://$BUCKET/mlflow" --host "$HOST" --port "$MLFLOW_PORT" \
     --allowed-hosts "$HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
     > mlflow.log 2>&1 & started+=($!)
-wait_for "http://$HOST:$MLFLOW_PORT/health"
+wait_for "http://$HOST:$MLFLOW_PORT/health" mlflow.log
 export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"   # or --tracking-uri on every command
 
 # 4. Dask: a scheduler, and workers started from the same working directory (a shared filesystem), with the same venv
@@ -84,8 +90,9 @@ export MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT"   # or --tracking-uri on 
 dask scheduler --host "$HOST" --port "$DASK_PORT" --dashboard-address "$HOST:$DASK_DASHBOARD_PORT" \
     > dask-scheduler.log 2>&1 & started+=($!)
 SCHEDULER="tcp://$HOST:$DASK_PORT"
+wait_for "$SCHEDULER" dask-scheduler.log 0
 dask worker "$SCHEDULER" --nworkers 2 --nthreads 1 > dask-workers.log 2>&1 & started+=($!)
-wait_for "$SCHEDULER" 2
+wait_for "$SCHEDULER" dask-workers.log 2
 
 # 5. Two datasets, generated as Dask tasks (the same content hash as a local run), both at once
 python -m datagen generate --recipe tiny --n "$N_TRAIN" --seed 1 --out data/train --scheduler "$SCHEDULER" --quiet &
