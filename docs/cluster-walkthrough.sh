@@ -3,9 +3,9 @@
 # MLflow server with S3 artifacts, a Dask scheduler and two workers on 127.0.0.1; then datasets generated on Dask, a
 # sweep, an Optuna study and a report, all tracked on the server. Run it from the repository with the venv active:
 #     bash docs/cluster-walkthrough.sh
-# Needs a PostgreSQL server (Debian/Ubuntu: apt install postgresql) and `pip install 'moto[server]'` (S3 for trying
-# this out; use MinIO or S3 for real work). On a cluster, run each service on its own machine with its host name for
-# 127.0.0.1. Every setting below can be given as an environment variable; the services keep running afterwards
+# Needs a PostgreSQL server (Debian/Ubuntu: apt install postgresql) and moto's S3 server, for trying this out (in the
+# venv of `make setup`; else pip install moto flask-cors py-partiql-parser); use MinIO or S3 for real work. On a
+# cluster, run each service on its own machine with its host name for 127.0.0.1. Every setting below can be given as an environment variable; the services keep running afterwards
 # (KEEP_SERVICES=0 stops them) and are stopped if a step fails. README.md shows this file verbatim.
 set -euo pipefail
 
