@@ -138,3 +138,16 @@ def test_a_dask_worker_without_the_database_password_is_named_with_its_reason(da
     line = _one_error(res)
     assert "no Dask worker could start its work; worker tcp://127.0.0.1:" in line, line
     assert "fe_sendauth: no password supplied" in line and "PGPASSWORD" in line, line
+
+
+def test_a_child_process_failure_comes_back_with_its_first_error_line(capfd):
+    """What run_on_dask reports for a worker: bad input in the child is its ``error:`` line and exit status 2, a bug
+    the last line of its traceback and exit status 1; both still reach our stderr (the Dask worker's log)."""
+    from hrtem_core.buckets import bucket_name
+    from hrtem_core.processes import run_in_child
+
+    assert run_in_child(bucket_name, "nowhere") == (2, "bucket 'nowhere': not an S3 URL; give s3://BUCKET")
+    assert run_in_child(int, "x") == (1, "ValueError: invalid literal for int() with base 10: 'x'")
+    assert run_in_child(bucket_name, "s3://fine") == (0, None)
+    err = capfd.readouterr().err
+    assert "error: bucket 'nowhere'" in err and "Traceback (most recent call last)" in err
