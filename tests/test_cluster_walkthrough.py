@@ -38,7 +38,8 @@ def test_the_walkthrough_runs_on_loopback_and_records_each_unit_once(postgres_se
              for key in ("S3_PORT", "MLFLOW_PORT", "DASK_PORT", "DASK_DASHBOARD_PORT")}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "PG"))},
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WORK": str(tmp_path / "work"),
-           "PG_ADMIN": f"psql -h {postgres_server.host} -p {postgres_server.port} -U {postgres_server.user} -d postgres",
+           "PG_ADMIN": f"{postgres_server.bindir / 'psql'} -h {postgres_server.host} -p {postgres_server.port} "
+                       f"-U {postgres_server.user} -d postgres",
            "PGPORT": str(postgres_server.port), "DB_USER": name, "DB_PASSWORD": "s3cret-walk",
            "EXPERIMENTS_DB": f"{name}_experiments", "MLFLOW_DB": f"{name}_mlflow", "BUCKET": name,
            # tiny: 2 subsets x 1 seed (one unit per Dask worker), 2 trials, one epoch of two steps each
