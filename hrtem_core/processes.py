@@ -151,8 +151,9 @@ def run_in_child(target, *args, cwd: str | None = None) -> ChildExit:
             sys.stderr.flush()
             if len(lines) < 10_000:  # enough for the first error line; a chatty child cannot fill our memory
                 lines.append(line.rstrip("\n"))
+    except BaseException:  # our thread stopped waiting: the child must not go on alone
+        proc.kill()
+        raise
     finally:
-        if proc.poll() is None and sys.exc_info()[0] is not None:
-            proc.kill()
         proc.wait()
     return ChildExit(proc.returncode, first_reason(lines))
