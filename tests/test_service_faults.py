@@ -151,3 +151,19 @@ def test_a_child_process_failure_comes_back_with_its_first_error_line(capfd):
     assert run_in_child(bucket_name, "s3://fine") == (0, None)
     err = capfd.readouterr().err
     assert "error: bucket 'nowhere'" in err and "Traceback (most recent call last)" in err
+
+
+@pytest.mark.parametrize("text, status, unreachable", [
+    ("API request to http://h:5000/api/2.0/mlflow-artifacts/artifacts/1/x/a.txt failed with exception "
+     "HTTPConnectionPool(host='h', port=5000): Max retries exceeded with url: /api/2.0/mlflow-artifacts/artifacts/1/x/"
+     "a.txt (Caused by ResponseError('too many 500 error responses'))", 500, False),
+    ("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 503 != 200. Response body: ''",
+     503, False),
+    ("API request to http://h:5000/api/2.0/mlflow/runs/get failed with exception HTTPConnectionPool(host='h', "
+     "port=5000): Max retries exceeded with url: /x (Caused by NewConnectionError('Connection refused'))", None, True),
+])
+def test_a_server_error_is_told_from_a_server_that_cannot_be_reached(text, status, unreachable):
+    from mlplatform.store import is_unreachable, server_error
+
+    assert server_error(RuntimeError(text)) == status
+    assert is_unreachable(RuntimeError(text)) is unreachable

@@ -366,10 +366,12 @@ class TrackedRun:
         server that is running."""
         code = server_error(exc)
         said = artifact_store_problem(self.tracking_uri.rstrip("/")) if self.tracking_uri.startswith("http") else None
-        if said is None:
-            found = re.search(r"(?:url: |API request to )(\S+)", str(exc))
-            said = f"to {found.group(1)}" if found else _clip(str(exc).splitlines()[0], 300)
-            said += ": its log says why"
+        if said is None:  # not its artifact store: the request, the server's words if it sent any, its log
+            text = str(exc)
+            found = re.search(r"(?:url: |API request to (?:endpoint )?)(\S+)", text)
+            body = text.split("Response body:", 1)[1].strip() if "Response body:" in text else ""
+            said = (f"the request to {found.group(1)}" if found else "a request") + \
+                (f" got: {_clip(body, 300)}" if body else "") + "; the server's log says why"
         reason = f"tracking server answered HTTP {code} (server error): {said}"
         try:
             with short_http_retries():
