@@ -24,7 +24,6 @@ from benchmarks.services import free_loopback_port, stop_process_group
 from cli_forkserver import _env
 from conftest import _wait_http
 from hrtem_core.errors import ServiceError
-from sweep_helpers import sweep_spec, write_spec
 
 GONE = "hrtem-gone"  # the guarded server's artifact bucket: absent unless a test makes it
 
@@ -116,11 +115,17 @@ def test_a_server_error_during_a_run_is_reported_as_that_not_as_a_lost_server(gu
 
 
 def test_a_dask_worker_without_the_database_password_is_named_with_its_reason(dask_cluster, postgres_server,
-                                                                              workspace, tmp_path, monkeypatch, cli):
-    """The command has PGPASSWORD, the Dask workers (started without it) do not: the sweep's one error line names a
-    worker, libpq's reason and the fix, where it used to say only "worker process ended with exit code 1"."""
+                                                                              monkeypatch):
+    """This process has PGPASSWORD, the Dask workers (started without it) do not. What a sweep's or study's workers
+    do first, opening the claims database (here alone: a whole sweep would spend its time importing torch in each
+    worker), fails there; the one error line (an InputError: ``error: ...``, exit status 2 on the command line) names
+    a worker, libpq's reason and the fix, where the sweep used to say only "worker process ended with exit code 1"."""
     import psycopg
     from psycopg import sql
+
+    from experiments.workers import run_on_dask
+    from hrtem_core.databases import check_database
+    from hrtem_core.errors import InputError
 
     role = f"nopw{os.getpid()}"
     postgres_server.require_password(role)
@@ -128,16 +133,15 @@ def test_a_dask_worker_without_the_database_password_is_named_with_its_reason(da
                          dbname="postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'secret-pw'").format(sql.Identifier(role)))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(role), sql.Identifier(role)))
+    url = f"postgresql://{role}@{postgres_server.host}:{postgres_server.port}/{role}"
     monkeypatch.setenv("PGPASSWORD", "secret-pw")
-    spec = sweep_spec(f"nopw-{tmp_path.name}", seeds=(0,))
-    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    path = write_spec(workspace, f"nopw-{tmp_path.name}.yaml", spec)
-    res = cli.run(["experiments", "sweep", "--config", str(path), "--storage",
-                   f"postgresql://{role}@{postgres_server.host}:{postgres_server.port}/{role}", "--tracking-uri",
-                   f"sqlite:///{tmp_path / 'mlflow.db'}", "--scheduler", dask_cluster.address, "--quiet"], workspace)
-    line = _one_error(res)
-    assert "no Dask worker could start its work; worker tcp://127.0.0.1:" in line, line
-    assert "fe_sendauth: no password supplied" in line and "PGPASSWORD" in line, line
+    check_database(url, "--storage")  # here, with the password, it opens
+    with pytest.raises(InputError) as caught:
+        run_on_dask(check_database, lambda slot, share: (url, "--storage"), "sweep nopw", dask_cluster.address)
+    line = str(caught.value)
+    assert line.startswith("sweep nopw: no Dask worker could start its work; worker tcp://127.0.0.1:"), line
+    assert f"--storage {url}: cannot connect" in line and "fe_sendauth: no password supplied" in line, line
+    assert "PGPASSWORD" in line and "Dask worker" in line, line
 
 
 def test_a_child_process_failure_comes_back_with_its_first_error_line(capfd):
