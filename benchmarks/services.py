@@ -190,6 +190,20 @@ class PostgresServer:
         """SQLAlchemy URL of ``database`` on this server (psycopg 3, SQLAlchemy's default for ``postgresql://``)."""
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
+    def require_password(self, role: str) -> None:
+        """Make ``role`` (which may not exist yet) log in over TCP with a password (scram-sha-256), as on a real
+        server, while every other role keeps trust: a rule before the trust line of pg_hba.conf, then a reload."""
+        import psycopg
+
+        hba = self.datadir / "pg_hba.conf"
+        rule = f"host  all {role} 127.0.0.1/32 scram-sha-256\n"
+        lines = hba.read_text().splitlines(keepends=True)
+        if rule not in lines:
+            hba.write_text("".join([lines[0], rule, *lines[1:]]))
+        with psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+
     def new_database(self, name: str = "test") -> str:
         """Create a fresh, empty database named after ``name`` (made unique and valid) and return its URL."""
         import psycopg

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import sys
 
+from hrtem_core.errors import InputError
 from hrtem_core.processes import run_in_child
 
 
@@ -43,13 +44,37 @@ def run_processes(target, arg_lists: list[tuple], label: str) -> None:
             print(f"{label}: worker {p.name} (pid {p.pid}) ended with exit code {p.exitcode}", file=sys.stderr)
 
 
+class WorkerFailed(Exception):
+    """The work a Dask task ran in a process of its own ended badly: where (the Dask worker's address), how (the exit
+    code) and why (the child's first error line, :class:`hrtem_core.processes.ChildExit`)."""
+
+    def __init__(self, address: str, code: int, reason: str | None):
+        super().__init__(address, code, reason)
+        self.address, self.code, self.reason = address, code, reason
+
+    def __str__(self) -> str:
+        why = self.reason or "no error line (see the worker's log)"
+        return f"worker {self.address}: exit code {self.code}: {why}"
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):  # not inside a Dask task
+        import socket
+
+        return socket.gethostname()
+
+
 def _in_child_process(cwd: str, target, *args) -> None:
     """``target(*args)`` in a process of its own (signals, its own torch threads, killed with the Dask worker), in
     the submitting command's working directory: configs name data relative to it (the workers share its
-    filesystem)."""
-    code = run_in_child(target, *args, cwd=cwd)
+    filesystem). A child that ends badly is a :class:`WorkerFailed` saying where and why."""
+    code, reason = run_in_child(target, *args, cwd=cwd)
     if code:
-        raise RuntimeError(f"worker process ended with exit code {code}")
+        raise WorkerFailed(_worker_address(), code, reason)
 
 
 def run_on_dask(target, make_args, label: str, scheduler) -> None:
@@ -57,7 +82,9 @@ def run_on_dask(target, make_args, label: str, scheduler) -> None:
     workers advertise ``GPU`` resources, else one per worker process; ``share``: the slots on that slot's host, for
     :func:`share_cores`), and wait for all of them. A task whose Dask worker dies is started again on another by the
     scheduler; the shared queue hands its unit out again, so nothing is lost or recorded twice. A task that ends
-    badly is named on stderr, as a local worker process would be."""
+    badly is named on stderr with its worker and its first error line, as a local worker process would be; when
+    every task refused its input (an ``error:`` line, exit status 2: a worker without the database password, a path
+    it cannot see), nothing can get done, and that is one InputError naming the first of them."""
     import uuid
 
     from hrtem_core.cluster import check_workers, connect, worker_slots
@@ -73,12 +100,19 @@ def run_on_dask(target, make_args, label: str, scheduler) -> None:
                                  key=f"{label.replace(' ', '-')}-worker-{i}-{tag}", pure=False, **options)
                    for i, options in enumerate(slots)]
         client.gather(futures, errors="skip")  # waits for all; failures are reported below
-        for future in futures:
-            if future.status != "finished":
-                print(f"{label}: Dask task {future.key} ended {future.status}: {future.exception()!r}",
-                      file=sys.stderr)
+        failed = [(future.key, future.exception()) for future in futures if future.status != "finished"]
     finally:
         client.close()
+    refused = [exc for _, exc in failed if isinstance(exc, WorkerFailed) and exc.code == 2 and exc.reason]
+    if failed and len(refused) == len(futures):
+        others = f" (and {len(refused) - 1} more Dask worker(s) the same way or similar: see above)" \
+            if len(refused) > 1 else ""
+        for exc in refused[1:]:
+            print(f"{label}: {exc}", file=sys.stderr)
+        raise InputError(f"{label}: no Dask worker could start its work; worker {refused[0].address}: "
+                         f"{refused[0].reason}{others}")
+    for key, exc in failed:
+        print(f"{label}: Dask task {key} ended badly: {exc}", file=sys.stderr)
 
 
 def dispatch(target, make_args, label: str, workers: int, scheduler=None, inline=None) -> None:

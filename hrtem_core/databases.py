@@ -114,6 +114,19 @@ def checked_engine(url: str, option: str, supported: tuple[str, ...] = SUPPORTED
     return engine
 
 
+# a server that wants a password this process does not have ("fe_sendauth: no password supplied") or refuses the one
+# it has ("password authentication failed"): libpq's words, and MySQL's "Access denied"
+PASSWORD_WORDS = ("password", "access denied")
+PASSWORD_HINT = ("give this process the database password: PGPASSWORD (or a ~/.pgpass file) in the environment of "
+                 "every process that connects, each Dask worker included (start `dask worker` with it set), or "
+                 "USER:PASSWORD@ in the URL")
+
+
+def is_password_error(exc: BaseException | None) -> bool:
+    """The server refused the connection for want of the right password."""
+    return exc is not None and any(w in first_line(exc).lower() for w in PASSWORD_WORDS)
+
+
 def connect_with_retries(engine, option: str, url: str) -> None:
     """One connection to ``engine`` within :data:`CONNECT_TRIES` attempts, else InputError saying how long it took."""
     import sqlalchemy as sa
@@ -127,13 +140,14 @@ def connect_with_retries(engine, option: str, url: str) -> None:
             return
         except sa.exc.DBAPIError as exc:
             last = exc
-            if engine.dialect.name == "sqlite":
-                break  # a file, not a server: trying again changes nothing
+            if engine.dialect.name == "sqlite" or is_password_error(exc):
+                break  # a file, not a server, or a password: trying again changes nothing
         if attempt < len(RETRY_PAUSE_S):
             time.sleep(RETRY_PAUSE_S[attempt])
     spent = time.monotonic() - start
-    tries = "" if engine.dialect.name == "sqlite" else f" after {attempt + 1} tries in {spent:.0f} s"
-    hint = "check the file" if engine.dialect.name == "sqlite" else \
+    tries = "" if engine.dialect.name == "sqlite" else \
+        f" after {attempt + 1} {'try' if attempt == 0 else 'tries'} in {spent:.0f} s"
+    hint = "check the file" if engine.dialect.name == "sqlite" else PASSWORD_HINT if is_password_error(last) else \
         "start the database server, or check host, port, user and database name"
     raise InputError(f"{option} {redact(url)}: cannot connect{tries}: {first_line(last)}: {hint}") from None
 

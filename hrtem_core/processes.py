@@ -9,6 +9,9 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
+from typing import NamedTuple
+
+from .errors import InputError
 
 # what stops a command: Ctrl-C (to the whole foreground process group) and SIGTERM (kill, timeout, a service manager)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -99,14 +102,58 @@ class StopSignals:
 def _child_main() -> None:
     die_with_parent()
     target, args = pickle.load(sys.stdin.buffer)
-    target(*args)
+    try:
+        target(*args)
+    except InputError as exc:  # as every command line says it (hrtem_core.cli.run_command): one line, exit 2
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
-def run_in_child(target, *args, cwd: str | None = None) -> int:
-    """``target(*args)`` in a fresh Python process (a module-level function, pickled by reference); its exit code.
+class ChildExit(NamedTuple):
+    """How a child of :func:`run_in_child` ended: its exit code and the first line that says why (its first
+    ``error:`` line without the prefix, else the last line of its traceback; None when it printed neither)."""
+    code: int
+    reason: str | None
+
+
+def first_reason(lines: list[str]) -> str | None:
+    """The first ``error: ...`` line of a process's stderr (without ``error: ``), else the exception line that ends
+    its last traceback (``ValueError: ...``), else None."""
+    for line in lines:
+        if line.startswith("error: "):
+            return line[len("error: "):].strip()
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        for line in reversed(lines):
+            if line.strip() and not line.startswith((" ", "\t")):
+                return line.strip()
+    return None
+
+
+def run_in_child(target, *args, cwd: str | None = None) -> ChildExit:
+    """``target(*args)`` in a fresh Python process (a module-level function, pickled by reference); how it ended.
 
     For work that needs a process of its own inside a host that is not one: a Dask worker runs tasks in threads
     of a daemonic process, where signal handlers cannot be installed and multiprocessing may not start children.
+    The child's stderr still goes to ours (the Dask worker's log), line by line; its first error line also comes
+    back (:class:`ChildExit`), so that the command that sent the work can say why it failed, not only that it did.
+    An :class:`~hrtem_core.errors.InputError` in the child is its ``error:`` line and exit status 2, as on a command
+    line.
     """
     code = "from hrtem_core.processes import _child_main; _child_main()"
-    return subprocess.run([sys.executable, "-c", code], input=pickle.dumps((target, args)), cwd=cwd).returncode
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    lines: list[str] = []
+    try:
+        proc.stdin.write(pickle.dumps((target, args)))
+        proc.stdin.close()
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if len(lines) < 10_000:  # enough for the first error line; a chatty child cannot fill our memory
+                lines.append(line.rstrip("\n"))
+    except BaseException:  # our thread stopped waiting: the child must not go on alone
+        proc.kill()
+        raise
+    finally:
+        proc.wait()
+    return ChildExit(proc.returncode, first_reason(lines))

@@ -14,6 +14,7 @@ import sys
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from mlflow import MlflowClient
@@ -92,26 +93,68 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def check_server(uri: str) -> None:
-    """The tracking server answers at all (any HTTP status) within CONNECT_TRIES bounded attempts; MLflow's client
-    then reports what the server says."""
+    """The tracking server answers within CONNECT_TRIES bounded attempts, accepts the host name ``uri`` uses, and its
+    artifact store works; each failure is one InputError naming the cause and the fix.
+
+    The probe is an API call, not ``/health``: MLflow >= 3.5 checks the Host header of every request but that one, so
+    a server started with ``--allowed-hosts`` that omits the name in ``uri`` answers /health and refuses the rest."""
     import time
 
     import requests
 
-    url, start, last = uri.rstrip("/") + "/health", time.monotonic(), None
+    base, start, last = uri.rstrip("/"), time.monotonic(), None
     for attempt in range(CONNECT_TRIES):
         try:
-            requests.get(url, timeout=CONNECT_TIMEOUT_S)
-            return
+            answer = requests.get(base + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                                  timeout=CONNECT_TIMEOUT_S)
+            break
         except requests.exceptions.RequestException as exc:
             last = exc
         if attempt < CONNECT_TRIES - 1:
             time.sleep(1.0 + attempt)
-    cause = "no answer" if isinstance(last, requests.exceptions.Timeout) else "connection refused" if "refused" in \
-        str(last).lower() else type(last).__name__
-    raise InputError(f"tracking URI {redact(uri)}: the tracking server does not answer ({cause}) after {CONNECT_TRIES} tries "
-                     f"in {time.monotonic() - start:.0f} s: start it (mlflow server ...), or give another "
-                     "--tracking-uri")
+    else:
+        cause = "no answer" if isinstance(last, requests.exceptions.Timeout) else "connection refused" if \
+            "refused" in str(last).lower() else type(last).__name__
+        raise InputError(f"tracking URI {redact(uri)}: the tracking server does not answer ({cause}) after "
+                         f"{CONNECT_TRIES} tries in {time.monotonic() - start:.0f} s: start it (mlflow server ...), "
+                         "or give another --tracking-uri")
+    if answer.status_code == 403 and "Host header" in answer.text:
+        host = urlsplit(base).netloc
+        raise InputError(f"tracking URI {redact(uri)}: the tracking server refuses the host name {host!r} (HTTP 403, "
+                         f"{answer.text.strip()!r}): its --allowed-hosts replaces MLflow's defaults (localhost and "
+                         f"private addresses) and must list every HOST:PORT clients use: restart it with "
+                         f"--allowed-hosts including {host}, or give --tracking-uri with a host name it allows")
+    problem = artifact_store_problem(base)
+    if problem:
+        raise InputError(f"tracking URI {redact(uri)}: the tracking server's artifact store fails: {problem}")
+
+
+# what a tracking server needs for S3 artifacts: said in every error about its artifact store
+ARTIFACT_STORE_FIX = ("the server needs its --artifacts-destination bucket to exist (python -m hrtem_core.buckets "
+                      "create s3://BUCKET) and S3 credentials in its own environment (AWS_ACCESS_KEY_ID, "
+                      "AWS_SECRET_ACCESS_KEY, and MLFLOW_S3_ENDPOINT_URL for MinIO or another S3-compatible store); "
+                      "its log has the details")
+
+
+def artifact_store_problem(base: str) -> str | None:
+    """What is wrong with the artifact store of the tracking server at ``base``, in the server's words, with the fix;
+    None when it lists its artifact root (or does not proxy artifacts, which is then no concern of the server's).
+    One request, no retries: MLflow's client retries a server error for minutes and then reports only its status."""
+    import requests
+
+    try:
+        answer = requests.get(base + "/api/2.0/mlflow-artifacts/artifacts", params={"path": ""},
+                              timeout=CONNECT_TIMEOUT_S)
+    except requests.exceptions.RequestException:
+        return None  # the caller reports the server itself
+    try:
+        message = str(answer.json().get("message", ""))
+    except ValueError:
+        message = ""
+    if "Failed to list artifacts" in message or answer.status_code >= 500:
+        said = message or f"HTTP {answer.status_code} {answer.reason}".strip()
+        return f"{said}: {ARTIFACT_STORE_FIX}"
+    return None
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -230,12 +273,32 @@ def schema_template() -> Path | None:
 
 # -- a store that goes away mid-run -----------------------------------------------------------------------------------
 
+# MLflow's client retries a 5xx answer (urllib3: "too many 500 error responses") or reports it after
+# raise_for_status ("500 Server Error"): either way the server answered
+SERVER_ERROR = re.compile(r"too many (5\d\d) error responses|\b(5\d\d) Server Error|error code (5\d\d)")
+
+
+def server_error(exc: BaseException | None) -> int | None:
+    """The HTTP status when ``exc`` (or what it was raised from) says a tracking server answered with a server error
+    (5xx): the server is up, and something behind it (its database, its artifact store) failed."""
+    seen = 0
+    while exc is not None and seen < 12:
+        found = SERVER_ERROR.search(str(exc))
+        if found:
+            return int(next(g for g in found.groups() if g))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def is_unreachable(exc: BaseException | None) -> bool:
     """True when ``exc`` (or what it was raised from) says the tracking store could not be reached — a refused or
-    dropped connection, a timeout, MLflow's "Max retries exceeded" — rather than that it refused a request."""
+    dropped connection, a timeout, MLflow's "Max retries exceeded" — rather than that it refused a request or
+    answered with a server error (:func:`server_error`)."""
     import requests
     import sqlalchemy as sa
 
+    if server_error(exc) is not None:
+        return False
     seen = 0
     while exc is not None and seen < 12:
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
@@ -376,6 +439,6 @@ def process_tracking_uri(uri: str):
 
 
 __all__ = ["URI_SCHEME", "has_scheme", "resolve_tracking_uri", "check_tracking_uri", "check_server",
-           "artifact_location", "ensure_store", "is_unreachable", "short_http_retries", "record_pending_end",
-           "replay_pending_ends",
+           "artifact_location", "artifact_store_problem", "ensure_store", "is_unreachable", "server_error",
+           "short_http_retries", "record_pending_end", "replay_pending_ends",
            "quiet_mlflow", "process_tracking_uri"]

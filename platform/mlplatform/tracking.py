@@ -44,8 +44,9 @@ from mlplatform.mlflow_ui import EXPERIMENT_KIND_TAG, NOTE_TAG, TRAINING_KIND, d
 from mlplatform.models import build_model
 from mlplatform.provenance import __version__, git_tags, package_versions
 from mlplatform.serving import load_model  # noqa: F401  (re-exported, see the module docstring)
-from mlplatform.store import (artifact_location, ensure_store, has_scheme, is_unreachable, process_tracking_uri,
-                              quiet_mlflow, record_pending_end, resolve_tracking_uri, short_http_retries)
+from mlplatform.store import (artifact_location, artifact_store_problem, ensure_store, has_scheme, is_unreachable,
+                              process_tracking_uri, quiet_mlflow, record_pending_end, resolve_tracking_uri,
+                              server_error, short_http_retries)
 
 # the pyfunc's code: MLflow stores a copy with each model and executes it on load (never imported here, see the file)
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -325,6 +326,8 @@ class TrackedRun:
             status, reason = "KILLED", f"interrupted ({self._signal or 'KeyboardInterrupt'})"
         else:
             status, reason = "FAILED", _clip(f"{exc_type.__name__}: {exc}".strip(), 1000)
+            if server_error(exc) is not None:
+                self._server_failed(exc)  # raises ServiceError
             if is_unreachable(exc):
                 self._lost(exc)  # raises ServiceError
         self._end(status, reason, "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else None)
@@ -354,6 +357,31 @@ class TrackedRun:
         raise ServiceError(f"tracking store {self.tracking_uri}: lost during run {self.run_id} ({cause}); {done}: "
                            f"start the store again, then add --resume {self.run_id} to the same command to continue "
                            "from its last checkpoint") from exc
+
+    def _server_failed(self, exc: BaseException) -> None:
+        """The tracking server answered with a server error (5xx) after MLflow's retries: it is up, and something
+        behind it failed (most often its artifact store: a missing bucket, no S3 credentials). End the run FAILED
+        there if it lets us, and raise one ServiceError with the status, the server's own words where it has any
+        (:func:`store.artifact_store_problem`) and the fix; never "lost", which would send the user to restart a
+        server that is running."""
+        code = server_error(exc)
+        said = artifact_store_problem(self.tracking_uri.rstrip("/")) if self.tracking_uri.startswith("http") else None
+        if said is None:  # not its artifact store: the request, the server's words if it sent any, its log
+            text = str(exc)
+            found = re.search(r"(?:url: |API request to (?:endpoint )?)(\S+)", text)
+            body = text.split("Response body:", 1)[1].strip() if "Response body:" in text else ""
+            said = (f"the request to {found.group(1)}" if found else "a request") + \
+                (f" got: {_clip(body, 300)}" if body else "") + "; the server's log says why"
+        reason = f"tracking server answered HTTP {code} (server error): {said}"
+        try:
+            with short_http_retries():
+                self._end("FAILED", _clip(reason, 1000), None)
+            done = "the run was ended FAILED there"
+        except Exception:  # noqa: BLE001  the server that failed may fail this too: say so, keep the first error
+            done = "the run could not be ended there (it may be left RUNNING)"
+        raise ServiceError(f"tracking server {self.tracking_uri} answered HTTP {code} (a server error; the server is "
+                           f"up) during run {self.run_id}: {said}; {done}: fix the server, then add --resume "
+                           f"{self.run_id} to the same command to continue from its last checkpoint") from exc
 
     def _supersede(self, exc: BaseException) -> None:
         self.client.set_tag(self.run_id, "superseded", "true")
