@@ -196,29 +196,60 @@ def _now() -> float:
 
 # -- identity of a worker process ------------------------------------------------------------------------------------
 
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat``, field 22): unlike a wall-clock
+    start time (psutil's ``create_time`` is boot time + ticks, and the boot time is computed from the wall clock),
+    it does not move when the machine's clock is stepped (NTP, a VM resumed). None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return -1  # no such process
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # fields after "(comm)": state is 3, starttime 22
+
+
 def worker_identity() -> str:
-    """host/pid/process start time/random: unique per process, and enough to tell on this host whether it is alive."""
+    """host/pid/start/random: unique per process, and enough to tell on this host whether it is alive. ``start`` is
+    ``t<ticks>`` (:func:`_start_ticks`) where /proc exists, else the process's create time."""
     me = psutil.Process()
-    return f"{socket.gethostname()}/{me.pid}/{me.create_time():.3f}/{uuid.uuid4().hex[:8]}"
+    ticks = _start_ticks(me.pid)
+    start = f"t{ticks}" if ticks is not None and ticks >= 0 else f"{me.create_time():.3f}"
+    return f"{socket.gethostname()}/{me.pid}/{start}/{uuid.uuid4().hex[:8]}"
+
+
+# how far a create time read by another process may differ for the same process: psutil derives it from the boot
+# time, which moves with the wall clock (identities written before ``t<ticks>``, and machines without /proc)
+CREATE_TIME_SLACK_S = 5.0
 
 
 def holder_is_dead(holder: str | None) -> bool:
     """True only when the holder provably no longer exists: it ran on this host and its process is gone (or the pid
-    now belongs to a process started at another time). Holders on other hosts are judged by their lease alone."""
+    now belongs to a process started at another time). Holders on other hosts are judged by their lease alone.
+    A step of the machine's clock never makes a live holder look dead (start times are kernel ticks)."""
     if not holder:
         return False
     try:
         host, pid, started, _ = holder.split("/")
-        pid, started = int(pid), float(started)
+        pid = int(pid)
     except ValueError:
         return False
     if host != socket.gethostname():
         return False
+    if started.startswith("t"):
+        try:
+            ticks = int(started[1:])
+        except ValueError:
+            return False
+        now = _start_ticks(pid)
+        return now is not None and now != ticks  # -1: gone; another value: the pid was reused
     try:
-        return abs(psutil.Process(pid).create_time() - started) > 0.01
+        started_at = float(started)
+        return abs(psutil.Process(pid).create_time() - started_at) > CREATE_TIME_SLACK_S
     except psutil.NoSuchProcess:
         return True
-    except psutil.Error:
+    except (psutil.Error, ValueError):
         return False
 
 

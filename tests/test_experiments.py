@@ -103,7 +103,17 @@ def test_a_claim_held_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_p
     from experiments import claims
 
     dead = _dead_worker()
-    assert claims.holder_is_dead(dead) and not claims.holder_is_dead(claims.worker_identity())
+    me = claims.worker_identity()
+    assert claims.holder_is_dead(dead) and not claims.holder_is_dead(me)
+    # a live holder stays alive when the clock is stepped: its start is kernel ticks since boot, not wall-clock time
+    # (psutil's create time moved by 2 s under a running sweep once, and every worker took the others for dead);
+    # the same pid with another start is a reused pid: dead
+    host, pid, ticks, tag = me.split("/")
+    assert ticks.startswith("t") and claims.holder_is_dead(f"{host}/{pid}/t{int(ticks[1:]) + 1}/{tag}")
+    import psutil
+    created = psutil.Process().create_time()  # identities written before ticks: a few seconds of slack
+    assert not claims.holder_is_dead(f"{host}/{pid}/{created + 2:.3f}/{tag}")
+    assert claims.holder_is_dead(f"{host}/{pid}/{created - 3600:.3f}/{tag}")
     engine = claims.open_engine(f"sqlite:///{tmp_path / 'claims.db'}")
     claims.register_sweep(engine, "d", "fp", "exp", [(0, "all/s0", "pretrain")])
     held = claims.try_claim(engine, claims.unit_rows(engine, "d")[0], dead, grace_s=3600)
@@ -230,10 +240,19 @@ def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path,
         t = study.trials[t.number]
         if t.state.name == "FAIL":
             assert t.user_attrs["fail_reason"].startswith("worker died")
-    from experiments.study import align_study, study_problems
+    from experiments import claims
+    from experiments.study import align_study, study_problems, trial_queue
 
     exp = load_experiment(path, "study")
     assert align_study(study, exp, store, fix=False) == [] and study_problems(study, exp, store) == []
+    # the budget is the claims database's: 5 slots, each done once, each recording a counted trial's run (the
+    # killed trials gave their slots back: they ran again, in new trials)
+    engine, queue = trial_queue(study._storage, "killed")
+    slots = claims.unit_rows(engine, queue)
+    assert [r["state"] for r in slots] == ["done"] * 5
+    counted = {t.user_attrs.get("mlflow_run") for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
+    assert {r["run_id"] for r in slots} <= counted | {f"trial:{t.number}" for t in study.trials}
+    assert len(counted) == sum(r["run_id"] in counted for r in slots)
 
 
 @pytest.mark.slow
