@@ -93,6 +93,9 @@ def existing_study(name: str, url: str | None) -> tuple[optuna.storages.BaseStor
 
 
 def storage_url(storage) -> str:
+    """The URL a storage object stands for (a study's ``_storage`` too: Optuna wraps an RDB storage in a cache)."""
+    if isinstance(getattr(storage, "_backend", None), optuna.storages.RDBStorage):
+        storage = storage._backend
     if isinstance(storage, optuna.storages.RDBStorage):
         return storage.url
     return f"journal:{storage._backend._file_path}" if hasattr(storage, "_backend") else str(storage)

@@ -4,8 +4,11 @@ Each trial samples the search space (dotted config keys: ``optim.lr``, ``data.ba
 ``data.train.0.max_samples``, a curation filter through a template...), trains one model as an MLflow child run of
 the study's run, and returns the configured aggregate of a per-epoch metric (default: final ``ood/mean/dice``).
 optuna-integration's Lightning callback reports that metric every epoch and prunes unpromising trials. A trial that
-fails is recorded (FAILED run, FAIL trial) and the study goes on. Workers — local processes or other machines on
-the same storage — share the trial budget (trials COMPLETE, PRUNED, FAIL or RUNNING) of the study.
+fails is recorded (FAILED run, FAIL trial) and the study goes on. Workers — local processes, Dask tasks or other
+machines on the same storage — share the study's budget through the claims database, as sweep workers share units:
+slot i of ``n_trials`` is the unit (``study:<name>``, i, ``trial``), claimed, fenced and committed like a sweep's
+(:mod:`experiments.claims`), and a worker runs one trial in each slot it holds. The slot's commit records the
+trial's run; a trial that fails for its own reasons uses up its slot, one whose worker dies gives it back.
 
 One trial, one run, whatever the timing:
 
@@ -16,7 +19,8 @@ One trial, one run, whatever the timing:
   completed trial always has it. Otherwise the run ends KILLED, tagged ``superseded``;
 * a RUNNING trial is stale when its worker is provably dead (same host, process gone) or, on an RDB storage, its
   heartbeat is older than the grace period. :func:`align_study` settles stale trials from their runs (FINISHED with
-  ``objective`` -> COMPLETE, FINISHED and pruned -> PRUNED, anything else -> FAIL and the run KILLED) and brings every
+  ``objective`` -> COMPLETE, FINISHED and pruned -> PRUNED, RUNNING but recorded by its slot -> FINISHED and COMPLETE,
+  anything else -> FAIL and the run KILLED) and brings every
   run's status in line with its trial; it runs before the workers start, in every worker before each trial (stale
   trials only) and at the end. What it cannot settle (two FINISHED runs for one trial, a completed trial without a
   FINISHED run) is reported by :func:`study_problems`, never changed.
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import sys
+import time
 import traceback
 import warnings
 from collections import Counter
@@ -48,16 +54,17 @@ from mlplatform.tracking import Superseded, close_run, find_runs, get_or_create_
 from mlplatform.train import check_trainer, curate_checked, logged_metrics, train
 
 from . import claims
+from .claims import DONE, FAILED
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
 from .datasets import datasets_read, ensure_datasets
+from .progress import QueueProgress
 from .workers import dispatch, share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 RUNNING, COMPLETE, PRUNED, FAIL = TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
-# trials that use up the budget: running ones too, so that two workers finishing at once do not both start one more
-BUDGET_STATES = (COMPLETE, PRUNED, FAIL, RUNNING)
+POLL_S = 1.0  # how often a worker with no trial slot to claim looks again
 WORKER_DIED = "worker died"
 
 
@@ -147,16 +154,41 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
 
 def claims_url(storage) -> str:
     """The claims database of a study: its Optuna storage's own database when that is one (PostgreSQL, SQLite; the
-    claims tables sit beside Optuna's); for a journal file, an SQLite file beside it (``<journal>.claims.db``: a
-    study is known by its storage and name, so two journals may hold studies of the same name); for the default
-    journal, the default claims database (``mlruns/sweeps.db``), as for sweeps."""
+    claims tables sit beside Optuna's), else an SQLite file beside the journal file (``<journal>.claims.db``): a
+    study is known by its storage and its name, and two journals may hold studies of the same name."""
     url = storage_url(storage)
     if "://" in url and not url.startswith("journal:"):
         return url
     path = Path(url.removeprefix("journal:")).resolve()
-    if path == journal_path(None):
-        return claims.default_url()
     return f"sqlite:///{path.with_name(path.name + '.claims.db')}"
+
+
+TRIAL = "trial"  # the phase of a study's trial slots in the claims database
+
+
+def trial_queue(storage, name: str) -> tuple:
+    """(engine, queue name) of a study's trial slots: unit (study:<name>, i, trial) is the i-th trial of the budget."""
+    return claims.open_engine(claims_url(storage)), f"study:{name}"
+
+
+def _queue_trials(study: optuna.Study, engine, queue: str, n_trials: int) -> None:
+    """Queue the slots of a budget of ``n_trials`` (idempotent; a larger budget adds slots). A study that ran
+    trials before they had slots (no user attr ``slot``) has that many of its first slots recorded as done by them,
+    once, whoever does it first."""
+    claims.register_units(engine, queue, [(i, f"trial-{i}", TRIAL) for i in range(n_trials)])
+    older = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE, PRUNED, FAIL))
+             if "slot" not in t.user_attrs]
+    for t, slot in zip(sorted(older, key=lambda t: t.number), range(n_trials)):
+        claims.adopt(engine, claims.UnitKey(queue, slot, TRIAL), f"trial:{t.number}")
+
+
+def _committed_runs(study: optuna.Study) -> set[str]:
+    """The runs that the study's trial slots recorded (the claims database's word: they count)."""
+    try:
+        engine, queue = trial_queue(study._storage, study.study_name.removeprefix("study:"))
+    except InputError:  # no claims database to read (a study made before slots): nothing is committed there
+        return set()
+    return {r["run_id"] for r in claims.unit_rows(engine, queue) if r["state"] == DONE and r["run_id"]}
 
 
 def _parent_run(exp: Experiment, storage, tracking_uri: str, known: str | None) -> str:
@@ -222,22 +254,28 @@ def _pruning_callback(trial: optuna.Trial, monitor: str):
     return Pruning(trial, monitor)
 
 
-def _new_trial(study: optuna.Study, me: str) -> optuna.Trial:
-    """A new RUNNING trial that names its worker from its first moment (what ``study.ask()`` does, plus the attr in
-    the same storage write: a worker killed a moment later still leaves a trial that can be seen to be stale)."""
+def _new_trial(study: optuna.Study, me: str, claim: claims.Claim | None = None) -> optuna.Trial:
+    """A new RUNNING trial that names its worker (and its slot) from its first moment (what ``study.ask()`` does,
+    plus the attrs in the same storage write: a worker killed a moment later still leaves a trial that can be seen
+    to be stale)."""
+    attrs = {"worker": me, **({"slot": claim.key.cell, "slot_epoch": claim.epoch} if claim is not None else {})}
     template = FrozenTrial(number=-1, state=RUNNING, value=None, datetime_start=datetime.now(),
-                           datetime_complete=None, params={}, distributions={}, user_attrs={"worker": me},
+                           datetime_complete=None, params={}, distributions={}, user_attrs=attrs,
                            system_attrs={}, intermediate_values={}, trial_id=-1)
     study._thread_local.cached_all_trials = None  # the sampler sees every trial finished so far (as ask() does)
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
 
 
 def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: str, me: str,
-              progress: bool = False) -> FrozenTrial:
+              progress: bool = False, claim: claims.Claim | None = None) -> FrozenTrial:
     """Create one trial, train it, and tell the storage how it ended; never raises for the trial's own failure
-    (KeyboardInterrupt is re-raised after the trial is recorded as FAIL)."""
+    (KeyboardInterrupt is re-raised after the trial is recorded as FAIL and its slot given back).
+
+    ``claim``: the trial slot this worker holds. The run counts only if the slot's commit lands (the slot was not
+    taken over meanwhile); a trial that fails for its own reasons uses up its slot too, as a FAIL trial uses up
+    Optuna's budget."""
     spec, storage, client = exp.spec, study._storage, MlflowClient(tracking_uri)
-    trial = _new_trial(study, me)
+    trial = _new_trial(study, me, claim)
     tid, run = trial._trial_id, {}
     pruning = _pruning_callback(trial, spec.objective.metric)
 
@@ -255,7 +293,8 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
         if not pruning.pruned:
             run["value"] = objective_value(client, run_id, spec.objective)
             client.log_metric(run_id, "objective", run["value"])
-        return True
+        # ... and while its slot is this worker's: the commit that records the run in the claims database
+        return claim is None or claim.commit(run_id)
 
     state, reason, interrupted = FAIL, None, None
     with get_heartbeat_thread(tid, storage):
@@ -281,6 +320,14 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
     if state == COMPLETE and not math.isfinite(run["value"]):  # Optuna would fail the trial: the run must not count
         state, reason = FAIL, f"objective {run['value']} is not a finite number"
         close_run(client, run["id"], "FAILED", reason)
+    if claim is not None:
+        if interrupted is not None:  # Ctrl-C: the slot goes back at once, uncounted
+            try:
+                claim.release("interrupted", "interrupted", 0)
+            except Exception:  # noqa: BLE001  the lease runs out instead
+                pass
+        elif state == FAIL and not (reason or "").startswith("superseded") and not claim.lost.is_set():
+            claim.commit(f"trial:{trial.number}")  # the trial's own failure uses up its slot
     try:
         if state == FAIL:
             storage.set_trial_user_attr(tid, "fail_reason", reason[:1000])
@@ -366,7 +413,7 @@ def stale_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -
 
 
 def _settle(study: optuna.Study, trial: FrozenTrial, why: str, run, info: _StudyInfo, client: MlflowClient,
-            fix: bool) -> list[str]:
+            fix: bool, committed: set[str] = frozenset()) -> list[str]:
     """A stale trial gets the state its run proves; the changes made (described)."""
     state, value, rid = FAIL, None, run.info.run_id if run is not None else None
     status = run.info.status if run is not None else None
@@ -385,6 +432,19 @@ def _settle(study: optuna.Study, trial: FrozenTrial, why: str, run, info: _Study
             lines.append(f"run {rid} (trial {trial.number}): FINISHED -> FAILED ({exc})")
             if fix:
                 close_run(client, rid, "FAILED", f"no objective: {exc}")
+    elif status == "RUNNING" and rid in committed:
+        # its slot recorded it, and the worker died before ending the run: the run is the trial's result
+        try:
+            value = objective_value(client, rid, info.objective)
+            state = COMPLETE
+            lines.append(f"run {rid} (trial {trial.number}): RUNNING -> FINISHED (its trial slot recorded it; "
+                         f"objective {value:.6g} from its {info.objective.metric!r})")
+            if fix:
+                client.set_terminated(rid, "FINISHED")
+        except ValueError as exc:
+            lines.append(f"run {rid} (trial {trial.number}): RUNNING -> KILLED (recorded, but {exc})")
+            if fix:
+                close_run(client, rid, "KILLED", f"{WORKER_DIED}; {exc}")
     elif status == "RUNNING":
         lines.append(f"run {rid} (trial {trial.number}): RUNNING -> KILLED ({WORKER_DIED})")
         if fix:
@@ -419,10 +479,10 @@ def settle_stale_trials(study: optuna.Study, exp: Experiment | None, tracking_ur
         return []
     info = _info(study, exp)
     runs = trial_runs(study, info, tracking_uri)
-    client, lines = MlflowClient(tracking_uri), []
+    client, lines, committed = MlflowClient(tracking_uri), [], _committed_runs(study)
     for t in study.get_trials(deepcopy=False):
         if t.number in stale:
-            lines += _settle(study, t, stale[t.number], _recorded_run(t, runs), info, client, fix)
+            lines += _settle(study, t, stale[t.number], _recorded_run(t, runs), info, client, fix, committed)
     return lines
 
 
@@ -598,26 +658,35 @@ def doctor_study(name: str, storage_arg: str | None, tracking_uri: str | None, f
 
 # -- workers ---------------------------------------------------------------------------------------------------------
 
-def _used(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
-
-
 def _work(exp: Experiment, storage_arg: str | None, tracking_uri: str, progress: bool, n_trials: int,
           worker: int = 0) -> None:
+    """Claim trial slots and run one trial in each until every slot of the budget is settled: the budget is the
+    study's, shared through the claims database by every worker (local, Dask, other machines)."""
     storage = study_storage(storage_arg)
     study = _open(exp, storage, tracking_uri, worker)
+    engine, queue = trial_queue(storage, exp.name)
+    _queue_trials(study, engine, queue, n_trials)
     parent, me = study.user_attrs["mlflow_parent_run"], claims.worker_identity()
     while True:
-        # a trial left RUNNING by a dead worker is settled before the budget is counted (it would hold a place)
+        # a trial left RUNNING by a dead worker is settled first (its run decides what it was)
         try:
             for line in settle_stale_trials(study, exp, tracking_uri):
                 print(f"study {exp.name}: {line}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001  e.g. the tracking store unreachable for a moment: settled later
             print(f"study {exp.name}: could not settle stale trials now: {type(exc).__name__}: {exc}",
                   file=sys.stderr)
-        if _used(study) >= n_trials:  # the budget is the study's, shared by every worker on this storage
-            return
-        run_trial(study, exp, parent, tracking_uri, me, progress)
+        rows = [r for r in claims.unit_rows(engine, queue) if r["phase"] == TRIAL and r["cell"] < n_trials]
+        ready = [r for r in rows if claims.claimable(r, time.time())]
+        if not ready:
+            if all(r["state"] in (DONE, FAILED) for r in rows):
+                return
+            time.sleep(POLL_S * random.uniform(0.5, 1.5))  # others hold the rest; a silent one's lease runs out
+            continue
+        claim = claims.try_claim(engine, ready[0], me)
+        if claim is None:  # another worker was first: look again
+            continue
+        with claim:
+            run_trial(study, exp, parent, tracking_uri, me, progress, claim=claim)
         gc.collect()
 
 
@@ -669,7 +738,7 @@ def finish_parent(study: optuna.Study, exp: Experiment, tracking_uri: str, stora
 
 
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,
-              tracking_uri: str | None, progress: bool = True, scheduler=None) -> dict:
+              tracking_uri: str | None, progress: bool = True, scheduler=None, quiet: bool = False) -> dict:
     """Run the study to its trial budget with ``workers`` local processes, or one worker per slot of the Dask cluster
     ``scheduler``; the summary has ``aligned`` (what align_study changed, at the start and at the end) and
     ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
@@ -686,10 +755,15 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     aligned = align_study(study, exp, tracking_uri)
     if scheduler is not None:
         storage_arg = storage_arg or f"journal:{journal_path(None)}"  # the same file for every worker
-    dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_arg,
-                                                tracking_uri, n_trials, slot, share),
-             f"study {exp.name}", workers, scheduler,
-             inline=lambda: _work(exp, storage_arg, tracking_uri, progress, n_trials))
+    engine, queue = trial_queue(storage, exp.name)
+    _queue_trials(study, engine, queue, n_trials)
+    with QueueProgress(engine, queue, tracking_uri, f"study {exp.name}", exp.spec.objective.metric,
+                       enabled=not quiet, select=lambda r: r["phase"] == TRIAL and r["cell"] < n_trials,
+                       name=lambda r: f"trial slot {r['cell']}"):
+        dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), storage_arg,
+                                                    tracking_uri, n_trials, slot, share),
+                 f"study {exp.name}", workers, scheduler,
+                 inline=lambda: _work(exp, storage_arg, tracking_uri, progress and quiet, n_trials))
     aligned += align_study(study, exp, tracking_uri)
     problems = study_problems(study, exp, tracking_uri)
     trials = study.get_trials(deepcopy=False)
