@@ -51,7 +51,7 @@ def _cmd_sweep(args) -> int:
 
     summary = run_sweep(args.config, args.set or [], _local_workers(args), args.storage, args.tracking_uri,
                         progress=not args.quiet and _local_workers(args) == 1 and not args.scheduler,
-                        scheduler=args.scheduler)
+                        scheduler=args.scheduler, quiet=args.quiet)
     print(f"sweep {summary['sweep']}: {summary['cells']} cells x {'+'.join(summary['phases'])}; "
           f"units {summary['units_by_state']}; runs by status {summary['runs_by_status']}; "
           f"parent run {summary['parent_run']}")
@@ -80,7 +80,7 @@ def _cmd_study(args) -> int:
 
     summary = run_study(args.config, args.set or [], args.n_trials, _local_workers(args), args.storage,
                         args.tracking_uri, progress=not args.quiet and _local_workers(args) == 1 and not args.scheduler,
-                        scheduler=args.scheduler)
+                        scheduler=args.scheduler, quiet=args.quiet)
     print(f"study {summary['study']}: trials {summary['trials']}; storage {summary['storage']}; "
           f"parent run {summary['parent_run']}")
     if summary["best"]:
@@ -328,6 +328,18 @@ def _with_store_checked(func):
     return checked
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    for command in parser._subparsers._group_actions[0].choices.values():
+        command.add_argument("--verbose", action="store_true", help="show the libraries' INFO lines and deprecation "
+                             "warnings (MLflow, Lightning), in every worker too; without it only what matters to "
+                             "you is printed")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_verbose(parser)
+    args = parser.parse_args(argv)
+    from hrtem_core import verbosity
+
+    verbosity.set_verbose(args.verbose)
     return run_command(_with_store_checked(args.func) if args.command in USES_STORE else args.func, args)

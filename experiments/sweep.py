@@ -41,6 +41,7 @@ from .claims import CLAIMED, DONE, FAILED, PENDING
 from .specs import (Cell, Design, Experiment, cells_of, load_experiment, phases_for, phases_of, selector_phase,
                     unit_config, unit_phase)
 from .datasets import datasets_read, ensure_datasets
+from .progress import QueueProgress
 from .workers import dispatch, share_cores
 
 POLL_S = 1.0  # how often a worker with nothing to claim looks again
@@ -370,9 +371,11 @@ def _worker_main(path: str, cli_sets: list[str], storage_url: str | None, tracki
 
 
 def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | None, tracking_uri: str | None,
-              progress: bool = True, scheduler=None) -> dict:
+              progress: bool = True, scheduler=None, quiet: bool = False) -> dict:
     """Run the sweep to the end with ``workers`` local processes, or with one worker per slot of the Dask cluster
-    ``scheduler`` (see :func:`workers.run_on_dask`); the claims make the result the same."""
+    ``scheduler`` (see :func:`workers.run_on_dask`); the claims make the result the same. Unless ``quiet``, one line
+    per recorded unit with its final Dice and a progress bar (:class:`.progress.QueueProgress`); ``progress``: also
+    Lightning's bar of each run when this process trains (one worker, no cluster)."""
     exp = load_experiment(path, "sweep", cli_sets)
     # the sweep's own datasets first (a dataset made here is reused by identity, whatever happens next), then,
     # before the sweep exists anywhere: a bad cell leaves no claim and no run (the hardware is the workers' own
@@ -386,10 +389,11 @@ def run_sweep(path: str, cli_sets: list[str], workers: int, storage_url: str | N
     ctx = open_sweep(exp, storage_url, tracking_uri)
     # what the workers get must mean the same on every machine: absolute paths, the resolved store URLs
     shared_storage = storage_url if scheduler is None else storage_url or claims.default_url()
-    dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), shared_storage,
-                                                tracking_uri, share),
-             f"sweep {exp.name}", workers, scheduler,
-             inline=lambda: worker(exp, storage_url, tracking_uri, progress, ctx))
+    with QueueProgress(ctx.engine, ctx.name, tracking_uri, f"sweep {exp.name}", enabled=not quiet):
+        dispatch(_worker_main, lambda slot, share: (str(Path(path).absolute()), list(cli_sets), shared_storage,
+                                                    tracking_uri, share),
+                 f"sweep {exp.name}", workers, scheduler,
+                 inline=lambda: worker(exp, storage_url, tracking_uri, progress and quiet, ctx))
     summary = summarize(ctx)
     if not summary["missing"] and not summary["duplicates"]:
         finish_parent(ctx, exp)

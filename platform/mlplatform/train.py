@@ -152,6 +152,9 @@ def train(config: TrainConfig, phase: str = "pretrain", init_from: str | None = 
     :class:`~mlplatform.tracking.Superseded`. Under DDP, ``callbacks`` and the hooks run in rank 0 only (see the module
     docstring).
     """
+    from hrtem_core import verbosity
+
+    verbosity.apply()  # the libraries' INFO lines and deprecation warnings, unless the command is verbose
     if phase not in PHASES:
         raise ValueError(f"phase {phase!r}; allowed: {', '.join(PHASES)}")
     if (phase == "finetune") != (init_from is not None):
