@@ -92,8 +92,9 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
                                    "training"), out / report_html.DYNAMICS_PNG, images)
     variants = [p.removeprefix("finetune:") for p in declared.get("phases") or [] if p.startswith("finetune:")]
     if variants:
+        tuned = set(runs.loc[runs["phase"].fillna("").str.startswith("finetune"), "parent_run"].dropna())
         _save(transfer_figure(history, order, variants, declared.get("target"),
-                              f"Sweep {name}: OOD Dice during transfer learning, per fine-tune variant"),
+                              f"Sweep {name}: OOD Dice during transfer learning, per fine-tune variant", tuned),
               out / report_html.TRANSFER_PNG, images)
     runs = cells if "group" in runs.columns else runs
     for b in [b for b in benchmarks(runs) if b != NON_TARGET]:  # a mean of others: in the findings and decay only

@@ -213,12 +213,15 @@ def variant_colours(variants: list[str]) -> dict:
 
 
 def transfer_figure(history: pd.DataFrame, benchmarks: list[str], variants: list[str], target: str | None,
-                    title: str) -> Figure:
+                    title: str, pretrained: set[str] | None = None) -> Figure:
     """Transfer learning per amount of target data (the reference study's Fig. 2): one panel per benchmark; the
     pretrained models' OOD Dice (grey) and then each fine-tune variant's (one hue per variant, lighter for later
     variants), median over every cell and seed per epoch on one time axis, each variant's line starting from the
-    pretrained models' last epoch; band: inter-quartile range."""
+    pretrained models' last epoch; band: inter-quartile range. ``pretrained``: the run ids of the pretrains that
+    were fine-tuned (default: every pretrain), so that the grey line is where the coloured ones start."""
     h = history[history["t"].notna()]
+    if pretrained is not None:
+        h = h[(h["phase"] != "pretrain") | h["run_id"].isin(pretrained)]
     names = [b for b in benchmarks if b != "mean"]
     colours = variant_colours(variants)
     ncols = min(len(names), 3) or 1

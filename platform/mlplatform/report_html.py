@@ -162,6 +162,16 @@ def _baseline_section(floor: pd.DataFrame, notes: list[str]) -> list[str]:
            "polarity <i>tuned on each benchmark itself</i>: an optimistic floor that a useful model must beat. "
            f"<a href='{BASELINE_CSV}'>{BASELINE_CSV}</a></p>"]
     if len(floor):
+        pre = floor[floor["phase"] == "pretrain"]
+        lost = [(b, g["model_mean"].max(), g["baseline"].iloc[0]) for b, g in pre.groupby("benchmark", sort=False)
+                if not g["all_beat_baseline"].any()]
+        if lost:  # the benchmarks no pretrained group wins outright, and by how much it falls short
+            out.append("<p><b>Not won before fine-tuning</b> (no subset whose every seed beats the baseline): " +
+                       "; ".join(f"{e(b)}: best subset mean {m:.3f} against {base:.3f} "
+                                 f"({'short by ' + format(base - m, '.3f') if m < base else 'some seeds below it'})"
+                                 for b, m, base in lost) + ".</p>")
+        else:
+            out.append("<p>Before fine-tuning, on every benchmark some subset's models all beat the baseline.</p>")
         cols = ["benchmark", "subset", "phase", "n", "model_mean", "model_min", "baseline", "baseline_sigma_px",
                 "baseline_polarity", "all_beat_baseline"]
         out.append(table(floor[cols]))
@@ -174,8 +184,8 @@ def _decay_section(decay: pd.DataFrame, images: Mapping[str, bytes], target: str
     out = ["<h2>Transfer learning and decay</h2>"]
     if TRANSFER_PNG in images:
         out += [figure(TRANSFER_PNG, images, "OOD Dice during transfer learning per fine-tune variant"),
-                "<p>Per benchmark, the median over every cell and seed of the pretrained models' OOD Dice (grey) "
-                "and of each fine-tune variant's (one hue per variant, lighter for each later one), per epoch on "
+                "<p>Per benchmark, the median over every fine-tuned cell and seed of the pretrained models' OOD Dice "
+                "(grey) and of each fine-tune variant's (one hue per variant, lighter for each later one), per epoch on "
                 "one axis; bands: inter-quartile range." + (f" <b>{e(target)}</b> is the target." if target else "")
                 + "</p>"]
     out += ["<p>For every fine-tune run and benchmark (<code>ft_peak/</code>, <code>ft_peak_epoch/</code>, "
