@@ -344,22 +344,48 @@ def test_new_augmentation_keys_leave_existing_config_hashes_alone(workspace):
     assert Augmentation(dose_resample=0.5).model_dump()["dose_min_factor"] == 0.25
 
 
-def test_the_demo_declares_comparisons_that_can_reach_significance():
-    """The main job's sweep: every declared comparison names a subset, phase and benchmark of the sweep, and each
-    can reach alpha after Holm's adjustment over all of them (checked when the file is loaded)."""
-    from experiments.demo import DATASETS, SWEEP
+def test_every_shipped_sweep_and_study_file_loads_with_every_unit_config_resolved():
+    """The files in experiments/configs/ are examples people copy: each loads (every cell's configs resolved and
+    checked, the comparisons' power checked) without any data on disk."""
+    from pathlib import Path
+
+    import experiments
+
+    folder = Path(experiments.__file__).parent / "configs"
+    kinds = {}
+    for path in sorted(folder.glob("*.yaml")):
+        kind = yaml.safe_load(path.read_text()).get("kind")
+        if kind in ("sweep", "study"):
+            kinds[path.name] = load_experiment(path, kind).spec.kind
+    assert {"demo-sweep.yaml", "transfer-smoke.yaml", "freeze-smoke.yaml", "sweep-smoke.yaml",
+            "study-smoke.yaml"} <= set(kinds)
+
+
+def test_the_demo_declares_its_data_and_comparisons_that_can_reach_significance():
+    """The main job's sweep file declares every dataset its runs read, the reference study's experiments (curation
+    subsets, a pool of another simulation fidelity, three amounts of target data with trends over them), and
+    comparisons that can each reach alpha after Holm's adjustment over all of them (checked when it is loaded)."""
+    from experiments.datasets import datasets_read, recipe_of
+    from experiments.demo import SWEEP
+    from experiments.specs import cells_of, phases_for, unit_config
 
     exp = load_experiment(SWEEP, "sweep")
     spec = exp.spec
-    assert len(spec.comparisons) >= 3 and len(spec.seed_list) >= 5
-    names = {name for name, *_ in DATASETS}
-    for subset in spec.subsets:
-        config = exp.config(subset.set)
-        assert {b.path.split("/")[-1] for b in config.benchmarks} <= names
-        assert {b.name for b in config.benchmarks} >= {c.benchmark for c in spec.comparisons}
+    assert len(spec.comparisons) >= 4 and len(spec.seed_list) >= 6 and len(spec.variants) >= 3
+    configs = [unit_config(exp, c.subset, c.levels, p) for c in cells_of(exp) if c.seed == 0
+               for p in phases_for(exp, c)]
+    assert datasets_read(exp, configs) == list(spec.datasets)  # every declared dataset is read, no path elsewhere
+    assert all(ref.path.startswith("demo/data/") for c in configs for ref in (*c.data.train, *c.benchmarks))
+    tests = {c.name: c.test for c in spec.comparisons}
+    assert tests["transfer-amount"] == tests["transfer-decay"] == "jonckheere"
+    # fidelity: the bare pool is the main pool's recipe without the substrate
+    pool, bare = recipe_of(exp, "pool").resolved(), recipe_of(exp, "pool-bare").resolved()
+    assert bare["structure"]["substrate"]["thickness_A"] == 0 != pool["structure"]["substrate"]["thickness_A"]
+    assert {k: v for k, v in bare["imaging"].items()} == pool["imaging"]
     # the fine-tune data and the held-out target are different datasets of one distribution
-    ft = exp.config(spec.subsets[0].set, spec.finetune.set)
-    target = next(b for b in ft.benchmarks if b.name == spec.finetune.target)
+    ft = unit_config(exp, "all", (), "ft:n8")
+    target = next(b for b in ft.benchmarks if b.name == spec.target)
     assert ft.data.train[0].path != target.path
-    recipes = {name: (recipe, overrides) for name, recipe, _, _, overrides in DATASETS}
-    assert recipes[ft.data.train[0].path.split("/")[-1]] == recipes[target.path.split("/")[-1]]
+    declared = spec.datasets
+    assert declared["target-train"].overrides() == declared["target-test"].overrides()
+    assert declared["target-train"].recipe == declared["target-test"].recipe
