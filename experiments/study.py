@@ -155,8 +155,13 @@ def _open(exp: Experiment, storage, tracking_uri: str, worker: int = 0) -> optun
 def claims_url(storage) -> str:
     """The claims database of a study: its Optuna storage's own database when that is one (PostgreSQL, SQLite; the
     claims tables sit beside Optuna's), else an SQLite file beside the journal file (``<journal>.claims.db``): a
-    study is known by its storage and its name, and two journals may hold studies of the same name."""
-    url = storage_url(storage)
+    study is known by its storage and its name, and two journals may hold studies of the same name. ``storage``:
+    a storage object, or the ``--storage`` argument (None: the default journal), which creates nothing."""
+    if storage is None or isinstance(storage, str):
+        path = journal_path(storage)
+        url = f"journal:{path}" if path is not None else storage
+    else:
+        url = storage_url(storage)
     if "://" in url and not url.startswith("journal:"):
         return url
     path = Path(url.removeprefix("journal:")).resolve()
@@ -743,12 +748,14 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     ``scheduler``; the summary has ``aligned`` (what align_study changed, at the start and at the end) and
     ``problems`` (what is still out of line, see :func:`study_problems`; non-empty: exit non-zero)."""
     exp = load_experiment(path, "study", cli_sets)
-    storage = study_storage(storage_arg)
     # the study's own datasets first (reused by identity), then, before the study exists anywhere: a bad definition
-    # leaves no trial and no run (the hardware is the workers' own when they run on a Dask cluster)
-    ensure_datasets(exp, datasets_read(exp, [exp.config()]), claims_url(storage), workers, scheduler,
-                    log=lambda line: print(line, flush=True))
+    # leaves no trial, no run and no storage (the hardware is the workers' own when they run on a Dask cluster)
+    needed = datasets_read(exp, [exp.config()])
+    if needed:
+        ensure_datasets(exp, needed, claims_url(storage_arg), workers, scheduler,
+                        log=lambda line: print(line, flush=True))
     check_study(exp, machine=scheduler is None)
+    storage = study_storage(storage_arg)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     n_trials = n_trials or exp.spec.n_trials
     study = _open(exp, storage, tracking_uri)

@@ -202,7 +202,7 @@ def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path,
     """SIGKILL of the whole study (driver and both workers) while trials train, then the same command again: the
     killed trials are settled from their runs, and trials and runs agree one to one. On the default storage (a
     journal file in ./mlruns) and on an RDB storage (with Optuna heartbeats)."""
-    spec = {"kind": "study", "name": "killed", "base": "base.yaml", "set": {"epochs": 3},
+    spec = {"kind": "study", "name": "killed", "base": "base.yaml", "set": {"epochs": 2},
             "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
             "n_trials": 5, "pruner": {"kind": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
     path = write_spec(workspace, "killed.yaml", spec)

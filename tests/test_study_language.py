@@ -147,7 +147,7 @@ def test_three_sweeps_and_three_studies_started_together_make_one_parent_and_eac
     if store.startswith("sqlite:"):  # no cache folder, so no schema template: the store is made by migrations, at once
         (tmp_path / "no-cache").write_text("")
         env = {**ENV, "HRTEM_CACHE_DIR": str(tmp_path / "no-cache")}
-    spec = sweep_spec("together", seeds=(0,), data_root=str(tmp_path / "own"),
+    spec = sweep_spec("together", seeds=(0,), data_root=str(tmp_path / "own"), subsets=[{"name": "all", "set": {}}],
                       datasets={"tgt": {"recipe": "tiny", "n": 8, "seed": 3, "set": ["imaging.dose_e_per_A2=150"]}},
                       finetune=[{"name": "n4", "set": {"data.train": [{"dataset": "tgt", "max_samples": 4}]}}])
     path = write_spec(workspace, f"together-{tmp_path.name}.yaml", spec)
