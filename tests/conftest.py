@@ -246,3 +246,14 @@ def workspace(tmp_path_factory):
     }
     (root / "base.yaml").write_text(yaml.safe_dump(base))
     return root
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request, tmp_path):
+    """(claims URL, tracking URI) on a fresh SQLite file pair, or on two fresh PostgreSQL databases (the claims
+    database is also a study's Optuna storage: its claims tables sit beside Optuna's)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sweeps.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = request.getfixturevalue("postgres_server")
+    tag = f"t{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    return server.new_database(f"claims_{tag}"), server.new_database(f"mlflow_{tag}")

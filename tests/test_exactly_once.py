@@ -23,16 +23,6 @@ from sweep_helpers import sweep_spec, tracked_runs, write_spec
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def stores(request, tmp_path):
-    """(claims URL, tracking URI) on a fresh SQLite file pair, or on two fresh PostgreSQL databases."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'sweeps.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    server = request.getfixturevalue("postgres_server")
-    tag = f"t{os.getpid()}_{int(time.time() * 1000) % 10**9}"
-    return server.new_database(f"claims_{tag}"), server.new_database(f"mlflow_{tag}")
-
-
 # -- simultaneous first starts ---------------------------------------------------------------------------------------
 
 CLAIMER = r"""
