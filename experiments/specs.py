@@ -22,6 +22,7 @@ from hrtem_core.config import (Origins, StrictModel, config_hash, parse_override
 from hrtem_core.errors import ConfigError
 from mlplatform.analysis import min_attainable_p_test, min_attainable_p_trend
 from mlplatform.config import TrainConfig, config_from_dict
+from mlplatform.report_data import level_name
 
 
 class _Spec(StrictModel):
@@ -107,8 +108,7 @@ def _level(item: Any) -> Level:
         return Level(**item)
     if isinstance(item, (dict, list)) or item is None:
         raise ValueError(f"level {item!r}: a list or mapping (or null) needs a name: write {{name: NAME, value: ...}}")
-    name = ("true" if item else "false") if isinstance(item, bool) else str(item)
-    return Level(name=name, value=item)
+    return Level(name=level_name(item), value=item)  # the report names levels by the same rule
 
 
 class DatasetSpec(_Spec):

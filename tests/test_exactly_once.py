@@ -258,6 +258,9 @@ KILL_POINTS = ("started", "training", "recorded", "worker")
 
 
 @pytest.mark.slow
+# SQLite, the default store (the queue's SQL is the same on PostgreSQL, whose races at start and whose stalled
+# workers are tested below and in tests/test_study_language.py)
+@pytest.mark.parametrize("stores", ["sqlite"], indirect=True)
 def test_sigkill_at_state_triggered_points_then_restart_records_every_unit_once(workspace, stores, tmp_path, cli):
     """Four SIGKILLs of a two-worker sweep (the whole process group, or one worker and then the rest), each at a point
     of the run's own state (KILL_POINTS, in a seeded order); after each, no unit is recorded twice. A restart then

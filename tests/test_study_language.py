@@ -58,13 +58,15 @@ def _assert_recorded_as_declared(store, exp) -> list:
 
 @pytest.mark.slow
 def test_transfer_smoke_killed_while_generating_and_while_training_records_every_unit_once(tmp_path, cli):
-    """experiments/configs/transfer-smoke.yaml, as shipped: its own four datasets, 2 subsets x 2 learning rates x 1
-    seed, 3 fine-tune variants. SIGKILLed once while its first dataset is half written and once while a unit
-    trains, then run to the end: the dataset has the content hash of an uninterrupted generation, every declared unit
-    is recorded once with its cell's lineage, the runs carry their levels, and the report judges the trends."""
+    """experiments/configs/transfer-smoke.yaml, as shipped but one epoch per run: its own four datasets, 2 subsets x
+    2 learning rates x 1 seed, 3 fine-tune variants. SIGKILLed once while its first dataset is half written and once
+    while a unit trains, then run to the end: the dataset has the content hash of an uninterrupted generation, every
+    declared unit is recorded once with its cell's lineage, the runs carry their levels, and the report judges the
+    trends."""
     store, queue = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'claims.db'}"
+    # one epoch per run: the file as shipped otherwise (its own timing is in the README)
     cmd = [sys.executable, "-m", "experiments", "sweep", "--config", str(TRANSFER), "--workers", "2", "--quiet",
-           "--tracking-uri", store, "--storage", queue]
+           "--tracking-uri", store, "--storage", queue, "--set", "epochs=1"]
     pool = tmp_path / "data" / "transfer-smoke" / "pool"
 
     def start():
@@ -96,7 +98,7 @@ def test_transfer_smoke_killed_while_generating_and_while_training_records_every
     row = claims.unit_rows(claims.open_engine(queue), _queue(pool))
     assert [(r["phase"], r["state"], r["run_id"]) for r in row] == [(PHASE, "done", reference["content_hash"])]
 
-    exp = load_experiment(TRANSFER, "sweep")
+    exp = load_experiment(TRANSFER, "sweep", ["epochs=1"])
     finished = _assert_recorded_as_declared(store, exp)
     for r in finished:  # the run's name and tags carry its level on every axis, and its variant
         lr, variant = r.data.tags["sweep.axis.optim.lr"], r.data.tags.get("sweep.variant")
@@ -149,7 +151,7 @@ def test_three_sweeps_and_three_studies_started_together_make_one_parent_and_eac
     _assert_recorded_as_declared(store, load_experiment(path, "sweep"))
     assert len(tracked_runs(store, filter_string="tags.kind = 'sweep' and tags.sweep = 'together'")) == 1
 
-    study = {"kind": "study", "name": f"together-{tmp_path.name}", "base": "base.yaml", "n_trials": 3,
+    study = {"kind": "study", "name": f"together-{tmp_path.name}", "base": "base.yaml", "n_trials": 2,
              "search_space": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True}},
              "pruner": {"kind": "none"}}
     path = write_spec(workspace, f"study-together-{tmp_path.name}.yaml", study)
@@ -159,7 +161,7 @@ def test_three_sweeps_and_three_studies_started_together_make_one_parent_and_eac
     assert len(parents) == 1
     trials = tracked_runs(store, filter_string=f"tags.kind = 'trial' and tags.study = '{study['name']}'")
     finished = Counter(r.data.tags["trial"] for r in trials if r.info.status == "FINISHED")
-    assert len(finished) == 3 and set(finished.values()) == {1}, finished
+    assert len(finished) == 2 and set(finished.values()) == {1}, finished
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     # the candidates that lost are deleted, never left as a second parent
     client = MlflowClient(store)
