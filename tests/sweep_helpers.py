@@ -1,5 +1,7 @@
 """Helpers of the sweep and study tests: definition files and run look-ups (the data are conftest's ``workspace``)."""
 
+import time
+
 import yaml
 from mlflow import MlflowClient
 
@@ -27,3 +29,14 @@ def tracked_runs(store, experiment="exp-test", filter_string=""):
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string) if exp else []
+
+
+def wait_while_running(proc, condition, timeout_s=300) -> bool:
+    """Poll ``condition`` every 0.1 s while ``proc`` runs: True once it holds, False if ``proc`` ended or time ran
+    out first (kill tests land on the run's own state, not after a sleep)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False

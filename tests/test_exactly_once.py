@@ -18,7 +18,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from sweep_helpers import sweep_spec, tracked_runs, write_spec
+from sweep_helpers import sweep_spec, tracked_runs, wait_while_running, write_spec
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
@@ -274,28 +274,20 @@ def test_sigkill_at_state_triggered_points_then_restart_records_every_unit_once(
     points = random.Random(20261127).sample(KILL_POINTS, len(KILL_POINTS))
     kills = []
 
-    def wait_for(proc, condition, timeout_s=300):
-        deadline = time.time() + timeout_s
-        while time.time() < deadline and proc.poll() is None:
-            if condition():
-                return True
-            time.sleep(0.1)
-        return False
-
     for point in points:
         recorded, started = len(_cell_runs(store, "kills", "FINISHED")), time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                                 start_new_session=True)
         if point == "started":
-            landed = wait_for(proc, lambda: _sweep_workers(proc))
+            landed = wait_while_running(proc, lambda: _sweep_workers(proc))
         elif point == "recorded":
-            landed = wait_for(proc, lambda: len(_cell_runs(store, "kills", "FINISHED")) > recorded)
+            landed = wait_while_running(proc, lambda: len(_cell_runs(store, "kills", "FINISHED")) > recorded)
         else:  # a RUNNING run of one of this command's workers (a killed cycle leaves its own RUNNING until resumed)
-            landed = wait_for(proc, lambda: _running_here(store, proc))
+            landed = wait_while_running(proc, lambda: _running_here(store, proc))
             if landed and point == "worker":
                 random.Random(len(kills)).choice(_sweep_workers(proc)).kill()  # the other takes its unit over
                 now = len(_cell_runs(store, "kills", "FINISHED"))
-                wait_for(proc, lambda: len(_cell_runs(store, "kills", "FINISHED")) > now, timeout_s=60)
+                wait_while_running(proc, lambda: len(_cell_runs(store, "kills", "FINISHED")) > now, timeout_s=60)
         if proc.poll() is not None:
             break  # the sweep finished before this point
         assert landed, f"{point}: the sweep did not reach this point within 300 s"

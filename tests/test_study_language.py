@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from mlflow import MlflowClient
 from experiments import claims
 from experiments.datasets import PHASE, _queue
 from experiments.specs import cells_of, load_experiment, phases_for, unit_phase
-from sweep_helpers import sweep_spec, tracked_runs, write_spec
+from sweep_helpers import sweep_spec, tracked_runs, wait_while_running, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = ROOT / "experiments" / "configs" / "transfer-smoke.yaml"
@@ -28,15 +27,6 @@ def _unit(run) -> tuple[str, str]:
     tags = run.data.tags
     variant = tags.get("sweep.variant")
     return tags["sweep.cell"], unit_phase(variant) if tags["phase"] == "finetune" and variant else tags["phase"]
-
-
-def _wait(proc, condition, timeout_s=300):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _assert_recorded_as_declared(store, exp) -> list:
@@ -78,11 +68,11 @@ def test_transfer_smoke_killed_while_generating_and_while_training_records_every
         proc.wait()
 
     proc = start()  # killed with one shard of the pool written and the others being made
-    assert _wait(proc, lambda: list(pool.glob("shard-*.tar"))), "the pool's first shard did not appear"
+    assert wait_while_running(proc, lambda: list(pool.glob("shard-*.tar"))), "the pool's first shard did not appear"
     kill(proc)
     assert not (pool / "manifest.json").exists()
     proc = start()  # killed while a unit trains (its run RUNNING)
-    assert _wait(proc, lambda: tracked_runs(store, "transfer-smoke", "attributes.status = 'RUNNING'"))
+    assert wait_while_running(proc, lambda: tracked_runs(store, "transfer-smoke", "attributes.status = 'RUNNING'"))
     kill(proc)
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

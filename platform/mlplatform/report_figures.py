@@ -191,15 +191,21 @@ def dynamics_overview_figure(history: pd.DataFrame, benchmarks: list[str], basel
         ax.set_title(f"subset {subset}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(subsets):]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
-    for ax in axes[max(0, len(subsets) - ncols):len(subsets)]:
-        ax.set_xlabel("epoch (pretrain, then fine-tune epochs continue the count)")
+    _finish_panels(fig, axes, len(subsets), ncols, "epoch (pretrain, then fine-tune epochs continue the count)")
     fig.supylabel("Dice (median over seeds); dotted: classical baseline", fontsize="medium")
     fig.suptitle(title)
     return fig
+
+
+def _finish_panels(fig: Figure, axes, n: int, ncols: int, xlabel: str, fontsize=None) -> None:
+    """A grid of ``n`` panels finished alike: unused axes hidden, one legend below (the first panel's lines), the
+    epoch label under the bottom row."""
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    for ax in axes[max(0, n - ncols):n]:
+        ax.set_xlabel(xlabel, fontsize=fontsize)
 
 
 def variant_colours(variants: list[str]) -> dict:
@@ -248,12 +254,7 @@ def transfer_figure(history: pd.DataFrame, benchmarks: list[str], variants: list
         ax.set_title(f"{b} (target)" if b == target else b, fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
-    for ax in axes[max(0, len(names) - ncols):len(names)]:
-        ax.set_xlabel("epoch (fine-tune epochs continue the pretrain's count)", fontsize=9)
+    _finish_panels(fig, axes, len(names), ncols, "epoch (fine-tune epochs continue the pretrain's count)", 9)
     fig.supylabel("OOD Dice (median over cells and seeds)", fontsize="medium")
     fig.suptitle(title)
     return fig
