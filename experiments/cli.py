@@ -89,7 +89,31 @@ def _cmd_study(args) -> int:
         print(f"aligned trials and runs: {line}", file=sys.stderr)
     for line in summary["problems"]:
         print(f"out of line: {line}", file=sys.stderr)
-    return 1 if summary["problems"] else 0
+    design = summary.get("design")
+    failed = False
+    if design:
+        failed = _print_design(design)
+    return 1 if summary["problems"] or failed else 0
+
+
+def _print_design(design: dict) -> bool:
+    """A design study's outcome: its best recipes, the declared test; True if the test's sweep is incomplete."""
+    if design.get("note"):
+        print(f"design: {design['note']}")
+    for name, path in design["recipes"].items():
+        print(f"best recipe of dataset {name} (trial {design['best_trial']}): {path}")
+    confirm = design.get("confirm")
+    if confirm is None:
+        return False
+    print(f"best against default: sweep {confirm['sweep']} (units {confirm['units_by_state']}; report: python -m "
+          f"experiments report --sweep {confirm['sweep']} --out DIR)")
+    found = design.get("findings")
+    if found is None or not len(found):
+        return report_sweep_problems(confirm) or True
+    for r in found.itertuples():
+        print(f"  {r.benchmark}: best - default {r.effect:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}], p {r.p_value:.3g}, "
+              f"Holm {r.p_adjusted:.3g}{' (significant)' if r.significant else ''}")
+    return False
 
 
 def _cmd_doctor(args) -> int:

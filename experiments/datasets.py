@@ -31,8 +31,9 @@ POLL_S = 1.0
 PHASE = "data"
 
 
-def recipe_of(exp, name: str):
-    """The validated recipe of the study's dataset ``name`` (a preset, or a YAML file relative to the study file)."""
+def recipe_of(exp, name: str, extra: list[str] | tuple[str, ...] = ()):
+    """The validated recipe of the study's dataset ``name`` (a preset, or a YAML file relative to the study file),
+    with ``extra`` overrides after its own (a design study's trial values)."""
     from datagen.recipe import available_recipes, load_recipe
 
     ds = exp.spec.datasets[name]
@@ -41,7 +42,7 @@ def recipe_of(exp, name: str):
         candidate = (Path(exp.source).parent / source)
         source = str(candidate) if candidate.is_file() else source
     try:
-        return load_recipe(source, ds.overrides())
+        return load_recipe(source, [*ds.overrides(), *extra])
     except InputError as exc:
         raise type(exc)(f"{exp.source}: datasets {name}: {exc}") from None
 

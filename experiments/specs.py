@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 from hrtem_core.config import (Origins, StrictModel, config_hash, parse_override, read_yaml_mapping, require_unique,
                                set_dotted, validate)
@@ -217,8 +217,12 @@ class _Data(_Spec):
             _plain_name("dataset", name)
         return value
 
+    _folders: dict[str, str] = PrivateAttr(default_factory=dict)
+    """name -> folder under data_root, where it is not the name: a design study's trial data (one folder per recipe
+    identity, :func:`experiments.design.trial_experiment`)."""
+
     def dataset_path(self, name: str) -> Path:
-        return Path(self.data_root) / name
+        return Path(self.data_root) / self._folders.get(name, name)
 
     def _omit_data(self, data: dict) -> dict:
         # left out while unset, so definitions written before these keys keep their fingerprints
@@ -536,20 +540,53 @@ class Pruner(_Spec):
     percentile: float = Field(default=50.0, gt=0, lt=100)
 
 
+class Confirm(_Spec):
+    """The test of a design study, declared before it runs: the best trial's recipe against the default recipe (the
+    designed dataset's recipe as declared, without the search space), each generated afresh (seed ``data_seed``, the
+    same size as the trials' data), trained with every seed of ``seeds`` under the same training settings (the
+    study's, with the best trial's training parameters), and compared on each of ``benchmarks`` (default: every
+    benchmark the study scores) by a two-sided ``test``, Holm-adjusted over the benchmarks. It runs as a sweep of its
+    own (``<study>-confirm-t<best trial>``) once the study's trials are settled."""
+
+    seeds: list[int] = Field(min_length=6)
+    """Training seeds of each arm (at least 6: two-sided tests on fewer cannot reach 0.05 after Holm)."""
+    data_seed: int = Field(ge=0)
+    """Seed of the fresh data of both arms: not a seed the designed dataset was generated with."""
+    benchmarks: list[str] | None = None
+    test: Literal["mannwhitney", "wilcoxon"] = "mannwhitney"
+    """mannwhitney: the two arms as independent groups; wilcoxon: paired by training seed."""
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]):
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"seeds must be distinct and >= 0, got {value}")
+        return value
+
+
 class StudySpec(_Data):
     kind: Literal["study"]
     name: str
     base: str
     set: dict[str, Any] = Field(default_factory=dict)
     search_space: dict[str, Param] = Field(min_length=1)
+    """Dotted training keys (``optim.lr``), and for a design study recipe keys of a declared dataset:
+    ``datasets.NAME.<recipe key>`` (``datasets.pool.imaging.defocus_A.high``): every trial generates that dataset
+    with the values it draws (see :mod:`experiments.design`)."""
     objective: Objective = Objective()
     n_trials: int = Field(default=20, ge=1)
     sampler_seed: int = 0
     pruner: Pruner = Pruner()
+    confirm: Confirm | None = None
+    """Design studies: the best recipe against the default, declared before the study runs (:class:`Confirm`)."""
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):
-        return self._omit_data(handler(self))
+        data = self._omit_data(handler(self))
+        if self.confirm is None:
+            data.pop("confirm", None)  # studies defined before design studies keep their fingerprints
+        return data
 
 
 class Experiment:
@@ -635,6 +672,9 @@ def load_experiment(path: str | Path, kind: str, cli_sets=()) -> Experiment:
         _check_sweep_configs(exp, path)
     else:
         exp.config()
+        from .design import check_design
+
+        check_design(exp)
     return exp
 
 

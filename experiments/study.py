@@ -58,6 +58,7 @@ from .claims import DONE, FAILED
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
 from .datasets import datasets_read, ensure_datasets
+from .design import designed, finish_design, trial_experiment
 from .progress import QueueProgress
 from .workers import dispatch, share_cores
 
@@ -122,7 +123,8 @@ def check_study(exp: Experiment, machine: bool = True) -> None:
                           f"{', '.join(allowed)}")
     if machine and not _varies(exp, "trainer"):
         check_trainer(config)
-    if not any(_varies(exp, key) for key in _CURATION_KEYS):
+    # a design study's training data are made by its trials: checked trial by trial too
+    if not any(_varies(exp, key) for key in _CURATION_KEYS) and not designed(exp.spec):
         curate_checked(config, crop=not _varies(exp, "data.crop_px"))
 
 
@@ -259,14 +261,30 @@ def _pruning_callback(trial: optuna.Trial, monitor: str):
     return Pruning(trial, monitor)
 
 
+def _unfinished_in_slot(study: optuna.Study, slot: int) -> FrozenTrial | None:
+    """The last trial of trial slot ``slot`` if it ended without its slot recording it (its worker died, was
+    interrupted or lost the slot; a trial that fails for its own reasons uses its slot up): the slot's next trial
+    re-runs its values."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("slot") == slot]
+    last = max(mine, key=lambda t: t.number, default=None)
+    return last if last is not None and last.state == FAIL and last.params else None
+
+
 def _new_trial(study: optuna.Study, me: str, claim: claims.Claim | None = None) -> optuna.Trial:
     """A new RUNNING trial that names its worker (and its slot) from its first moment (what ``study.ask()`` does,
     plus the attrs in the same storage write: a worker killed a moment later still leaves a trial that can be seen
-    to be stale)."""
+    to be stale). In a slot whose last trial was cut short, the new trial takes that trial's values (Optuna's
+    ``fixed_params``, as for an enqueued trial) and names it in ``rerun_of``: a killed trial is re-run, and a design
+    study's half-made data are resumed rather than abandoned."""
     attrs = {"worker": me, **({"slot": claim.key.cell, "slot_epoch": claim.epoch} if claim is not None else {})}
+    system_attrs = {}
+    cut = _unfinished_in_slot(study, claim.key.cell) if claim is not None else None
+    if cut is not None:
+        attrs["rerun_of"] = cut.number
+        system_attrs["fixed_params"] = dict(cut.params)
     template = FrozenTrial(number=-1, state=RUNNING, value=None, datetime_start=datetime.now(),
                            datetime_complete=None, params={}, distributions={}, user_attrs=attrs,
-                           system_attrs={}, intermediate_values={}, trial_id=-1)
+                           system_attrs=system_attrs, intermediate_values={}, trial_id=-1)
     study._thread_local.cached_all_trials = None  # the sampler sees every trial finished so far (as ask() does)
     return optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
 
@@ -284,12 +302,16 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
     tid, run = trial._trial_id, {}
     pruning = _pruning_callback(trial, spec.objective.metric)
 
+    recipes = {}  # a design study's: name -> the trial's recipe, logged beside its run
+
     def on_start(run_id: str) -> None:
         run["id"] = run_id
         try:
             trial.set_user_attr("mlflow_run", run_id)
         except UpdateFinishedTrialError as exc:
             raise _superseded(trial) from exc
+        for name, recipe in recipes.items():
+            client.log_dict(run_id, recipe.resolved(), f"design/{name}.recipe.yaml")
 
     def commit(run_id: str) -> bool:
         # the run counts only while its trial does: a trial failed as stale meanwhile has lost it
@@ -305,11 +327,21 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
     with get_heartbeat_thread(tid, storage):
         try:
             sampled = {key: suggest(trial, key, p) for key, p in spec.search_space.items()}
-            config = exp.config(sampled, {"tracking.run_name": f"{exp.name}-trial{trial.number}"},
-                                where=(f"search_space (trial {trial.number})", "trial"))
+            trial_exp, values, designed_recipes = trial_experiment(exp, sampled)
+            recipes.update(designed_recipes)
+            made = {}
+            if recipes:  # a design study: the trial's own data first (made once per recipe, resumed after a kill)
+                made = ensure_datasets(trial_exp, list(recipes), claims_url(storage), workers=1,
+                                       log=lambda line: print(f"study {exp.name}: trial {trial.number}: {line}",
+                                                              flush=True))
+            config = trial_exp.config(values, {"tracking.run_name": f"{exp.name}-trial{trial.number}"},
+                                      where=(f"search_space (trial {trial.number})", "trial"))
+            design_params = {f"design.{name}.{what}": value for name, recipe in recipes.items()
+                             for what, value in (("recipe_hash", recipe.hash()), ("content_hash", made[name]),
+                                                 ("folder", trial_exp.spec._folders[name]))}
             train(config, tracking_uri=tracking_uri, progress=progress, nest_under=parent,
                   extra_tags={"study": exp.name, "kind": "trial", "trial": str(trial.number)},
-                  extra_params={f"trial.{k}": v for k, v in sampled.items()},
+                  extra_params={**{f"trial.{k}": v for k, v in sampled.items()}, **design_params},
                   callbacks=[pruning], stop_exceptions=(optuna.TrialPruned,), on_start=on_start, commit=commit)
             state = COMPLETE
         except optuna.TrialPruned:
@@ -750,7 +782,7 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
     exp = load_experiment(path, "study", cli_sets)
     # the study's own datasets first (reused by identity), then, before the study exists anywhere: a bad definition
     # leaves no trial, no run and no storage (the hardware is the workers' own when they run on a Dask cluster)
-    needed = datasets_read(exp, [exp.config()])
+    needed = [n for n in datasets_read(exp, [exp.config()]) if n not in designed(exp.spec)]  # trials make those
     if needed:
         ensure_datasets(exp, needed, claims_url(storage_arg), workers, scheduler,
                         log=lambda line: print(line, flush=True))
@@ -780,7 +812,12 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
         best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params}
     except ValueError:  # no completed trial
         pass
+    design = None
     if not problems:
         finish_parent(study, exp, tracking_uri, storage_arg)
+        if designed(exp.spec):  # the best recipe, then the declared test of it
+            design = finish_design(study, exp, storage_arg, claims_url(storage), tracking_uri, workers, scheduler,
+                                   quiet)
     return {"study": exp.name, "parent_run": study.user_attrs["mlflow_parent_run"], "trials": by_state,
-            "best": best, "storage": storage_url(storage), "aligned": aligned, "problems": problems}
+            "best": best, "storage": storage_url(storage), "aligned": aligned, "problems": problems,
+            "design": design}

@@ -27,6 +27,7 @@ from hrtem_core.files import check_output_folder
 
 from . import analysis, report_html
 from .mlflow_ui import DEFAULT_UI
+from .store import quiet_mlflow
 from .baseline import score_benchmarks
 from .report_data import (NON_TARGET, baseline_table, benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep,
                           decay_table, findings, param_importances, underpowered)
@@ -125,7 +126,42 @@ def _write_study(out: Path, trials: pd.DataFrame, study, name: str, generated: d
             out / report_html.IMPORTANCES_CSV, index=False)
         _save(importance_figure(importances, f"Study {name}: parameter importances"),
               out / report_html.IMPORTANCES_PNG, images)
-    return report_html.study_page(name, trials, best_trial(trials), importances, why, generated, images, ui_url)
+    return report_html.study_page(name, trials, best_trial(trials), importances, why, generated, images, ui_url,
+                                  design=_design_outcome(out, trials))
+
+
+def _design_outcome(out: Path, trials: pd.DataFrame) -> dict | None:
+    """A design study's outcome, for its report: the best recipe files and the declared test's sweep (copied from
+    the parent run's ``design/`` artifacts into ``out``), and that sweep's findings (``confirm_findings.csv``).
+    None for a study that designs no data."""
+    if not any(c.startswith("trial.datasets.") for c in trials.columns):
+        return None
+    client = MlflowClient(trials.attrs["tracking_uri"])
+    parent = client.get_run(trials.attrs["parent_run_id"])
+    outcome = {"best_trial": parent.data.tags.get("design.best_trial"), "files": [], "findings": None,
+               "confirm": parent.data.tags.get("design.confirm_sweep"), "note": None}
+    if outcome["best_trial"] is None:
+        outcome["note"] = "the study has not finished: no best recipe was written yet"
+        return outcome
+    with tempfile.TemporaryDirectory() as tmp, quiet_mlflow():
+        local = Path(client.download_artifacts(parent.info.run_id, "design", tmp))
+        for f in sorted(local.iterdir()):
+            shutil.copyfile(f, out / f.name)
+            outcome["files"].append(f.name)
+    if outcome["confirm"] is None:
+        outcome["note"] = "the declared test of the best recipe has not run (no confirm: section, or not finished)"
+        return outcome
+    try:
+        runs, _ = collect_sweep(trials.attrs["tracking_uri"], outcome["confirm"])
+    except InputError as exc:
+        outcome["note"] = f"the declared test's sweep {outcome['confirm']} has no results: {exc}"
+        return outcome
+    declared = runs.attrs.get("declared") or {}
+    found = findings(runs, declared.get("comparisons") or [], "holm", declared.get("alpha", analysis.ALPHA),
+                     declared.get("definition"))
+    found.to_csv(out / report_html.CONFIRM_CSV, index=False)
+    outcome["findings"] = found
+    return outcome
 
 
 def write_report(kind: str, name: str, tracking_uri: str | None, out_dir, method: str = "mannwhitney",

@@ -318,6 +318,19 @@ def _order(df: pd.DataFrame, phases: list[str] | None = None) -> pd.DataFrame:
             .drop(columns="_rank").reset_index(drop=True))
 
 
+def _optuna_storage(url: str):
+    """The Optuna storage a study parent's ``optuna.storage`` tag names: a database URL as it is, ``journal:PATH``
+    as Optuna's journal file (read where it lies; a missing file is an error, not a new empty journal)."""
+    import optuna
+
+    if not url.startswith("journal:"):
+        return url
+    path = Path(url.removeprefix("journal:"))
+    if not path.is_file():
+        raise FileNotFoundError(f"the journal file {path} does not exist here")
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
 def collect_study(tracking_uri: str | None, name: str):
     """(trials, optuna_study) of a study.
 
@@ -350,7 +363,7 @@ def collect_study(tracking_uri: str | None, name: str):
     storage, study_name = parent.data.tags.get("optuna.storage"), parent.data.tags.get("optuna.study_name")
     if storage and study_name:
         try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
+            study = optuna.load_study(study_name=study_name, storage=_optuna_storage(storage))
         except Exception as exc:  # noqa: BLE001  e.g. a storage only the launching machine can reach
             notes.append(f"the Optuna study {study_name!r} could not be loaded from {storage}: "
                          f"{type(exc).__name__}: {exc}")
@@ -442,7 +455,8 @@ def param_importances(study, min_trials: int = MIN_IMPORTANCE_TRIALS) -> tuple[d
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            importances = optuna.importance.get_param_importances(study)
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except Exception as exc:  # noqa: BLE001  e.g. no parameters shared by the completed trials
             return {}, f"{type(exc).__name__}: {exc}"
     equal = [str(w.message) for w in caught if "importances will be equal" in str(w.message).lower()]

@@ -25,6 +25,7 @@ RUNS_CSV, HISTORY_CSV = "runs.csv", "history.csv"
 TRIALS_CSV, HISTORY_PNG = "trials.csv", "optimization_history.png"
 IMPORTANCES_PNG, IMPORTANCES_CSV = "param_importances.png", "param_importances.csv"
 FINDINGS_CSV, BASELINE_CSV, DECAY_CSV = "findings.csv", "baseline.csv", "decay.csv"
+CONFIRM_CSV = "confirm_findings.csv"
 TRANSFER_PNG = "transfer.png"
 OVERVIEW_PNG, DYNAMICS_PNG = "overview.png", "dynamics_overview.png"
 FINDINGS_COLUMNS = ["name", "finding", "effect", "ci_lo", "ci_hi", "p_value", "p_adjusted", "min_p", "significant"]
@@ -269,12 +270,53 @@ def sweep_page(name: str, runs: pd.DataFrame,
     return page(f"Sweep report: {name}", body, generated)
 
 
+def _design_section(design: dict, best: pd.Series | None) -> list[str]:
+    e = html.escape
+    out = ["<h2>Designed data</h2>"]
+    if best is not None:
+        keys = [k for k in best.index if k.startswith("trial.datasets.")]
+        rows = "".join(f"<tr><td style='text-align:left'><code>{e(k[len('trial.datasets.'):])}</code></td>"
+                       f"<td>{best[k]:.4g}</td></tr>" if isinstance(best[k], float) else
+                       f"<tr><td style='text-align:left'><code>{e(k[len('trial.datasets.'):])}</code></td>"
+                       f"<td>{e(str(best[k]))}</td></tr>" for k in keys)
+        out.append(f"<p>The recipe values of the best trial (dataset.recipe key):</p><table><tr><th>recipe value"
+                   f"</th><th>best trial</th></tr>{rows}</table>")
+    files = [f for f in design["files"] if f.startswith("best-")]
+    if files:
+        out.append("<p>The best recipe as a recipe file, exactly as the trial generated with it (its header gives "
+                   "the <code>python -m datagen generate</code> command that remakes the trial's data): "
+                   + ", ".join(f"<a href='{e(f)}'>{e(f)}</a>" for f in files) + ".</p>")
+    if design.get("note"):
+        out.append(f"<p class='note'>{e(design['note'])}</p>")
+    found = design.get("findings")
+    if found is not None and len(found):
+        sweep_file = [f for f in design["files"] if f.startswith("confirm-")]
+        rows = "".join(
+            f"<tr><td style='text-align:left'>{e(str(r.benchmark))}</td><td>{r.mean_a:.3f}</td><td>{r.mean_b:.3f}"
+            f"</td><td>{r.effect:+.3f}</td><td>[{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]</td><td>{r.p_value:.3g}</td>"
+            f"<td><b>{r.p_adjusted:.3g}</b></td><td>{'yes' if r.significant else 'no'}</td></tr>"
+            for r in found.itertuples())
+        out += [f"<h2>Best recipe against the default</h2><p>The test this study declared before it ran "
+                f"(<code>confirm:</code>): the best trial's recipe and the declared default recipe, each generated "
+                f"afresh at the trials' size, each trained with every declared seed under the same settings, "
+                f"final Dice on every benchmark; {e(str(found['test'].iloc[0]))} test, two-sided, Holm-adjusted over "
+                f"the {len(found)} benchmarks. Effect: mean of best minus mean of default, 95 % bootstrap CI. Sweep "
+                f"<code>{e(str(design['confirm']))}</code>"
+                + (f" (<a href='{e(sweep_file[0])}'>{e(sweep_file[0])}</a>)" if sweep_file else "")
+                + f"; its full report: <code>python -m experiments report --sweep {e(str(design['confirm']))} "
+                f"--out DIR</code>. <a href='{CONFIRM_CSV}'>{CONFIRM_CSV}</a></p>",
+                "<table><tr><th>benchmark</th><th>best</th><th>default</th><th>effect</th><th>95 % CI</th><th>p</th>"
+                f"<th>p (Holm)</th><th>significant</th></tr>{rows}</table>"]
+    return out
+
+
 def study_page(name: str, trials: pd.DataFrame, best: pd.Series | None, importances: dict[str, float],
-               why_no_importances: str | None, generated: datetime, images: Mapping[str, bytes], ui_url: str) -> str:
+               why_no_importances: str | None, generated: datetime, images: Mapping[str, bytes], ui_url: str,
+               design: dict | None = None) -> str:
     """The study report. ``trials`` with its attrs (parent_run_id, experiment_id, tracking_uri, study_name, storage,
     notes); ``best``: the best trial's row or None; ``importances`` empty when ``why_no_importances`` says why;
     ``images``: PNG file name -> bytes (HISTORY_PNG, and IMPORTANCES_PNG with importances); ``ui_url``: the MLflow
-    UI the run ids link to."""
+    UI the run ids link to; ``design``: a design study's outcome (``report._design_outcome``)."""
     e = html.escape
     a = trials.attrs
     links = run_urls(trials, ui_url)
@@ -290,15 +332,17 @@ def study_page(name: str, trials: pd.DataFrame, best: pd.Series | None, importan
         body.append(f"<p>Best: trial {int(best['trial'])}, objective {best['objective']:.4g} ({e(params)}); run "
                     f"{link(links[run], run, code=True) if run in links else f'<code>{e(run)}</code>'}.</p>")
     body += [f"<p class='note'>{e(n)}</p>" for n in a.get("notes", [])]
+    if design is not None:
+        body += _design_section(design, best)
     body += ["<h2>Optimisation history</h2>" + figure(HISTORY_PNG, images, "optimisation history") +
              "<p>Objective of every completed trial by trial number (pruned and failed trials have none); the line is "
              "the best value so far.</p>",
              "<h2>Parameter importances</h2>"]
     if importances:
         body.append(figure(IMPORTANCES_PNG, images, "parameter importances") + "<p>From "
-                    "<code>optuna.importance.get_param_importances</code> (Optuna's default evaluator) on the "
-                    "completed trials: how much each parameter accounts for good objective values. With few trials "
-                    f"this is indicative only. <a href='{IMPORTANCES_CSV}'>{IMPORTANCES_CSV}</a></p>")
+                    "Optuna's PED-ANOVA evaluator (<code>PedAnovaImportanceEvaluator</code>, Watanabe et al. 2023) on the "
+                    "completed trials: how much each parameter accounts for reaching the top 10 % of objective values. "
+                    "With few trials this is indicative only. <a href='{IMPORTANCES_CSV}'>{IMPORTANCES_CSV}</a></p>")
     else:
         body.append(f"<p class='note'>Not computed: {e(why_no_importances)}.</p>")
     body += ["<h2>Trials</h2><p>Each run id opens the trial's run in the MLflow UI at "
