@@ -31,18 +31,25 @@ POLL_S = 1.0
 PHASE = "data"
 
 
-def recipe_of(exp, name: str, extra: list[str] | tuple[str, ...] = ()):
-    """The validated recipe of the study's dataset ``name`` (a preset, or a YAML file relative to the study file),
-    with ``extra`` overrides after its own (a design study's trial values)."""
-    from datagen.recipe import available_recipes, load_recipe
+def recipe_source(exp, name: str) -> str:
+    """What the study's dataset ``name`` names as its recipe: a preset, or a YAML file relative to the study file."""
+    from datagen.recipe import available_recipes
 
-    ds = exp.spec.datasets[name]
-    source = ds.recipe
+    source = exp.spec.datasets[name].recipe
     if source not in available_recipes():
         candidate = (Path(exp.source).parent / source)
         source = str(candidate) if candidate.is_file() else source
+    return source
+
+
+def recipe_of(exp, name: str, extra: list[str] | tuple[str, ...] = ()):
+    """The validated recipe of the study's dataset ``name`` (a preset, or a YAML file relative to the study file),
+    with ``extra`` overrides after its own (a design study's trial values)."""
+    from datagen.recipe import load_recipe
+
+    ds = exp.spec.datasets[name]
     try:
-        return load_recipe(source, [*ds.overrides(), *extra])
+        return load_recipe(recipe_source(exp, name), [*ds.overrides(), *extra])
     except InputError as exc:
         raise type(exc)(f"{exp.source}: datasets {name}: {exc}") from None
 

@@ -26,6 +26,7 @@ on it and is scored with the study's objective, pruned across epochs like any tr
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -34,12 +35,12 @@ from pathlib import Path
 
 import yaml
 
-from hrtem_core.config import config_hash
+from hrtem_core.config import apply_overrides, config_hash, read_yaml_mapping, set_dotted
 from hrtem_core.errors import ConfigError, InputError
 from hrtem_core.files import write_atomic
 from mlplatform.analysis import min_attainable_p_test
 
-from .datasets import recipe_of
+from .datasets import recipe_of, recipe_source
 from .specs import Experiment, Param
 
 PREFIX = "datasets."
@@ -140,9 +141,19 @@ def _check_corners(exp: Experiment, name: str, keys: dict[str, str]) -> None:
         picks += [tuple(rng.choice(v) for _, _, v in axes) for _ in range(MAX_CORNERS - 2)]
         corners = iter(picks)
 
+    recipe_of(exp, name)  # the declared recipe itself, with errors naming its own overrides
+    source = recipe_source(exp, name)
+    from datagen.recipe import available_recipes, recipe_from_dict
+
+    path = available_recipes().get(source, Path(source))
+    declared = apply_overrides(read_yaml_mapping(path, "recipe"), exp.spec.datasets[name].overrides())
+
     def problem(corner) -> str | None:
+        data = copy.deepcopy(declared)
         try:
-            recipe_of(exp, name, overrides({rkey: value for (_, rkey, _), value in zip(axes, corner)}))
+            for (_, rkey, _), value in zip(axes, corner):
+                set_dotted(data, rkey, value)
+            recipe_from_dict(data, (), source)
         except InputError as exc:
             return str(exc)
         return None
