@@ -345,8 +345,10 @@ def _with_store_checked(func):
     """``func`` after the tracking store was checked (:func:`mlplatform.store.ensure_store`: scheme, database file,
     driver, a server that answers within a bounded time) — before any config, data or claim is touched."""
     def checked(args) -> int:
+        from hrtem_core import verbosity
         from mlplatform.store import ensure_store, resolve_tracking_uri
 
+        verbosity.apply()  # MLflow is imported now: its store-creation lines follow the command's --verbose
         ensure_store(resolve_tracking_uri(args.tracking_uri))
         return func(args)
     return checked

@@ -89,13 +89,20 @@ def test_a_sweep_on_dask_records_every_unit_once(dask_cluster, workspace, tmp_pa
 
 @pytest.mark.slow
 def test_a_study_on_dask_runs_its_trials_once(dask_cluster, workspace, tmp_path):
-    """The workers of an Optuna study as Dask tasks, on a PostgreSQL-free journal file the workers share."""
+    """The workers of an Optuna study as Dask tasks, on a PostgreSQL-free journal file the workers share. A design
+    study: each trial generates its own data on its Dask worker (one recipe value drawn from two: a recipe that an
+    earlier trial made is reused, not made again)."""
     import optuna
+    import yaml
 
     name = f"dask-{tmp_path.name}"
-    spec = {"kind": "study", "name": name, "base": "base.yaml",
-            "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, "n_trials": 3,
-            "pruner": {"kind": "none"}}
+    data = tmp_path / "data"
+    spec = {"kind": "study", "name": name, "base": "base.yaml", "data_root": str(data),
+            "datasets": {"pool": {"recipe": "tiny", "n": 4, "seed": 3, "set": list(SHARDS[:2])}},
+            "set": {"data.train": [{"dataset": "pool"}], "data.val_fraction": 0.5},
+            "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                             "datasets.pool.simulation.n_phonons": {"type": "categorical", "choices": [1, 2]}},
+            "n_trials": 3, "pruner": {"kind": "none"}}
     path = write_spec(workspace, f"{name}.yaml", spec)
     store, journal = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "journal.log"
     res = subprocess.run([sys.executable, "-m", "experiments", "study", "--config", str(path), "--storage",
@@ -110,3 +117,10 @@ def test_a_study_on_dask_runs_its_trials_once(dask_cluster, workspace, tmp_path)
     runs = tracked_runs(store, filter_string="tags.kind = 'trial'")
     assert sorted(r.data.tags["trial"] for r in runs if r.info.status == "FINISHED") == \
         sorted(str(t.number) for t in complete)
+    # one folder per recipe drawn, each trial's run naming the data it trained on
+    folders = {r.data.params["design.pool.folder"]: r.data.params["design.pool.content_hash"] for r in runs
+               if r.info.status == "FINISHED"}
+    assert len(folders) == len({t.params["datasets.pool.simulation.n_phonons"] for t in complete})
+    assert sorted(p.name for p in data.iterdir()) == sorted(folders)
+    for folder, content in folders.items():
+        assert yaml.safe_load((data / folder / "manifest.json").read_text())["content_hash"] == content
