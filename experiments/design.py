@@ -41,7 +41,6 @@ from hrtem_core.files import write_atomic
 from mlplatform.analysis import min_attainable_p_test
 
 from .datasets import recipe_of, recipe_source
-from .specs import Experiment, Param
 
 PREFIX = "datasets."
 FIXED = ("n", "seed", "recipe", "set")  # a dataset's own keys: every trial's data keep them
@@ -68,14 +67,14 @@ def overrides(values: dict) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 
 
-def _train_and_benchmark_datasets(exp: Experiment) -> tuple[set[str], set[str]]:
+def _train_and_benchmark_datasets(exp) -> tuple[set[str], set[str]]:
     config = exp.config()
     paths = {str(exp.spec.dataset_path(n)): n for n in exp.spec.datasets}
     return ({paths[r.path] for r in config.data.train if r.path in paths},
             {paths[b.path] for b in config.benchmarks if b.path in paths})
 
 
-def check_design(exp: Experiment) -> None:
+def check_design(exp) -> None:
     """What a design study's definition must satisfy, checked at load (before any dataset, trial or run): the
     designed datasets are declared and trained on (not benchmarks), the search space names recipe keys (not the size
     or seed) with numeric or categorical parameters, the recipe is valid at every corner of the space, and the
@@ -118,7 +117,7 @@ def check_design(exp: Experiment) -> None:
         _check_confirm(exp, params)
 
 
-def _corner_values(p: Param) -> list:
+def _corner_values(p) -> list:
     """The values of one parameter at the corners of the space: its ends, or every choice."""
     if p.type == "categorical":
         return list(p.choices)
@@ -130,7 +129,7 @@ def _corner_values(p: Param) -> list:
     return [float(low), float(high)]
 
 
-def _check_corners(exp: Experiment, name: str, keys: dict[str, str]) -> None:
+def _check_corners(exp, name: str, keys: dict[str, str]) -> None:
     space = exp.spec.search_space
     axes = [(skey, rkey, _corner_values(space[skey])) for rkey, skey in keys.items()]
     total = math.prod(len(values) for _, _, values in axes)
@@ -172,7 +171,7 @@ def _check_corners(exp: Experiment, name: str, keys: dict[str, str]) -> None:
                           f"every draw must give a valid recipe, narrow the range. {why}")
 
 
-def _check_confirm(exp: Experiment, params: dict) -> None:
+def _check_confirm(exp, params: dict) -> None:
     spec, c = exp.spec, exp.spec.confirm
     where = f"study {exp.source}: confirm"
     known = [b.name for b in exp.config().benchmarks]
@@ -194,7 +193,7 @@ def _check_confirm(exp: Experiment, params: dict) -> None:
                           f"{c.alpha}: use more seeds or fewer benchmarks")
 
 
-def confirm_benchmarks(exp: Experiment) -> list[str]:
+def confirm_benchmarks(exp) -> list[str]:
     """The benchmarks the confirmation compares on: the declared ones, or every benchmark with the objective's
     first."""
     c = exp.spec.confirm
@@ -213,7 +212,7 @@ def folder_name(name: str, recipe, n: int, seed: int) -> str:
     return f"{name}-{config_hash({'recipe': recipe.hash(), 'n': n, 'seed': seed})[:12]}"
 
 
-def trial_experiment(exp: Experiment, sampled: dict) -> tuple[Experiment, dict, dict]:
+def trial_experiment(exp, sampled: dict) -> tuple:
     """(the trial's experiment: its designed datasets with the drawn recipe values, in their own folders; the
     training values; name -> the designed recipe). A study that designs nothing: (exp, sampled, {})."""
     params = recipe_params(exp.spec)
@@ -229,16 +228,16 @@ def trial_experiment(exp: Experiment, sampled: dict) -> tuple[Experiment, dict, 
         spec.datasets[name] = ds.model_copy(update={"set": ds.overrides() + values})
         spec._folders[name] = folder_name(name, recipe, ds.n, ds.seed)
         recipes[name] = recipe
-    return Experiment(spec, exp.base, exp.source, exp.cli_sets), train_values, recipes
+    return type(exp)(spec, exp.base, exp.source, exp.cli_sets), train_values, recipes
 
 
 # -- after the trials: the best recipe and the declared test ---------------------------------------------------------
 
-def design_dir(exp: Experiment) -> Path:
+def design_dir(exp) -> Path:
     return Path(exp.spec.data_root) / f"{exp.name}-design"
 
 
-def best_recipe_file(exp: Experiment, name: str, best, content_hash: str | None = None) -> Path:
+def best_recipe_file(exp, name: str, best, content_hash: str | None = None) -> Path:
     """Write the best trial's recipe of dataset ``name`` (exactly the resolved recipe the trial generated with) as
     ``best-NAME.yaml``; its header says how it was found and the command that remakes the trial's data."""
     _, _, recipes = trial_experiment(exp, best.params)
@@ -261,11 +260,11 @@ def best_recipe_file(exp: Experiment, name: str, best, content_hash: str | None 
     return path
 
 
-def confirm_name(exp: Experiment, best) -> str:
+def confirm_name(exp, best) -> str:
     return f"{exp.name}-confirm-t{best.number}"
 
 
-def confirm_sweep_file(exp: Experiment, best, best_files: dict[str, Path]) -> Path:
+def confirm_sweep_file(exp, best, best_files: dict[str, Path]) -> Path:
     """Write the declared test as a sweep file (``confirm-t<trial>.yaml`` beside the best recipes) and return its
     path: subsets ``best`` and ``default``, each training on its recipe's fresh data, the study's training settings
     with the best trial's training values, the confirm seeds, one comparison per benchmark."""
@@ -336,7 +335,7 @@ def confirm_sweep_file(exp: Experiment, best, best_files: dict[str, Path]) -> Pa
     return path
 
 
-def _raw_train(exp: Experiment) -> list:
+def _raw_train(exp) -> list:
     """``data.train`` as the study's base and ``set`` write it (dataset names, not paths)."""
     import copy
 
@@ -357,39 +356,3 @@ def confirm_findings(tracking_uri: str, sweep: str):
     return findings(runs, declared.get("comparisons") or [], "holm", declared.get("alpha", 0.05),
                     declared.get("definition"))
 
-
-def finish_design(study, exp: Experiment, storage_arg: str | None, claims: str, tracking_uri: str, workers: int,
-                  scheduler=None, quiet: bool = False) -> dict:
-    """After the trials: the best trial's recipes as files, logged on the study's parent run (``design/``), then the
-    declared test as its sweep (exactly once, like any sweep: several study processes ending together share it).
-    Returns what was made: best trial, recipe files, the confirmation sweep's summary and findings."""
-    from mlflow import MlflowClient
-
-    from .sweep import run_sweep
-
-    try:
-        best = study.best_trial
-    except ValueError:
-        return {"best_trial": None, "recipes": {}, "confirm": None, "note": "no trial completed: no best recipe"}
-    client = MlflowClient(tracking_uri)
-    parent = study.user_attrs["mlflow_parent_run"]
-    run_id = best.user_attrs.get("mlflow_run")
-    params = client.get_run(run_id).data.params if run_id else {}
-    files = {name: best_recipe_file(exp, name, best, params.get(f"design.{name}.content_hash"))
-             for name in designed(exp.spec)}
-    for path in files.values():
-        client.log_artifact(parent, str(path), "design")
-    client.set_tag(parent, "design.best_trial", str(best.number))
-    out = {"best_trial": best.number, "value": best.value, "recipes": {n: str(p) for n, p in files.items()},
-           "confirm": None}
-    if exp.spec.confirm is None:
-        return out
-    path = confirm_sweep_file(exp, best, files)
-    client.log_artifact(parent, str(path), "design")
-    summary = run_sweep(str(path), exp.cli_sets, workers, claims, tracking_uri, progress=False,
-                        scheduler=scheduler, quiet=quiet)
-    client.set_tag(parent, "design.confirm_sweep", summary["sweep"])
-    out["confirm"] = summary
-    if not summary["missing"] and not summary["duplicates"]:
-        out["findings"] = confirm_findings(tracking_uri, summary["sweep"])
-    return out

@@ -58,8 +58,10 @@ from .claims import DONE, FAILED
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
 from .datasets import datasets_read, ensure_datasets
-from .design import designed, finish_design, trial_experiment
+from . import design
+from .design import designed, trial_experiment
 from .progress import QueueProgress
+from .sweep import run_sweep
 from .workers import dispatch, share_cores
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -774,6 +776,39 @@ def finish_parent(study: optuna.Study, exp: Experiment, tracking_uri: str, stora
     mlflow_ui.update_parent(client, parent, note, metrics, max((r.end_time or 0 for r in runs), default=0))
 
 
+def finish_design(study, exp: Experiment, claims_db: str, tracking_uri: str, workers: int,
+                  scheduler=None, quiet: bool = False) -> dict:
+    """After the trials: the best trial's recipes as files, logged on the study's parent run (``design/``), then the
+    declared test as its sweep (exactly once, like any sweep: several study processes ending together share it).
+    Returns what was made: best trial, recipe files, the confirmation sweep's summary and findings."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return {"best_trial": None, "recipes": {}, "confirm": None, "note": "no trial completed: no best recipe"}
+    client = MlflowClient(tracking_uri)
+    parent = study.user_attrs["mlflow_parent_run"]
+    run_id = best.user_attrs.get("mlflow_run")
+    params = client.get_run(run_id).data.params if run_id else {}
+    files = {name: design.best_recipe_file(exp, name, best, params.get(f"design.{name}.content_hash"))
+             for name in design.designed(exp.spec)}
+    for path in files.values():
+        client.log_artifact(parent, str(path), "design")
+    client.set_tag(parent, "design.best_trial", str(best.number))
+    out = {"best_trial": best.number, "value": best.value, "recipes": {n: str(p) for n, p in files.items()},
+           "confirm": None}
+    if exp.spec.confirm is None:
+        return out
+    path = design.confirm_sweep_file(exp, best, files)
+    client.log_artifact(parent, str(path), "design")
+    summary = run_sweep(str(path), exp.cli_sets, workers, claims_db, tracking_uri, progress=False,
+                        scheduler=scheduler, quiet=quiet)
+    client.set_tag(parent, "design.confirm_sweep", summary["sweep"])
+    out["confirm"] = summary
+    if not summary["missing"] and not summary["duplicates"]:
+        out["findings"] = design.confirm_findings(tracking_uri, summary["sweep"])
+    return out
+
+
 def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int, storage_arg: str | None,
               tracking_uri: str | None, progress: bool = True, scheduler=None, quiet: bool = False) -> dict:
     """Run the study to its trial budget with ``workers`` local processes, or one worker per slot of the Dask cluster
@@ -812,12 +847,11 @@ def run_study(path: str, cli_sets: list[str], n_trials: int | None, workers: int
         best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params}
     except ValueError:  # no completed trial
         pass
-    design = None
+    outcome = None
     if not problems:
         finish_parent(study, exp, tracking_uri, storage_arg)
         if designed(exp.spec):  # the best recipe, then the declared test of it
-            design = finish_design(study, exp, storage_arg, claims_url(storage), tracking_uri, workers, scheduler,
-                                   quiet)
+            outcome = finish_design(study, exp, claims_url(storage), tracking_uri, workers, scheduler, quiet)
     return {"study": exp.name, "parent_run": study.user_attrs["mlflow_parent_run"], "trials": by_state,
             "best": best, "storage": storage_url(storage), "aligned": aligned, "problems": problems,
-            "design": design}
+            "design": outcome}
