@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -40,3 +41,31 @@ def wait_while_running(proc, condition, timeout_s=300) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def assert_one_run_per_trial(study, runs):
+    """Every finished trial has the one run its state says, named by its mlflow_run attr; no run RUNNING."""
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(int(r.data.tags["trial"]), []).append(r)
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    assert set(by_trial) <= {t.number for t in study.trials}
+    for t in study.trials:
+        mine = by_trial.get(t.number, [])
+        assert len(mine) <= 1, (t.number, [r.info.run_id for r in mine])
+        if t.state.name in ("COMPLETE", "PRUNED"):
+            assert len(mine) == 1 and mine[0].info.status == "FINISHED", (t.number, t.state, mine)
+            assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
+            if t.state.name == "COMPLETE":
+                assert mine[0].data.metrics["objective"] == pytest.approx(t.value)
+            else:
+                assert "stopped_by" in mine[0].data.tags
+        elif t.state.name == "FAIL":
+            # no run only when the trial failed before its run existed (bad data, or killed while preparing)
+            if mine:
+                assert mine[0].info.status in ("FAILED", "KILLED"), (t.number, mine[0].info.status)
+                assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
+            else:
+                assert "mlflow_run" not in t.user_attrs
+        if t.state.name != "RUNNING":
+            assert "worker" in t.user_attrs

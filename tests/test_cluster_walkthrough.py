@@ -69,6 +69,8 @@ def test_the_walkthrough_runs_on_loopback_and_records_each_unit_once(postgres_se
         model = next(r for r in runs if r.data.tags.get("kind") == "cell")
         assert [a.path for a in client.list_artifacts(model.info.run_id)]  # artifacts reached the bucket
         assert (tmp_path / "work" / "reports" / "walkthrough" / "index.html").is_file()
+        parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")  # the report reached the server too
+        assert any(a.path.startswith("report") for a in client.list_artifacts(parent.info.run_id))
         print(f"walkthrough: {took:.0f} s")
     finally:
         try:  # the services it leaves running for a newcomer, and anything a failure left

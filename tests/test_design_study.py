@@ -1,6 +1,5 @@
 """Design studies: Optuna over the recipe of the training data, generated and scored in the loop, exactly once."""
 
-import copy
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from experiments.specs import load_experiment
 from experiments.storage import study_storage
 from experiments.study import claims_url, trial_queue
 from hrtem_core.errors import ConfigError
-from sweep_helpers import tracked_runs, wait_while_running
+from sweep_helpers import assert_one_run_per_trial, tracked_runs, wait_while_running
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "configs" / "design-smoke.yaml"
@@ -42,7 +41,7 @@ def _load_with(tmp_path, change) -> None:
     # particles that can outgrow the cell
     ("datasets.pool.structure.particle.radius_A.high", {"type": "float", "low": 8, "high": 30},
      "radius_A.high=30.0 (with the other parameters at an end of their range)"),
-    ("datasets.pool.n", {"type": "int", "low": 8, "high": 32}, "not its n: every trial generates it with n=16"),
+    ("datasets.pool.n", {"type": "int", "low": 8, "high": 32}, "not its n: every trial generates it with n=8"),
     ("datasets.pool.imaging.focal_spread_A", {"type": "template", "template": "{x}", "params": {"x": {
         "type": "float", "low": 0, "high": 1}}}, "type template fills text"),
     ("datasets.poool.imaging.focal_spread_A", {"type": "float", "low": 0, "high": 30},
@@ -87,12 +86,13 @@ def test_design_smoke_killed_while_generating_and_while_training_records_each_tr
     regenerates the best trial's data, and the declared test ran once per unit."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = tmp_path / "journal.log"
+    # one epoch per trial and per confirmation run: the file as shipped otherwise
     cmd = [sys.executable, "-m", "experiments", "study", "--config", str(SMOKE), "--workers", "2", "--quiet",
-           "--tracking-uri", store, "--storage", str(journal)]
+           "--tracking-uri", store, "--storage", str(journal), "--set", "epochs=1"]
     data = tmp_path / "data" / "design-smoke"
     marker = tmp_path / "hold"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    exp = load_experiment(SMOKE, "study")
+    exp = load_experiment(SMOKE, "study", ["epochs=1"])
     cwd = os.getcwd()
     os.chdir(tmp_path)  # the study's benchmarks first, as the command makes them: the hold below lands in a trial
     try:
@@ -134,9 +134,9 @@ def test_design_smoke_killed_while_generating_and_while_training_records_each_tr
     rows = claims.unit_rows(engine, queue)
     assert {(r["cell"], r["state"]) for r in rows} == {(i, "done") for i in range(4)}
     runs = tracked_runs(store, "design-smoke", "tags.kind = 'trial'")
+    assert_one_run_per_trial(study, runs)  # killed trials' runs ended KILLED, none RUNNING
     finished = {r.info.run_id: r for r in runs if r.info.status == "FINISHED"}
     assert set(finished) == {t.user_attrs["mlflow_run"] for t in complete} == {r["run_id"] for r in rows}
-    assert not [r for r in runs if r.info.status == "RUNNING"]
 
     # the trial killed while generating was re-run in its slot with its own values, on its own (resumed) data
     killed_folder = half[0].name
@@ -148,7 +148,7 @@ def test_design_smoke_killed_while_generating_and_while_training_records_each_tr
     from datagen.recipe import recipe_from_dict
 
     made = yaml.safe_load((half[0] / "manifest.json").read_text())
-    reference = generate(recipe_from_dict(made["recipe"]), n=16, seed=21, out=tmp_path / "reference", workers=1,
+    reference = generate(recipe_from_dict(made["recipe"]), n=8, seed=21, out=tmp_path / "reference", workers=2,
                          dataset="pool", progress=False)
     assert made["content_hash"] == reference["content_hash"]
 

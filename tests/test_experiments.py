@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from experiments.specs import load_experiment
 from experiments.sweep import cells_of
 from mlplatform.config import ConfigError
-from sweep_helpers import sweep_spec, tracked_runs, write_spec
+from sweep_helpers import assert_one_run_per_trial, sweep_spec, tracked_runs, write_spec
 
 def test_definitions_are_validated_before_any_work(workspace):
     spec = sweep_spec("v")
@@ -154,7 +154,7 @@ def test_study_with_pruning_and_a_failing_trial_runs_on_two_workers(workspace, t
         if t.state.name == "COMPLETE":
             run = next(r for r in trials if r.data.tags["trial"] == str(t.number))
             assert run.data.metrics["objective"] == pytest.approx(t.value)
-    _assert_one_run_per_trial(study, trials)
+    assert_one_run_per_trial(study, trials)
     # the parent says what the study found, for a reader of the MLflow UI
     top = parent[0].data
     assert top.metrics["summary/best_objective"] == pytest.approx(study.best_value)
@@ -168,53 +168,19 @@ def _journal(path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def _assert_one_run_per_trial(study, runs):
-    """Every finished trial has the one run its state says, named by its mlflow_run attr; no run RUNNING."""
-    by_trial = {}
-    for r in runs:
-        by_trial.setdefault(int(r.data.tags["trial"]), []).append(r)
-    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-    assert set(by_trial) <= {t.number for t in study.trials}
-    for t in study.trials:
-        mine = by_trial.get(t.number, [])
-        assert len(mine) <= 1, (t.number, [r.info.run_id for r in mine])
-        if t.state.name in ("COMPLETE", "PRUNED"):
-            assert len(mine) == 1 and mine[0].info.status == "FINISHED", (t.number, t.state, mine)
-            assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
-            if t.state.name == "COMPLETE":
-                assert mine[0].data.metrics["objective"] == pytest.approx(t.value)
-            else:
-                assert "stopped_by" in mine[0].data.tags
-        elif t.state.name == "FAIL":
-            # no run only when the trial failed before its run existed (bad data, or killed while preparing)
-            if mine:
-                assert mine[0].info.status in ("FAILED", "KILLED"), (t.number, mine[0].info.status)
-                assert t.user_attrs["mlflow_run"] == mine[0].info.run_id
-            else:
-                assert "mlflow_run" not in t.user_attrs
-        if t.state.name != "RUNNING":
-            assert "worker" in t.user_attrs
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path, storage):
+def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path):
     """SIGKILL of the whole study (driver and both workers) while trials train, then the same command again: the
-    killed trials are settled from their runs, and trials and runs agree one to one. On the default storage (a
-    journal file in ./mlruns) and on an RDB storage (with Optuna heartbeats)."""
+    killed trials are settled from their runs, and trials and runs agree one to one. On an RDB storage (with Optuna
+    heartbeats); on a journal file (the default storage) the kill test of tests/test_design_study.py does the same."""
     spec = {"kind": "study", "name": "killed", "base": "base.yaml", "set": {"epochs": 2},
             "search_space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
             "n_trials": 4, "pruner": {"kind": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
     path = write_spec(workspace, "killed.yaml", spec)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "experiments", "study", "--config", str(path), "--workers", "2", "--quiet",
-           "--tracking-uri", store]
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    if storage == "sqlite":
-        cmd += ["--storage", url]
-
-    def optuna_storage():  # the default: mlruns/optuna-journal.log under the working directory
-        return _journal(tmp_path / "mlruns" / "optuna-journal.log") if storage == "journal" else url
+    cmd = [sys.executable, "-m", "experiments", "study", "--config", str(path), "--workers", "2", "--quiet",
+           "--tracking-uri", store, "--storage", url]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path,
                             start_new_session=True)
@@ -225,17 +191,17 @@ def test_study_killed_midway_resumes_with_one_run_per_trial(workspace, tmp_path,
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and both workers, as a crash would
     proc.wait()
     assert running, "the kill must land while a trial trains"
-    study = optuna.load_study(study_name="study:killed", storage=optuna_storage())
+    study = optuna.load_study(study_name="study:killed", storage=url)
     left = [t for t in study.trials if t.state.name == "RUNNING"]
     assert left and all("worker" in t.user_attrs for t in left)  # what the next start must settle
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    study = optuna.load_study(study_name="study:killed", storage=optuna_storage())
+    study = optuna.load_study(study_name="study:killed", storage=url)
     states = Counter(t.state.name for t in study.trials)
     assert "RUNNING" not in states and states["COMPLETE"] >= 1, states
     assert states["COMPLETE"] + states["PRUNED"] + states["FAIL"] >= 4, states
     runs = tracked_runs(store, filter_string="tags.kind = 'trial'")
-    _assert_one_run_per_trial(study, runs)
+    assert_one_run_per_trial(study, runs)
     for t in left:  # the killed trials: failed with the reason, their runs KILLED (or settled from a FINISHED run)
         t = study.trials[t.number]
         if t.state.name == "FAIL":
@@ -293,7 +259,7 @@ def test_a_trial_failed_while_it_trains_ends_its_run_killed_and_the_worker_goes_
     assert "objective" not in run.data.metrics
     again = run_trial(study, exp, study.user_attrs["mlflow_parent_run"], store, worker_identity())
     assert again.state == COMPLETE
-    _assert_one_run_per_trial(study, tracked_runs(store, filter_string="tags.kind = 'trial'"))
+    assert_one_run_per_trial(study, tracked_runs(store, filter_string="tags.kind = 'trial'"))
     assert align_study(study, exp, store, fix=False) == [] and study_problems(study, exp, store) == []
 
 

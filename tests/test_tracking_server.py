@@ -1,4 +1,5 @@
-"""The commands against a real MLflow tracking server (``mlflow server`` on PostgreSQL, artifacts on S3)."""
+"""The commands against a real MLflow tracking server (``mlflow server`` on PostgreSQL, artifacts on S3); a sweep, a
+study and a report through one are the walkthrough's (tests/test_cluster_walkthrough.py)."""
 
 from __future__ import annotations
 
@@ -61,24 +62,3 @@ def test_train_and_predict_through_the_server_with_artifacts_in_s3(mlflow_server
     finetuned = _run("finetune", "--config", str(tmp_path / "train.yaml"), "--from", run_id, "--set", "epochs=1",
                      "--quiet", env=env).stdout.strip().splitlines()[-1]
     assert MlflowClient(mlflow_server).get_run(finetuned).data.tags["pretrain_run"] == run_id
-
-
-def test_a_sweep_and_its_report_through_the_server_with_claims_in_postgresql(mlflow_server, postgres_url, workspace,
-                                                                            tmp_path):
-    from sweep_helpers import sweep_spec, write_spec
-
-    spec = sweep_spec(f"server-{tmp_path.name}", seeds=(0,))
-    spec["subsets"] = spec["subsets"][:1]
-    spec["finetune"]["set"]["data.train"] = [{"path": str(workspace / "target")}]
-    path = write_spec(workspace, f"server-{tmp_path.name}.yaml", spec)
-    _run("sweep", "--config", str(path), "--storage", postgres_url, "--tracking-uri", mlflow_server, "--workers", "2",
-         "--quiet", cwd=workspace)
-    _run("report", "--sweep", spec["name"], "--out", str(tmp_path / "report"), "--tracking-uri", mlflow_server)
-    assert (tmp_path / "report" / "index.html").is_file()
-    client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("exp-test")
-    runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{spec['name']}'")
-    cells = [r for r in runs if r.data.tags.get("kind") == "cell"]
-    assert sorted(r.data.tags["phase"] for r in cells if r.info.status == "FINISHED") == ["finetune", "pretrain"]
-    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
-    assert any(a.path.startswith("report") for a in client.list_artifacts(parent.info.run_id))
