@@ -58,8 +58,7 @@ from .claims import DONE, FAILED
 from .specs import Experiment, Objective, Param, load_experiment
 from .storage import journal_path, storage_url, study_storage
 from .datasets import datasets_read, ensure_datasets
-from . import design
-from .design import designed, trial_experiment
+from .design import best_recipe_file, confirm_findings, confirm_sweep_file, designed, trial_experiment
 from .progress import QueueProgress
 from .sweep import run_sweep
 from .workers import dispatch, share_cores
@@ -340,7 +339,7 @@ def run_trial(study: optuna.Study, exp: Experiment, parent: str, tracking_uri: s
                                       where=(f"search_space (trial {trial.number})", "trial"))
             design_params = {f"design.{name}.{what}": value for name, recipe in recipes.items()
                              for what, value in (("recipe_hash", recipe.hash()), ("content_hash", made[name]),
-                                                 ("folder", trial_exp.spec._folders[name]))}
+                                                 ("folder", trial_exp.spec.dataset_path(name).name))}
             train(config, tracking_uri=tracking_uri, progress=progress, nest_under=parent,
                   extra_tags={"study": exp.name, "kind": "trial", "trial": str(trial.number)},
                   extra_params={**{f"trial.{k}": v for k, v in sampled.items()}, **design_params},
@@ -789,8 +788,8 @@ def finish_design(study, exp: Experiment, claims_db: str, tracking_uri: str, wor
     parent = study.user_attrs["mlflow_parent_run"]
     run_id = best.user_attrs.get("mlflow_run")
     params = client.get_run(run_id).data.params if run_id else {}
-    files = {name: design.best_recipe_file(exp, name, best, params.get(f"design.{name}.content_hash"))
-             for name in design.designed(exp.spec)}
+    files = {name: best_recipe_file(exp, name, best, params.get(f"design.{name}.content_hash"))
+             for name in designed(exp.spec)}
     for path in files.values():
         client.log_artifact(parent, str(path), "design")
     client.set_tag(parent, "design.best_trial", str(best.number))
@@ -798,14 +797,14 @@ def finish_design(study, exp: Experiment, claims_db: str, tracking_uri: str, wor
            "confirm": None}
     if exp.spec.confirm is None:
         return out
-    path = design.confirm_sweep_file(exp, best, files)
+    path = confirm_sweep_file(exp, best, files)
     client.log_artifact(parent, str(path), "design")
     summary = run_sweep(str(path), exp.cli_sets, workers, claims_db, tracking_uri, progress=False,
                         scheduler=scheduler, quiet=quiet)
     client.set_tag(parent, "design.confirm_sweep", summary["sweep"])
     out["confirm"] = summary
     if not summary["missing"] and not summary["duplicates"]:
-        out["findings"] = design.confirm_findings(tracking_uri, summary["sweep"])
+        out["findings"] = confirm_findings(tracking_uri, summary["sweep"])
     return out
 
 
