@@ -349,10 +349,7 @@ def _raw_train(exp) -> list:
 
 def confirm_findings(tracking_uri: str, sweep: str):
     """The confirmation sweep's findings table (``mlplatform.report_data.findings`` on its recorded runs)."""
-    from mlplatform.report_data import collect_sweep, findings
+    from mlplatform.report_data import collect_sweep, declared_findings
 
-    runs, _ = collect_sweep(tracking_uri, sweep)
-    declared = runs.attrs.get("declared") or {}
-    return findings(runs, declared.get("comparisons") or [], "holm", declared.get("alpha", 0.05),
-                    declared.get("definition"))
+    return declared_findings(collect_sweep(tracking_uri, sweep)[0])
 

@@ -30,7 +30,7 @@ from .mlflow_ui import DEFAULT_UI
 from .store import quiet_mlflow
 from .baseline import score_benchmarks
 from .report_data import (NON_TARGET, baseline_table, benchmark_tables, benchmarks, best_trial, collect_study, collect_sweep,
-                          decay_table, findings, param_importances, underpowered)
+                          decay_table, declared_findings, param_importances, underpowered)
 from .report_figures import (benchmark_label, distribution_figure, dynamics_figure, dynamics_overview_figure,
                              history_figure, importance_figure, overview_figure, transfer_figure)
 
@@ -69,8 +69,7 @@ def _write_sweep(out: Path, runs: pd.DataFrame, history: pd.DataFrame, name: str
     history.to_csv(out / report_html.HISTORY_CSV, index=False)
     tables, images = {}, {}
     declared = runs.attrs.get("declared") or {}
-    found = findings(runs, declared.get("comparisons") or [], correction, declared.get("alpha", analysis.ALPHA),
-                     declared.get("definition"))
+    found = declared_findings(runs, correction)
     if len(found):
         found.to_csv(out / report_html.FINDINGS_CSV, index=False)
     baseline, notes = score_benchmarks(runs.attrs.get("benchmark_refs") or [])
@@ -156,9 +155,7 @@ def _design_outcome(out: Path, trials: pd.DataFrame) -> dict | None:
     except InputError as exc:
         outcome["note"] = f"the declared test's sweep {outcome['confirm']} has no results: {exc}"
         return outcome
-    declared = runs.attrs.get("declared") or {}
-    found = findings(runs, declared.get("comparisons") or [], "holm", declared.get("alpha", analysis.ALPHA),
-                     declared.get("definition"))
+    found = declared_findings(runs)
     found.to_csv(out / report_html.CONFIRM_CSV, index=False)
     outcome["findings"] = found
     return outcome

@@ -468,7 +468,7 @@ def param_importances(study, min_trials: int = MIN_IMPORTANCE_TRIALS) -> tuple[d
 
 
 
-__all__ = ["collect_sweep", "collect_study", "benchmarks", "benchmark_tables", "underpowered", "completed",
+__all__ = ["collect_sweep", "collect_study", "declared_findings", "benchmarks", "benchmark_tables", "underpowered", "completed",
            "best_trial", "param_importances"]
 
 
@@ -628,6 +628,14 @@ def findings(runs: pd.DataFrame, comparisons: list[dict], correction: str = "hol
                          f"{adjusted}): {verdict}.")
     df["finding"] = sentences
     return df
+
+
+def declared_findings(runs: pd.DataFrame, correction: str = "holm") -> pd.DataFrame:
+    """:func:`findings` of the comparisons a recorded sweep declared (``runs.attrs['declared']``, as
+    :func:`collect_sweep` reads them), at its declared alpha."""
+    declared = runs.attrs.get("declared") or {}
+    return findings(runs, declared.get("comparisons") or [], correction, declared.get("alpha", analysis.ALPHA),
+                    declared.get("definition"))
 
 
 def decay_table(runs: pd.DataFrame) -> pd.DataFrame:
